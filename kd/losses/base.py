@@ -1,0 +1,76 @@
+"""The contract every distillation loss term follows.
+
+A loss factory is registered in `LOSSES` under a short name and called as
+``factory(ctx: LossContext, **params) -> nn.Module``; the module's
+``forward(batch: DistillBatch) -> Tensor`` returns a scalar averaged over the batch.
+Feature losses name the module paths they read with the params ``student`` and
+``teacher`` (see `feature_paths`); kdflow hooks exactly those paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from kd.registry import Registry
+
+LOSSES = Registry("loss")
+
+
+@dataclass
+class DistillBatch:
+    """What one training step hands to the loss terms.
+
+    ``labels`` holds -1 for samples without a label; ``teacher_logits`` has one
+    ``[B, C]`` tensor per teacher (the primary teacher first) and is empty when
+    no teacher is configured; feature dicts map module path -> captured output.
+    """
+
+    student_logits: Tensor
+    labels: Tensor
+    teacher_logits: list[Tensor] = field(default_factory=list)
+    student_features: dict[str, Tensor] = field(default_factory=dict)
+    teacher_features: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def label_mask(self) -> Tensor:
+        """Boolean ``[B]``: True where the sample has a label."""
+        return self.labels >= 0
+
+
+@dataclass
+class LossContext:
+    """What a factory may look at when it builds a term (adapters need shapes).
+
+    ``student_shapes`` / ``teacher_shapes`` map each hooked module path to the
+    shape of its output for a dry-run batch (batch dimension included).
+    """
+
+    temperature: float
+    num_classes: int
+    student: nn.Module | None = None
+    teachers: list[nn.Module] = field(default_factory=list)
+    student_shapes: dict[str, torch.Size] = field(default_factory=dict)
+    teacher_shapes: dict[str, torch.Size] = field(default_factory=dict)
+
+
+FEATURE_KEYS = ("student", "teacher")
+
+
+def feature_paths(params: dict) -> tuple[list[str], list[str]]:
+    """The student and teacher module paths a loss term's params name.
+
+    ``student`` / ``teacher`` may each be one path or a list of paths.
+    """
+    out: list[list[str]] = []
+    for key in FEATURE_KEYS:
+        value = params.get(key)
+        if value is None:
+            out.append([])
+        elif isinstance(value, str):
+            out.append([value])
+        else:
+            out.append([str(v) for v in value])
+    return out[0], out[1]
