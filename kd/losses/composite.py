@@ -1,0 +1,147 @@
+"""The training objective: ``total = ce_weight · CE + Σ_i weight_i · term_i``.
+
+Built from the config's ``distill.losses`` list by `build_composite`. The composite
+is an ``nn.Module``: its parameters (adapters of feature terms) must be optimised
+together with the student, and it must be moved to the student's device.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections import Counter
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd.errors import InputError
+from kd.losses.base import LOSSES, DistillBatch, LossContext, feature_paths
+
+
+def hard_label_ce(logits: Tensor, labels: Tensor) -> Tensor:
+    """Cross-entropy averaged over the labeled samples (``label >= 0``) only.
+
+    ``Σ_{i labeled} CE(logits_i, y_i) / max(1, #labeled)``: exactly 0, with finite
+    (zero) gradients, when no sample is labeled. No host-device sync.
+    """
+    mask = labels >= 0
+    per_sample = F.cross_entropy(logits.float(), labels.clamp(min=0).long(), reduction="none")
+    return per_sample.where(mask, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def _check_weight(value: object, where: str) -> float:
+    if isinstance(value, bool):
+        raise InputError(f"{where}: weight must be a number, got {value!r}")
+    try:
+        w = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: weight must be a number, got {value!r}") from None
+    if not math.isfinite(w) or w < 0:
+        raise InputError(f"{where}: weight must be a finite number >= 0, got {value!r}")
+    return w
+
+
+def _build_term(i: int, term: dict, ctx: LossContext) -> tuple[str, float, dict, nn.Module]:
+    """One ``distill.losses[i]`` entry -> (name, weight, params, module)."""
+    if not isinstance(term, dict) or not isinstance(term.get("name"), str):
+        raise InputError(f"distill.losses[{i}]: must be a mapping with a string 'name'")
+    params = dict(term)
+    name = params.pop("name")
+    where = f"distill.losses[{i}] ({name})"
+    weight = _check_weight(params.pop("weight", 1.0), where)
+    try:
+        factory = LOSSES.get(name)
+    except InputError as e:
+        raise InputError(f"distill.losses[{i}]: {e}") from None
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None:
+        try:
+            sig.bind(ctx, **params)
+        except TypeError as e:
+            accepted = [p for p in list(sig.parameters)[1:] if p not in ("args", "kwargs")]
+            unknown = [k for k in params if k not in sig.parameters]
+            what = f"unexpected parameter {', '.join(map(repr, unknown))}" if unknown else str(e)
+            raise InputError(
+                f"{where}: {what} (accepted: {', '.join(accepted) or 'none'}, weight)"
+            ) from None
+    try:
+        module = factory(ctx, **params)
+    except InputError as e:
+        raise InputError(f"{where}: {e}") from None
+    if not isinstance(module, nn.Module):
+        raise InputError(f"{where}: the factory returned {type(module).__name__}, not nn.Module")
+    return name, weight, params, module
+
+
+class CompositeLoss(nn.Module):
+    """``total = ce_weight · CE(labeled) + Σ_i weight_i · term_i(batch)``.
+
+    ``forward`` returns ``(total, parts)``; ``parts`` holds detached values: ``"ce"``
+    (only when ``ce_weight > 0``) and one entry per term keyed by its name, or
+    ``"name.i"`` (``i`` = its index in the term list) for names used more than once.
+    """
+
+    def __init__(
+        self,
+        names: list[str],
+        weights: list[float],
+        params: list[dict],
+        modules: list[nn.Module],
+        ce_weight: float,
+    ) -> None:
+        super().__init__()
+        self.names, self.weights, self.params = names, weights, params
+        self.terms = nn.ModuleList(modules)
+        self.ce_weight = ce_weight
+        counts = Counter(names)
+        self.keys = [n if counts[n] == 1 else f"{n}.{i}" for i, n in enumerate(names)]
+
+    @property
+    def needs_teacher(self) -> bool:
+        """True if any term needs teacher outputs (a term may set ``needs_teacher = False``)."""
+        return any(getattr(m, "needs_teacher", True) for m in self.terms)
+
+    def required_features(self) -> tuple[list[str], list[str]]:
+        """Module paths to hook: (student paths, teacher paths), de-duplicated in order."""
+        student: list[str] = []
+        teacher: list[str] = []
+        for p in self.params:
+            s, t = feature_paths(p)
+            student += [x for x in s if x not in student]
+            teacher += [x for x in t if x not in teacher]
+        return student, teacher
+
+    def forward(self, batch: DistillBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        parts: dict[str, Tensor] = {}
+        total = batch.student_logits.sum().float() * 0  # 0, but connected to the graph
+        if self.ce_weight > 0:
+            ce = hard_label_ce(batch.student_logits, batch.labels)
+            parts["ce"] = ce.detach()
+            total = total + self.ce_weight * ce
+        for key, weight, term in zip(self.keys, self.weights, self.terms, strict=True):
+            value = term(batch)
+            parts[key] = value.detach()
+            total = total + weight * value
+        return total, parts
+
+
+def build_composite(terms: list[dict], ce_weight: float, ctx: LossContext) -> CompositeLoss:
+    """Build every ``{"name": ..., "weight": w, **params}`` term with
+    ``LOSSES.get(name)(ctx, **params)`` (``weight`` defaults to 1). Unknown names,
+    unexpected or missing params and a factory's own `InputError` are reported as
+    `InputError` prefixed ``distill.losses[i] (name):``. No terms and ``ce_weight == 0``
+    is an `InputError` (nothing to train)."""
+    ce_w = _check_weight(ce_weight, "distill.ce_weight")
+    built = [_build_term(i, term, ctx) for i, term in enumerate(terms or [])]
+    if not built and ce_w == 0:
+        raise InputError("distill: no loss terms and ce_weight is 0, so there is nothing to train")
+    return CompositeLoss(
+        names=[b[0] for b in built],
+        weights=[b[1] for b in built],
+        params=[b[2] for b in built],
+        modules=[b[3] for b in built],
+        ce_weight=ce_w,
+    )
