@@ -1,0 +1,113 @@
+"""Build what one training run needs from an Experiment: trainee, teachers, loss.
+
+The driver calls `assemble` before any Ray worker starts (so bad names, weights
+that do not fit, missing feature paths and class-count mismatches fail fast with
+one line), and each worker calls it again to build its own copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from kd.config import Experiment, ModelSpec
+from kd.errors import InputError
+from kd.hooks import check_paths, feature_shapes
+from kd.losses import CompositeLoss, LossContext, build_composite
+from kd.losses.base import feature_paths
+from kd.models import build_model
+from kd.models.weights import freeze, load_into, load_state_dict
+
+Role = Literal["teacher", "student"]
+
+
+@dataclass
+class Assembly:
+    """The trainee (the model being trained), frozen teachers and the composite loss."""
+
+    trainee: nn.Module
+    teachers: list[nn.Module]
+    loss: CompositeLoss
+    student_paths: list[str]
+    teacher_paths: list[str]
+
+
+def build_spec(spec: ModelSpec, field: str, input_shape: tuple[int, ...], num_classes: int,
+               load_weights: bool) -> nn.Module:
+    """Build one model from its spec; load its weights (strictly) when asked and set."""
+    model = build_model(spec.model, spec.args, input_shape, num_classes, spec.width)
+    if load_weights and spec.weights:
+        state, _ = load_state_dict(spec.weights)
+        load_into(model, state, what=f"{field} ({spec.weights})")
+    return model
+
+
+def _check_classes(model: nn.Module, sample: torch.Tensor, num_classes: int, what: str) -> None:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(sample)
+    model.train(was_training)
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise InputError(f"{what} outputs shape {tuple(out.shape)} but the data has "
+                         f"{num_classes} classes (expected [batch, {num_classes}])")
+
+
+def required_paths(terms: list[dict]) -> tuple[list[str], list[str]]:
+    """Union (in order) of the student and teacher module paths the loss terms name."""
+    s_paths: list[str] = []
+    t_paths: list[str] = []
+    for term in terms:
+        s, t = feature_paths(term)
+        s_paths += [p for p in s if p not in s_paths]
+        t_paths += [p for p in t if p not in t_paths]
+    return s_paths, t_paths
+
+
+def trainee_spec(exp: Experiment, role: Role) -> ModelSpec:
+    """The spec of the model a run trains: the teacher for `kd teacher`, else the student."""
+    spec = exp.teacher if role == "teacher" else exp.student
+    if spec is None:
+        raise InputError(f"{role}: section is required for `kd {role if role == 'teacher' else 'distill'}`")
+    return spec
+
+
+def assemble(exp: Experiment, role: Role, input_shape: tuple[int, ...], num_classes: int,
+             sample: torch.Tensor) -> Assembly:
+    """Build and validate trainee, teachers and loss. ``sample`` is a small input batch
+    used for the dry run that finds feature shapes and output sizes."""
+    spec = trainee_spec(exp, role)
+    trainee = build_spec(spec, role, input_shape, num_classes, load_weights=role == "student")
+    _check_classes(trainee, sample, num_classes, f"{role} model {spec.model!r}")
+    teachers: list[nn.Module] = []
+    terms = [] if role == "teacher" else [t.model_dump() for t in exp.distill.losses]
+    if terms:
+        if exp.teacher is None:
+            raise InputError("distill.losses need a teacher: add a teacher: section")
+        for i, tspec in enumerate(exp.teacher.all()):
+            field = "teacher" if i == 0 else f"teacher.teachers[{i - 1}]"
+            if not tspec.weights:
+                raise InputError(f"{field}.weights: required to distil (train one with "
+                                 "`kd teacher CONFIG`, then point teacher.weights at it)")
+            t = freeze(build_spec(tspec, field, input_shape, num_classes, load_weights=True))
+            _check_classes(t, sample, num_classes, f"{field} model {tspec.model!r}")
+            teachers.append(t)
+    ce_weight = 1.0 if role == "teacher" else exp.distill.ce_weight
+    s_paths, t_paths = required_paths(terms)
+    check_paths(trainee, s_paths, "student")
+    if teachers:
+        check_paths(teachers[0], t_paths, "teacher")
+    ctx = LossContext(
+        temperature=exp.distill.temperature, num_classes=num_classes, student=trainee,
+        teachers=teachers,
+        student_shapes=feature_shapes(trainee, s_paths, sample, "student") if s_paths else {},
+        teacher_shapes=(feature_shapes(teachers[0], t_paths, sample, "teacher")
+                        if t_paths and teachers else {}),
+    )
+    if ce_weight == 0 and not terms:
+        raise InputError("distill: ce_weight is 0 and no losses are configured: nothing to train")
+    loss = build_composite(terms, ce_weight, ctx)
+    return Assembly(trainee, teachers, loss, s_paths, t_paths)

@@ -1,0 +1,135 @@
+"""`kd`: parse arguments, load the config, call pipeline functions, map errors to exit codes.
+
+Exit codes: 0 success, 1 a run failed, 2 bad input (config, data, arguments),
+3 a gate said no. Errors are printed as one line on stderr (``KD_DEBUG=1`` shows
+the traceback of a failed run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from kd.errors import GateRejected, InputError
+
+EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_GATE = 0, 1, 2, 3
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.epochs=3")
+
+
+def _load(args: argparse.Namespace):  # noqa: ANN202
+    from kd.config import load_experiment
+
+    return load_experiment(args.config, args.overrides)
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    """Train a teacher with CE only (same loop), save its weights."""
+    from kd.pipeline import train_run
+
+    train_run(_load(args), "teacher", run_name=args.run_name)
+    return EXIT_OK
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Distil the configured teacher(s) into the student."""
+    from kd.pipeline import train_run
+
+    if args.from_run:
+        from kd.reproduce import config_from_run
+
+        args.config = str(config_from_run(args.from_run, args.config))
+    train_run(_load(args), "student", run_name=args.run_name)
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a weights file / URI on the holdout split."""
+    from kd.config import load_experiment
+    from kd.pipeline import evaluate_weights
+
+    exp = load_experiment(args.config, args.overrides) if args.config else None
+    metrics = evaluate_weights(exp, args.weights)
+    for k, v in metrics.items():
+        print(f"{k:20s} {v:.6g}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Teacher, scratch student and distilled student on digits, then a table."""
+    from kd.demo import run_demo
+
+    run_demo(Path(args.configs), args.overrides)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `kd` argument parser with one sub-command per workflow step."""
+    parser = argparse.ArgumentParser(prog="kd", description="kdflow: distil PyTorch teachers "
+                                     "into small students on Ray, tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("teacher", help="train a teacher (CE only) with the kdflow loop")
+    _config_args(p)
+    p.add_argument("--run-name", help="Ray run name; an existing one resumes from its checkpoint")
+    p.set_defaults(fn=cmd_teacher)
+
+    p = sub.add_parser("distill", help="distil the teacher into the student")
+    _config_args(p)
+    p.add_argument("--run-name", help="Ray run name; an existing one resumes from its checkpoint")
+    p.add_argument("--from-run", help="reproduce an MLflow run: take its logged config "
+                   "(CONFIG is then only a fallback path and may be '-')")
+    p.set_defaults(fn=cmd_distill)
+
+    p = sub.add_parser("evaluate", help="evaluate weights on the holdout split")
+    p.add_argument("weights", help="weights file, s3:// URI, runs:/ or models:/ URI")
+    p.add_argument("--config", help="experiment whose data (and teacher) to use; default digits")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for --config")
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("demo", help="the embedded demo: teacher, scratch and KD on digits")
+    p.add_argument("--configs", default="configs", help="folder with digits-*.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every run")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit code (errors printed as one line)."""
+    args = build_parser().parse_args(argv)
+    fn: Callable[[argparse.Namespace], int] = args.fn
+    try:
+        return fn(args)
+    except InputError as e:
+        print(f"kd: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except GateRejected as e:
+        print(f"kd: gate rejected: {e}", file=sys.stderr)
+        return EXIT_GATE
+    except KeyboardInterrupt:
+        print("kd: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as e:  # a failed run: one line, the details are in the Ray/MLflow logs
+        if os.environ.get("KD_DEBUG"):
+            raise
+        cause = e
+        while cause.__cause__ is not None and not str(cause):
+            cause = cause.__cause__
+        first = (str(cause).strip().splitlines() or [""])[0]
+        print(f"kd: run failed: {type(cause).__name__}: {first}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""One experiment as pydantic models: YAML in, dotted overrides, resolved config out.
+
+Every section forbids unknown keys, so a typo (``trainer.epoch``) is an error that
+names the field path. `load_experiment` is the one way in; its errors are
+`InputError` lines of the form ``FILE: field.path: what was expected``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kd.errors import InputError
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SplitConfig(Strict):
+    """Fractions of the data for train / val / holdout, split once with a fixed seed."""
+
+    train: float = Field(0.6, gt=0, lt=1)
+    val: float = Field(0.2, gt=0, lt=1)
+    holdout: float = Field(0.2, ge=0, lt=1)
+    stratify: bool = True
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.holdout
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + holdout must be 1.0, got {total:g}")
+        return self
+
+
+class DataConfig(Strict):
+    """Where the data comes from: a builtin name, or a path / s3:// URI to files."""
+
+    source: str = "digits"
+    format: Literal["auto", "parquet", "npz", "csv", "imagefolder"] = "auto"
+    args: dict[str, Any] = Field(default_factory=dict)
+    x_column: str = "x"
+    y_column: str = "y"
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    transforms: list[str] = Field(default_factory=list)
+    labels: Literal["all", "partial", "none"] = "all"
+    labeled_fraction: float | None = Field(None, gt=0, le=1)
+    transfer: str | None = None
+
+
+class ModelSpec(Strict):
+    """A model by registry name or ``package.module:Class``, its args, width and weights."""
+
+    model: str
+    args: dict[str, Any] = Field(default_factory=dict)
+    width: float = Field(1.0, gt=0)
+    weights: str | None = None
+
+
+class TeacherConfig(ModelSpec):
+    """The primary teacher; ``teachers`` adds more for multi-teacher KD."""
+
+    cache: bool = False
+    teachers: list[ModelSpec] = Field(default_factory=list)
+
+    def all(self) -> list[ModelSpec]:
+        """The primary teacher first, then the extra ones."""
+        return [self, *self.teachers]
+
+
+class StudentConfig(ModelSpec):
+    """The student; ``init`` picks random init or pruning the teacher."""
+
+    init: Literal["random", "teacher_pruned"] = "random"
+
+
+class LossTerm(BaseModel):
+    """One loss term: ``name``, ``weight`` and the loss's own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    weight: float = Field(1.0, ge=0)
+
+    def params(self) -> dict[str, Any]:
+        """The term's own parameters (everything but name and weight)."""
+        return dict(self.model_extra or {})
+
+
+class DistillConfig(Strict):
+    """The recipe: temperature, hard-label CE weight and the weighted loss terms."""
+
+    temperature: float = Field(4.0, gt=0)
+    ce_weight: float = Field(1.0, ge=0)
+    losses: list[LossTerm] = Field(default_factory=list)
+    min_teacher_confidence: float | None = Field(None, ge=0, le=1)
+
+
+class ScheduleConfig(Strict):
+    """LR schedule: cosine (with linear warm-up), step, or none."""
+
+    name: Literal["cosine", "step", "none"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    step_size: int = Field(30, ge=1)
+    gamma: float = Field(0.1, gt=0)
+
+
+class OptimConfig(Strict):
+    """Optimizer and its schedule."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+
+class TrainerConfig(Strict):
+    """Epochs, global batch size, precision, accumulation, clipping, retries."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_accum: int = Field(1, ge=1)
+    grad_clip: float | None = Field(None, gt=0)
+    max_failures: int = Field(0, ge=0)
+    fail_at_step: int | None = Field(None, ge=0, description="fault injection for tests")
+
+
+class CheckpointConfig(Strict):
+    """How often to checkpoint and how many checkpoints to keep."""
+
+    every_epochs: int = Field(1, ge=1)
+    keep: int = Field(2, ge=1)
+
+
+class ScalingConfig(Strict):
+    """Ray Train workers: 0 runs the loop in the driver process."""
+
+    num_workers: int = Field(1, ge=0)
+    use_gpu: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+
+
+class TrackingConfig(Strict):
+    """MLflow: tracking URI (default: sqlite file in the working directory), experiment."""
+
+    uri: str | None = None
+    experiment: str = "kdflow"
+    run_name: str | None = None
+
+
+class GateConfig(Strict):
+    """Promotion gate thresholds; a missing threshold is not checked."""
+
+    min_accuracy: float | None = None
+    max_accuracy_drop: float | None = None
+    min_teacher_agreement: float | None = None
+    max_params: int | None = None
+    max_latency_ms: float | None = None
+
+
+class RegistryConfig(Strict):
+    """Model registry name and the promotion gate."""
+
+    model_name: str | None = None
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+class StorageConfig(Strict):
+    """Where checkpoints, caches and results go: a local path or an s3:// URI."""
+
+    path: str = "./kdflow-runs"
+    endpoint_url: str | None = None
+
+
+class Experiment(Strict):
+    """One kdflow experiment, the single source of truth for a run."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig | None = None
+    student: StudentConfig | None = None
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_len(cls, v: str) -> str:
+        if len(v) > 100:
+            raise ValueError("at most 100 characters")
+        return v
+
+    def hash(self) -> str:
+        """sha256 (16 hex) of the canonical JSON of this config: the config's lineage id."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML, loadable again by `load_experiment`."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_dotted(doc: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c = value`` in a nested dict/list document, creating dicts as needed."""
+    parts = dotted.split(".")
+    node: Any = doc
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise InputError(f"override {dotted}: {where}: no list item {part} "
+                                 f"(the list has {len(node)})")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise InputError(f"override {dotted}: {'.'.join(parts[:i])} is a value, not a section")
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of ``doc`` with each ``dotted.path=value`` applied (value parsed as YAML)."""
+    out = copy.deepcopy(doc)
+    for item in overrides:
+        if "=" not in item:
+            raise InputError(f"override {item!r}: expected dotted.path=value")
+        key, _, raw = item.partition("=")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(out, key.strip(), value)
+    return out
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line: ``SOURCE: field.path: message`` for each problem, joined by '; '."""
+    items = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        items.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(items)
+
+
+def experiment_from_dict(doc: dict[str, Any], source: str = "config") -> Experiment:
+    """Validate a plain dict; errors become one `InputError` line naming the fields."""
+    try:
+        return Experiment.model_validate(doc)
+    except ValidationError as e:
+        raise InputError(format_validation_error(e, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML mapping; a missing file or bad YAML is an `InputError` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise InputError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(doc, dict):
+        raise InputError(f"{path}: expected a mapping of sections at the top level")
+    return doc
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
+    """Read ``path``, apply dotted overrides, validate and resolve local paths."""
+    doc = apply_overrides(read_yaml(path), overrides or [])
+    return resolve_paths(experiment_from_dict(doc, str(path)))
+
+
+def _is_uri(value: str) -> bool:
+    return "://" in value or value.startswith(("runs:/", "models:/"))
+
+
+def _abs(value: str | None) -> str | None:
+    if value is None or _is_uri(value):
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute() or not (value.startswith((".", "~")) or "/" in value or p.exists()):
+        return value
+    return str(p.resolve())
+
+
+def resolve_paths(exp: Experiment) -> Experiment:
+    """Make relative local paths absolute, so Ray workers (whose working directory
+    differs from the driver's) find the same files."""
+    exp = exp.model_copy(deep=True)
+    exp.data.source = _abs(exp.data.source) or exp.data.source
+    exp.data.transfer = _abs(exp.data.transfer)
+    exp.storage.path = _abs(exp.storage.path if "/" in exp.storage.path
+                            else "./" + exp.storage.path) or exp.storage.path
+    if exp.teacher is not None:
+        for spec in exp.teacher.all():
+            spec.weights = _abs(spec.weights)
+    if exp.student is not None:
+        exp.student.weights = _abs(exp.student.weights)
+    return exp
+
+
+def flatten(doc: Any, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists index by position."""
+    out: dict[str, str] = {}
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(doc, list) and doc:
+        for i, v in enumerate(doc):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix.rstrip(".")] = json.dumps(doc) if isinstance(doc, (list, dict)) else str(doc)
+    return out

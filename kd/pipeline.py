@@ -1,0 +1,135 @@
+"""The stages a `kd` command runs, composed from the modules below it.
+
+`train_run` is one teacher or distillation run end to end: data -> preflight ->
+MLflow run -> TorchTrainer -> final weights (safetensors with the architecture in
+its metadata) -> holdout evaluation -> artifacts. `evaluate_weights` rebuilds a
+model from such a file (or a ``runs:/`` / ``models:/`` / s3:// URI) and scores it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kd import storage, tracking
+from kd.assemble import Role, build_spec, trainee_spec
+from kd.config import Experiment, ModelSpec
+from kd.data import Splits, load_splits
+from kd.errors import InputError
+from kd.evaluate import evaluate
+from kd.models import build_model
+from kd.models.weights import freeze, load_into, load_state_dict, save_weights
+from kd.runtime import ensure_ray
+from kd.train import CKPT_MODEL, fit, preflight
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class RunOutcome:
+    """A finished run: MLflow id, where the weights are, validation and holdout metrics."""
+
+    run_id: str
+    weights: str
+    weights_sha256: str
+    metrics: dict[str, float]
+    holdout: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def default_run_name(exp: Experiment, role: Role) -> str:
+    """``<name>-<role>-<UTC time>-<4 hex>``: unique, so a fresh run never resumes an old one."""
+    return f"{exp.name}-{role}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:4]}"
+
+
+def weights_metadata(spec: ModelSpec, splits: Splits, exp: Experiment, role: Role,
+                     run_id: str) -> dict[str, str]:
+    """What a weights file needs to rebuild its model and trace where it came from."""
+    return {
+        "kd.model": spec.model, "kd.args": json.dumps(spec.args), "kd.width": str(spec.width),
+        "kd.num_classes": str(splits.num_classes), "kd.input_shape": json.dumps(list(splits.input_shape)),
+        "kd.input_dtype": str(splits.train.x.dtype), "kd.role": role,
+        "kd.data_hash": splits.data_hash, "kd.config_hash": exp.hash(), "kd.run_id": run_id,
+    }
+
+
+def model_from_weights(uri: str) -> tuple[Any, dict[str, str]]:
+    """Rebuild the model a kdflow weights file describes and load its weights."""
+    state, meta = load_state_dict(uri)
+    if "kd.model" not in meta:
+        raise InputError(f"{uri}: not a kdflow weights file (no kd.model metadata); "
+                         "pass a config to say which architecture it is")
+    model = build_model(meta["kd.model"], json.loads(meta["kd.args"]),
+                        tuple(json.loads(meta["kd.input_shape"])), int(meta["kd.num_classes"]),
+                        float(meta["kd.width"]))
+    load_into(model, state, what=uri)
+    return freeze(model), meta
+
+
+def primary_teacher(exp: Experiment, splits: Splits) -> Any | None:
+    """The frozen primary teacher with its weights, or None if the config has none."""
+    if exp.teacher is None or not exp.teacher.weights:
+        return None
+    return freeze(build_spec(exp.teacher, "teacher", splits.input_shape, splits.num_classes, True))
+
+
+def train_run(exp: Experiment, role: Role, run_name: str | None = None,
+              extra_tags: dict[str, str] | None = None) -> RunOutcome:
+    """One `kd teacher` / `kd distill` run, end to end (see the module docstring)."""
+    splits = load_splits(exp.data, exp.storage.endpoint_url)
+    preflight(exp, role, splits)
+    ensure_ray()
+    uri = tracking.tracking_uri(exp)
+    tags = {"kd.data_hash": splits.data_hash, **(extra_tags or {})}
+    if role == "student" and exp.teacher is not None and exp.teacher.weights:
+        tags["kd.teacher_uri"] = exp.teacher.weights
+    run_id = tracking.start_run(exp, role, tags)
+    name = run_name or default_run_name(exp, role)
+    print(f"[kd] {role} run {name}: MLflow run {run_id} at {uri}", flush=True)
+    ok = False
+    try:
+        result = fit(exp, role, splits, run_id, uri, name)
+        spec = trainee_spec(exp, role)
+        with tempfile.TemporaryDirectory() as d:
+            import ray.train
+
+            local = Path(ray.train.Checkpoint(result.checkpoint_dir).to_directory(d)) / CKPT_MODEL
+            state, _ = load_state_dict(str(local))
+            model = build_spec(spec, role, splits.input_shape, splits.num_classes, False)
+            load_into(model, state, what=f"{role} checkpoint")
+            out = Path(d) / WEIGHTS_FILE
+            sha = save_weights(model, out, weights_metadata(spec, splits, exp, role, run_id))
+            weights_uri = storage.join(exp.storage.path, exp.name, WEIGHTS_FILE)
+            storage.put(out, weights_uri, exp.storage.endpoint_url)
+            tracking.log_artifact(uri, run_id, out, "weights")
+        teacher = primary_teacher(exp, splits) if role == "student" else None
+        holdout = evaluate(freeze(model), splits.holdout.x, splits.holdout.y, teacher)
+        tracking.log_metrics(uri, run_id, {f"holdout/{k}": v for k, v in holdout.items()},
+                             step=exp.trainer.epochs)
+        tracking.set_tags(uri, run_id, {"kd.weights_sha256": sha, "kd.weights_uri": weights_uri,
+                                        "kd.ray_run_name": name})
+        ok = True
+        print(f"[kd] weights: {weights_uri}  holdout accuracy {holdout['accuracy']:.4f}", flush=True)
+        return RunOutcome(run_id, weights_uri, sha, result.metrics, holdout, result.history)
+    finally:
+        tracking.end_run(uri, run_id, ok)
+
+
+def evaluate_weights(exp: Experiment | None, weights: str) -> dict[str, float]:
+    """Score a weights URI on the holdout split of the config's data (digits when no
+    config); teacher agreement when the config names a teacher with weights."""
+    model, meta = model_from_weights(weights)
+    if exp is None:
+        from kd.config import Experiment as E
+
+        exp = E(name="evaluate")
+    splits = load_splits(exp.data, exp.storage.endpoint_url)
+    if meta.get("kd.num_classes") != str(splits.num_classes):
+        raise InputError(f"{weights}: model has {meta.get('kd.num_classes')} classes but the "
+                         f"data has {splits.num_classes}")
+    return evaluate(model, splits.holdout.x, splits.holdout.y, primary_teacher(exp, splits))

@@ -1,0 +1,99 @@
+"""MLflow records: one run per `kd teacher` / `kd distill`, created by the driver.
+
+The driver creates the run and hands its id to the training workers; rank 0 logs
+per-epoch metrics into that same run (so a restarted worker never makes a second
+run). Default store: ``sqlite:///<cwd>/mlflow.db`` unless ``MLFLOW_TRACKING_URI``
+or ``tracking.uri`` names another.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from kd.config import Experiment, flatten
+
+PARAM_CHUNK = 100
+
+
+def tracking_uri(exp: Experiment | None = None) -> str:
+    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file in the cwd."""
+    if exp is not None and exp.tracking.uri:
+        return exp.tracking.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def client(uri: str) -> Any:
+    """An `MlflowClient` bound to ``uri`` (also set as the process default)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(c: Any, name: str) -> str:
+    """The id of experiment ``name``, created if missing."""
+    exp = c.get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None else c.create_experiment(name)
+
+
+def start_run(exp: Experiment, kind: str, tags: dict[str, str] | None = None,
+              parent_run_id: str | None = None) -> str:
+    """Create the run, log the flattened resolved config as params and the config
+    YAML as an artifact; returns the run id."""
+    from mlflow.entities import Param
+
+    uri = tracking_uri(exp)
+    c = client(uri)
+    all_tags = {"kd.kind": kind, "kd.config_hash": exp.hash(), **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(experiment_id(c, exp.tracking.experiment),
+                       run_name=exp.tracking.run_name or f"{exp.name}-{kind}", tags=all_tags)
+    run_id = run.info.run_id
+    params = [Param(k, v[:6000]) for k, v in flatten(exp.model_dump(mode="json")).items()]
+    for i in range(0, len(params), PARAM_CHUNK):
+        c.log_batch(run_id, params=params[i:i + PARAM_CHUNK])
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "config.yaml"
+        path.write_text(exp.to_yaml())
+        c.log_artifact(run_id, str(path))
+    return run_id
+
+
+def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    """Log numeric metrics at ``step`` (the epoch) in one batch."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if isinstance(v, (int, float))]
+    client(uri).log_batch(run_id, metrics=batch)
+
+
+def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    """Upload one local file or folder into the run's artifacts."""
+    c = client(uri)
+    if Path(path).is_dir():
+        c.log_artifacts(run_id, str(path), artifact_path)
+    else:
+        c.log_artifact(run_id, str(path), artifact_path)
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    """Set string tags on a run."""
+    c = client(uri)
+    for k, v in tags.items():
+        c.set_tag(run_id, k, v)
+
+
+def end_run(uri: str, run_id: str, ok: bool) -> None:
+    """Mark the run FINISHED or FAILED."""
+    client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
