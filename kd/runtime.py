@@ -18,10 +18,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    # Train V2 patches print() into its logger, which doubles every line that Ray
+    # already forwards from the worker; the epoch lines are plain prints.
+    env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, num_cpus=num_cpus,
-             include_dashboard=False, log_to_driver=True, configure_logging=True,
-             logging_level="WARNING", runtime_env={"env_vars": env})
+             include_dashboard=False, log_to_driver=True, logging_level="WARNING",
+             runtime_env={"env_vars": env})
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

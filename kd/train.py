@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -274,7 +273,10 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         reduced = _all_reduce([sums[k] for k in keys] + [seen, labeled, elapsed], device)
         total_seen = max(reduced[-3], 1.0)
         metrics: dict[str, float] = {k: v / total_seen for k, v in zip(keys, reduced)}
+        t1 = time.perf_counter()
         metrics.update(evaluate_shard(step, val_ds, spec, rank, world, device))
+        metrics["time/eval_s"] = time.perf_counter() - t1
+        metrics["time/train_s"] = elapsed
         metrics.update({
             "epoch": epoch + 1, "samples_per_s": reduced[-3] / max(reduced[-1] / world, 1e-9),
             "train/labeled_samples": reduced[-2], "train/unlabeled_samples": reduced[-3] - reduced[-2],
@@ -289,13 +291,17 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             print(f"[kd] epoch {epoch + 1}/{exp.trainer.epochs}  {shown}  "
                   f"{metrics['samples_per_s']:.0f} samples/s", flush=True)
         if save and rank == 0:
-            # Ray copies the folder into storage; in local mode (num_workers 0) it keeps
-            # a reference instead, so the folder must outlive the report there.
+            # Ray uploads the folder into storage in the background and deletes it;
+            # in local mode (num_workers 0) it keeps a reference, so the folder stays.
             d = tempfile.mkdtemp(prefix="kd-ckpt-")
             _save_checkpoint(Path(d), trainee, asm.loss, opt, epoch)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            if exp.scaling.num_workers > 0:
-                shutil.rmtree(d, ignore_errors=True)
+            local = exp.scaling.num_workers == 0
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                checkpoint_dir_name=f"epoch_{epoch + 1:05d}",
+                checkpoint_upload_mode=(ray.train.CheckpointUploadMode.SYNC if local
+                                        else ray.train.CheckpointUploadMode.ASYNC),
+                delete_local_checkpoint_after_upload=not local)
         else:
             ray.train.report(metrics)
 
