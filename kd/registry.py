@@ -50,7 +50,7 @@ class Registry:
             try:
                 module = importlib.import_module(module_name)
             except ImportError as e:
-                raise InputError(f"{self.kind} {name!r}: cannot import module {module_name!r} ({e})")
+                raise InputError(f"{self.kind} {name!r}: cannot import module {module_name!r} ({e})") from None
             if not hasattr(module, attr):
                 raise InputError(f"{self.kind} {name!r}: module {module_name!r} has no {attr!r}")
             return getattr(module, attr)
