@@ -40,7 +40,11 @@ def build_spec(spec: ModelSpec, field: str, input_shape: tuple[int, ...], num_cl
     """Build one model from its spec; load its weights (strictly) when asked and set."""
     model = build_model(spec.model, spec.args, input_shape, num_classes, spec.width)
     if load_weights and spec.weights:
-        state, _ = load_state_dict(spec.weights)
+        state, meta = load_state_dict(spec.weights)
+        trained_on = meta.get("kd.num_classes")
+        if trained_on is not None and int(trained_on) != num_classes:
+            raise InputError(f"{field}.weights {spec.weights}: the model was trained on {trained_on} "
+                             f"classes but the data has {num_classes}")
         load_into(model, state, what=f"{field} ({spec.weights})")
     return model
 

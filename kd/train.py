@@ -261,7 +261,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             n = len(db.labels)
             seen += n
             labeled += int(db.label_mask.sum())
-            sums["train/loss"] = sums.get("train/loss", 0.0) + float(total) * n
+            sums["train/loss"] = sums.get("train/loss", 0.0) + float(total.detach()) * n
             for k, v in parts.items():
                 sums[f"train/loss/{k}"] = sums.get(f"train/loss/{k}", 0.0) + float(v) * n
             global_step += 1

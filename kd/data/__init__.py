@@ -31,9 +31,8 @@ __all__ = ["DATASETS", "ArraySplit", "Splits", "load_splits", "to_ray", "UNLABEL
 
 def _read(cfg: DataConfig, source: str, endpoint: str | None) -> tuple[np.ndarray, np.ndarray]:
     if source in DATASETS and ":" not in source:
-        args = {k: v for k, v in cfg.args.items() if k != "num_classes"}
         try:
-            return DATASETS.get(source)(**args)
+            return DATASETS.get(source)(**cfg.args)
         except TypeError as e:
             raise InputError(f"data.args: {e}") from None
     if ":" in source and "://" not in source:

@@ -1,0 +1,102 @@
+"""`kd` on bad input: one line on stderr, exit code 2, before any Ray worker starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kd import cli, pipeline
+from kd.models import build_model
+from kd.models.weights import save_weights
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture
+def teacher_weights(tmp_path: Path) -> Path:
+    """An (untrained) cnn_small teacher file that fits configs/digits-kd.yaml."""
+    path = tmp_path / "teacher.safetensors"
+    save_weights(build_model("cnn_small", {"channels": [32, 64]}, (1, 8, 8), 10), path,
+                 {"kd.num_classes": "10"})
+    return path
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the pipeline gets as far as starting Ray."""
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("Ray was started although the input was bad")
+
+    monkeypatch.setattr(pipeline, "ensure_ray", refuse)
+
+
+BAD = [
+    (["distill.losses.0.name=kdd"], "unknown loss 'kdd'"),
+    (["student.model=mlpp"], "unknown model 'mlpp'"),
+    (["data.source=digitz"], "unknown dataset 'digitz'"),
+    (["data.source=/nonexistent/train.npz"], "/nonexistent/train.npz: no such file or directory"),
+    (["trainer.batch_size=big"], "trainer.batch_size: Input should be a valid integer"),
+    (["trainer.epoch=3"], "trainer.epoch: unknown field"),
+    (["teacher.args.channels=[16, 32]"], "weights do not fit the architecture"),
+    (["student.args.dropout=2"], "dropout"),
+    (["distill.losses=[{name: fitnet, weight: 1.0, student: body.9, teacher: block2}]"],
+     "feature path 'body.9' not found in student model"),
+    (["distill.losses=[{name: at, weight: 1.0, student: body.0, teacher: blok2}]"],
+     "feature path 'blok2' not found in teacher model; nearest: block2"),
+    (["distill.losses=[{name: kd, weight: 1.0, tau: 3}]"], "unexpected parameter 'tau'"),
+    (["scaling.strategy=fsdp"], "scaling.strategy: fsdp"),
+    (["distill.ce_weight=0", "distill.losses=[]"], "nothing to train"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD, ids=[b[1][:30] for b in BAD])
+def test_bad_input_is_one_line_exit_2_before_ray(
+    overrides: list[str], message: str, teacher_weights: Path, no_ray: None, workdir: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = cli.run(["distill", str(CONFIGS / "digits-kd.yaml"), f"teacher.weights={teacher_weights}",
+                    *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("kd: error: ") and "\n" not in err
+    assert message in err
+
+
+def test_teacher_with_other_class_count(tmp_path: Path, no_ray: None, workdir: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "t5.safetensors"
+    save_weights(build_model("cnn_small", {"channels": [32, 64]}, (1, 8, 8), 5), path,
+                 {"kd.num_classes": "5"})
+    code = cli.run(["distill", str(CONFIGS / "digits-kd.yaml"), f"teacher.weights={path}"])
+    assert code == 2
+    assert "trained on 5 classes but the data has 10" in capsys.readouterr().err
+
+
+def test_missing_teacher_weights(no_ray: None, workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.run(["distill", str(CONFIGS / "digits-kd.yaml"), "teacher.weights=null"])
+    assert code == 2
+    assert "teacher.weights: required to distil" in capsys.readouterr().err
+
+
+def test_pickled_teacher_is_refused(tmp_path: Path, no_ray: None, workdir: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": Evil()}, path)
+    code = cli.run(["distill", str(CONFIGS / "digits-kd.yaml"), f"teacher.weights={path}"])
+    captured = capsys.readouterr()
+    assert code == 2 and "pwned" not in captured.out
+
+
+@pytest.mark.parametrize("command", ["teacher", "distill", "evaluate", "demo"])
+def test_help_on_every_command(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ex:
+        cli.run([command, "--help"])
+    assert ex.value.code == 0
+    assert f"usage: kd {command}" in capsys.readouterr().out
