@@ -107,6 +107,18 @@ def build_model(
     return model
 
 
+def init_conv_bn(model: nn.Module) -> None:
+    """He (fan-out) init for convolutions, BN scale 1 and shift 0, Linear bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameter elements (trainable or not; shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters())

@@ -13,7 +13,7 @@ from functools import partial
 from torch import Tensor, nn
 
 from kd.errors import InputError
-from kd.models import MODELS, image_shape, int_list, scaled
+from kd.models import MODELS, image_shape, init_conv_bn, int_list, scaled
 
 
 class BasicBlock(nn.Module):
@@ -60,12 +60,7 @@ class ResNetCifar(nn.Module):
         self.layer3 = self._make_layer(filters[3], n, 2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(filters[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = [BasicBlock(self.inplanes, planes, stride)]

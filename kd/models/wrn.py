@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from kd.errors import InputError
-from kd.models import MODELS, image_shape, scaled
+from kd.models import MODELS, image_shape, init_conv_bn, scaled
 
 
 class WideBasic(nn.Module):
@@ -80,14 +80,7 @@ class WideResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(ch[3], num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """``x``: ``[B, C, H, W]`` -> logits ``[B, num_classes]``."""
