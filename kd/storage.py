@@ -73,11 +73,24 @@ def fetch(uri: str, endpoint: str | None = None, cache_dir: str | None = None) -
     base = Path(cache_dir or tempfile.mkdtemp(prefix="kd-s3-"))
     local = base / hashlib.sha256(uri.encode()).hexdigest()[:16] / Path(key).name
     local.parent.mkdir(parents=True, exist_ok=True)
+    client = s3_client(endpoint)
     try:
-        s3_client(endpoint).download_file(bucket, key, str(local))
+        client.download_file(bucket, key, str(local))
     except Exception as e:  # botocore raises many types; all become one clear line
-        raise _s3_error(uri, e) from None
+        err = _s3_error(uri, e)
+        if "no such object" in str(err) and not bucket_exists(client, bucket):
+            err = InputError(f"{uri}: bucket does not exist")
+        raise err from None
     return local
+
+
+def bucket_exists(client: object, bucket: str) -> bool:
+    """True when ``HeadBucket`` succeeds (False on 404 / 403 / any client error)."""
+    try:
+        client.head_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+        return True
+    except Exception:
+        return False
 
 
 def put(local: str | Path, uri: str, endpoint: str | None = None) -> None:

@@ -313,3 +313,19 @@ def test_freeze_stops_grads() -> None:
     assert all(not p.requires_grad for p in model.parameters())
     out = model(torch.randn(2, *DIGITS))
     assert not out.requires_grad
+
+
+def test_load_from_s3(s3_server: str, bucket: str, tmp_path: Path) -> None:
+    import boto3
+
+    model = build_model("mlp", {"hidden": [4]}, DIGITS, 3)
+    local = tmp_path / "model.safetensors"
+    save_weights(model, local, {"arch": "mlp"})
+    boto3.client("s3", endpoint_url=s3_server).upload_file(str(local), bucket, "teachers/t.safetensors")
+    sd, meta = load_state_dict(f"s3://{bucket}/teachers/t.safetensors")
+    assert meta == {"arch": "mlp"}
+    assert all(torch.equal(sd[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(InputError, match="no such object"):
+        load_state_dict(f"s3://{bucket}/teachers/missing.safetensors")
+    with pytest.raises(InputError, match="bucket does not exist"):
+        load_state_dict("s3://no-such-bucket-kd/t.safetensors")
