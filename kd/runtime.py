@@ -7,6 +7,7 @@ loop prints one line per epoch instead.
 
 from __future__ import annotations
 
+import logging
 import os
 
 
@@ -25,7 +26,30 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, num_cpus=num_cpus,
              include_dashboard=False, log_to_driver=True, logging_level="WARNING",
-             runtime_env={"env_vars": env})
+             runtime_env={"env_vars": env, "worker_process_setup_hook": "kd.runtime.quiet_logs"})
+    quiet_logs()
+
+
+QUIET = {
+    "ray.data": logging.WARNING,  # "Starting execution of Dataset ..." for every epoch
+    # Without the dashboard the state API is absent, and the cleaner warns every second.
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
+}
+
+
+def quiet_logs() -> None:
+    """Runs in every Ray worker process (``worker_process_setup_hook``): lowers Ray
+    Train / Ray Data per-epoch chatter so the ``[kd] epoch`` lines stay readable."""
+    for name, level in QUIET.items():
+        logging.getLogger(name).setLevel(level)
+    try:  # Train V2 logs "Reporting training result ..." under its file path
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False

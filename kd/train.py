@@ -374,6 +374,7 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
             name=run_name, storage_path=exp.storage.path,
             failure_config=ray.train.FailureConfig(max_failures=exp.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=exp.checkpoint.keep),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks),
         datasets={"train": to_ray(splits.train, extra_train_columns), "val": to_ray(splits.val)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
