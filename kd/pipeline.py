@@ -88,8 +88,11 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
     tags = {"kd.data_hash": splits.data_hash, **(extra_tags or {})}
     if role == "student" and exp.teacher is not None and exp.teacher.weights:
         tags["kd.teacher_uri"] = exp.teacher.weights
-    run_id = tracking.start_run(exp, role, tags)
     name = run_name or default_run_name(exp, role)
+    tags["kd.ray_run_name"] = name
+    # A given run name that already ran resumes its Ray checkpoints and its MLflow run.
+    run_id = (tracking.resume_run(exp, name) if run_name else None) or \
+        tracking.start_run(exp, role, tags)
     print(f"[kd] {role} run {name}: MLflow run {run_id} at {uri}", flush=True)
     ok = False
     try:
@@ -98,7 +101,8 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
         with tempfile.TemporaryDirectory() as d:
             import ray.train
 
-            local = Path(ray.train.Checkpoint(result.checkpoint_dir).to_directory(d)) / CKPT_MODEL
+            ckpt = result.checkpoint or ray.train.Checkpoint(result.checkpoint_dir)
+            local = Path(ckpt.to_directory(d)) / CKPT_MODEL
             state, _ = load_state_dict(str(local))
             model = build_spec(spec, role, splits.input_shape, splits.num_classes, False)
             load_into(model, state, what=f"{role} checkpoint")
