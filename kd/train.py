@@ -238,25 +238,31 @@ def _read_checkpoint(d: Path) -> dict[str, Any]:
             "state": torch.load(d / CKPT_STATE, map_location="cpu", weights_only=True)}
 
 
-def _candidates(ckpt: Any) -> list[Any]:
-    """The latest checkpoint, then the older ``epoch_*`` folders of the same run
-    (newest first) on the same filesystem."""
+def checkpoint_candidates(fs: Any, run_path: str, registered: Any = None) -> list[Any]:
+    """Checkpoints of one run, newest first: every ``epoch_*`` folder in the run
+    folder, plus the one Ray registered (``ray.train.get_checkpoint()``) if it lies
+    elsewhere. The folder listing also finds a checkpoint whose report Ray had not
+    yet received when a worker died (the controller polls every ~2 s), so a
+    restart never repeats an epoch that was saved."""
     import pyarrow.fs as pafs
     import ray.train
 
-    fs, path = ckpt.filesystem, ckpt.path.rstrip("/")
-    parent, latest = path.rsplit("/", 1)
-    infos = fs.get_file_info(pafs.FileSelector(parent))
-    older = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
-                    and i.base_name.startswith("epoch_") and i.base_name < latest), reverse=True)
-    return [ckpt] + [ray.train.Checkpoint(f"{parent}/{n}", filesystem=fs) for n in older]
+    infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("epoch_")), reverse=True)
+    out = [ray.train.Checkpoint(f"{run_path}/{n}", filesystem=fs) for n in names]
+    if registered is not None and registered.path.rstrip("/") not in {c.path for c in out}:
+        out.insert(0, registered)
+    return out
 
 
-def load_latest_good(ckpt: Any, verbose: bool) -> dict[str, Any]:
-    """Load the latest checkpoint; if it is corrupt or truncated, fall back to the
-    previous good one (logged). Raises RuntimeError when none is readable."""
+def load_latest_good(candidates: list[Any], verbose: bool) -> dict[str, Any] | None:
+    """Load the newest readable checkpoint: one that is corrupt, truncated or
+    half-uploaded (its manifest does not match) is skipped, logged, and the
+    previous one tried. None when there are no candidates; RuntimeError when
+    there are some but none is readable."""
     errors = []
-    for c in _candidates(ckpt):
+    for c in candidates:
         try:
             with c.as_directory() as d:
                 out = _read_checkpoint(Path(d))
@@ -269,7 +275,9 @@ def load_latest_good(ckpt: Any, verbose: bool) -> dict[str, Any]:
         if verbose and errors:
             print(f"[kd] fell back to checkpoint {c.path}", flush=True)
         return out
-    raise RuntimeError("no readable checkpoint: " + "; ".join(errors))
+    if errors:
+        raise RuntimeError("no readable checkpoint: " + "; ".join(errors))
+    return None
 
 
 def _restore_optimizer(opt: torch.optim.Optimizer, state: Any, trainee: nn.Module,
@@ -323,10 +331,11 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     for t in asm.teachers:
         t.to(device)
     asm.loss.to(device)
-    start_epoch, restored = 0, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        restored = load_latest_good(ckpt, verbose=rank == 0)
+    start_epoch = 0
+    restored = load_latest_good(
+        checkpoint_candidates(spec["storage_fs"], spec["run_path"], ray.train.get_checkpoint()),
+        verbose=rank == 0)
+    if restored is not None:
         asm.trainee.load_state_dict(restored["model"])
         if restored["loss"] is not None:
             asm.loss.load_state_dict(restored["loss"])
@@ -398,6 +407,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             "train/labeled_samples": reduced[-2], "train/unlabeled_samples": reduced[-3] - reduced[-2],
             "lr": opt.param_groups[0]["lr"],
         })
+        if device.type == "cuda":  # peak memory of this worker (rank 0's is logged)
+            metrics["gpu/max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         last = epoch + 1 == exp.trainer.epochs
         save = last or (epoch + 1) % exp.checkpoint.every_epochs == 0
         if rank == 0:
