@@ -37,7 +37,7 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
     ports = {"--node-manager-port": free_port(), "--object-manager-port": free_port(),
-             "--ray-client-server-port": free_port(), "--dashboard-agent-listen-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(),
              "--dashboard-agent-grpc-port": free_port(), "--metrics-export-port": free_port(),
              "--runtime-env-agent-port": free_port()}
     temp = tempfile.mkdtemp(prefix="kdray-", dir="/tmp")  # short: Ray's socket paths
@@ -49,7 +49,16 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        wait_for_port(dash, timeout=90)
+        deadline = time.time() + 120
+        while head.poll() is None and time.time() < deadline:
+            try:
+                wait_for_port(dash, timeout=1)
+                break
+            except RuntimeError:
+                continue
+        if head.poll() is not None or time.time() >= deadline:
+            pytest.fail("ray start --head did not come up:\n"
+                        + (tmp_path / "head.log").read_text()[-2000:])
         yield f"http://127.0.0.1:{dash}", env
     finally:
         # Stop exactly this head: SIGTERM to its process group, SIGKILL what is left.
