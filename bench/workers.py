@@ -8,7 +8,7 @@ training time, all workers together), averaged over epochs 2..E (epoch 1 holds
 warm-up); accuracy is the final ``val/accuracy``, mean over seeds with every
 seed listed. A teacher is trained first (in-process, ``num_workers=0``).
 
-    PYTHONPATH=$PWD python bench/workers.py --epochs 8 --seeds 0 1 2
+    PYTHONPATH=$PWD python bench/workers.py --epochs 8 --seeds 0 1 2 --student-seeds 0
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ def _run(cfg: str, role: str, overrides: list[str]) -> tuple[float, float, float
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="seeds of the KD rows (the accuracy comparison)")
+    p.add_argument("--student-seeds", type=int, nargs="+", default=[0],
+                   help="seeds of the student-only rows (throughput)")
     p.add_argument("--batch-size", type=int, default=64)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="kd-bench-workers-"))
@@ -56,14 +59,14 @@ def main() -> None:
     teacher = work / "runs" / "digits-teacher" / "model.safetensors"
     _run("digits-teacher.yaml", "teacher", [*common, "scaling.num_workers=0", "trainer.epochs=10"])
     modes = {
-        "student-only": ["distill.losses=[]", "distill.ce_weight=1.0"],
-        "KD, online teacher": [f"teacher.weights={teacher}"],
+        "student-only": (["distill.losses=[]", "distill.ce_weight=1.0"], args.student_seeds),
+        "KD, online teacher": ([f"teacher.weights={teacher}"], args.seeds),
     }
     rows = []
-    for mode, extra in modes.items():
+    for mode, (extra, seeds) in modes.items():
         for workers in (1, 2):
             rates, accs, walls = [], [], []
-            for seed in args.seeds:
+            for seed in seeds:
                 r, a, w = _run("digits-kd.yaml", "student",
                                [*common, *extra, f"scaling.num_workers={workers}",
                                 f"trainer.epochs={args.epochs}", f"seed={seed}"])
@@ -85,8 +88,10 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     body = (f"`python bench/workers.py --epochs {args.epochs} --seeds "
-            f"{' '.join(map(str, args.seeds))}` on this machine ({os.cpu_count()} cores, shared "
-            f"with other jobs), digits, MLP student, CNN teacher, global batch "
+            f"{' '.join(map(str, args.seeds))} --student-seeds "
+            f"{' '.join(map(str, args.student_seeds))}` on this machine "
+            f"({os.cpu_count()} cores, shared with other jobs; load average at start "
+            f"{os.getloadavg()[0]:.1f}), digits, MLP student, CNN teacher, global batch "
             f"{args.batch_size} (2 workers: {args.batch_size // 2} each), DDP over gloo. "
             "samples/s = training samples per second of training time, all workers together, "
             "mean of epochs 2..E; accuracy = final val/accuracy, mean ± sd over seeds.\n\n"

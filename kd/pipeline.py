@@ -44,7 +44,8 @@ class RunOutcome:
 
 def default_run_name(exp: Experiment, role: Role) -> str:
     """``<name>-<role>-<UTC time>-<4 hex>``: unique, so a fresh run never resumes an old one."""
-    return f"{exp.name}-{role}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:4]}"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{exp.name}-{role}-{stamp}-{uuid.uuid4().hex[:4]}"
 
 
 def weights_metadata(spec: ModelSpec, splits: Splits, exp: Experiment, role: Role,
@@ -52,7 +53,8 @@ def weights_metadata(spec: ModelSpec, splits: Splits, exp: Experiment, role: Rol
     """What a weights file needs to rebuild its model and trace where it came from."""
     return {
         "kd.model": spec.model, "kd.args": json.dumps(spec.args), "kd.width": str(spec.width),
-        "kd.num_classes": str(splits.num_classes), "kd.input_shape": json.dumps(list(splits.input_shape)),
+        "kd.num_classes": str(splits.num_classes),
+        "kd.input_shape": json.dumps(list(splits.input_shape)),
         "kd.input_dtype": str(splits.train.x.dtype), "kd.role": role,
         "kd.data_hash": splits.data_hash, "kd.config_hash": exp.hash(), "kd.run_id": run_id,
     }
@@ -118,7 +120,8 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
         tracking.set_tags(uri, run_id, {"kd.weights_sha256": sha, "kd.weights_uri": weights_uri,
                                         "kd.ray_run_name": name})
         ok = True
-        print(f"[kd] weights: {weights_uri}  holdout accuracy {holdout['accuracy']:.4f}", flush=True)
+        print(f"[kd] weights: {weights_uri}  holdout accuracy {holdout['accuracy']:.4f}",
+              flush=True)
         return RunOutcome(run_id, weights_uri, sha, result.metrics, holdout, result.history)
     finally:
         tracking.end_run(uri, run_id, ok)

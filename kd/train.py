@@ -123,7 +123,8 @@ class Step:
         with torch.no_grad():
             return [t(x).float() for t in self.asm.teachers]
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], DistillBatch]:
+    def __call__(self, batch: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], DistillBatch]:
         x = batch["x"].to(self.device, self.input_dtype)
         y = batch["y"].to(self.device)
         t_logits = self.teacher_logits(batch, x) if self.asm.teachers else []
@@ -151,7 +152,8 @@ def evaluate_shard(step: Step, ds: Any, spec: dict[str, Any], rank: int, world: 
             pred = logits.argmax(1)
             lab = y >= 0
             sums[0] += float((pred[lab] == y[lab]).sum())
-            sums[2] += float(F.cross_entropy(logits[lab], y[lab], reduction="sum")) if lab.any() else 0.0
+            if lab.any():
+                sums[2] += float(F.cross_entropy(logits[lab], y[lab], reduction="sum"))
             sums[3] += float(lab.sum())
             sums[4] += float(len(y))
             if step.asm.teachers:
@@ -344,6 +346,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     loss_params = list(asm.loss.parameters())
     params = list(trainee.parameters()) + loss_params
     opt = make_optimizer(exp, params)
+    base_lrs = [g["lr"] for g in opt.param_groups]  # before a restore overwrites them
     if restored is not None:
         _restore_optimizer(opt, restored["state"]["optimizer"], trainee, asm.loss)
         torch.set_rng_state(restored["state"]["torch_rng"])
@@ -351,7 +354,6 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[kd] resumed from checkpoint at epoch {start_epoch}", flush=True)
     step = Step(asm, trainee, device, _input_dtype(spec))
-    base_lrs = [g["lr"] for g in opt.param_groups]
     sched = exp.optim.schedule
     train_ds = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
@@ -361,7 +363,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     for epoch in range(start_epoch, exp.trainer.epochs):
         f = lr_factor(epoch, exp.trainer.epochs, sched.name, sched.warmup_epochs,
                       sched.step_size, sched.gamma)
-        for g, lr in zip(opt.param_groups, base_lrs):
+        for g, lr in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = lr * f
         trainee.train()
         sums: dict[str, float] = {}
@@ -377,8 +379,9 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             # Gradients are all-reduced on the last micro-step of each accumulation
             # window (and of the epoch) only; the others skip the DDP/FSDP sync.
             sync = (i + 1) % accum == 0 or is_last
-            with _grad_sync(trainee, sync), _autocast(exp.trainer.precision, device):
-                total, parts, db = step(batch)
+            with _grad_sync(trainee, sync):
+                with _autocast(exp.trainer.precision, device):
+                    total, parts, db = step(batch)
                 (total / accum).backward()
             if sync:
                 _average_grads(loss_params, world)
@@ -397,14 +400,15 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         keys = sorted(sums)
         reduced = _all_reduce([sums[k] for k in keys] + [seen, labeled, elapsed], device)
         total_seen = max(reduced[-3], 1.0)
-        metrics: dict[str, float] = {k: v / total_seen for k, v in zip(keys, reduced)}
+        metrics: dict[str, float] = {k: v / total_seen for k, v in zip(keys, reduced, strict=False)}
         t1 = time.perf_counter()
         metrics.update(evaluate_shard(step, val_ds, spec, rank, world, device))
         metrics["time/eval_s"] = time.perf_counter() - t1
         metrics["time/train_s"] = elapsed
         metrics.update({
             "epoch": epoch + 1, "samples_per_s": reduced[-3] / max(reduced[-1] / world, 1e-9),
-            "train/labeled_samples": reduced[-2], "train/unlabeled_samples": reduced[-3] - reduced[-2],
+            "train/labeled_samples": reduced[-2],
+            "train/unlabeled_samples": reduced[-3] - reduced[-2],
             "lr": opt.param_groups[0]["lr"],
         })
         if device.type == "cuda":  # peak memory of this worker (rank 0's is logged)
@@ -414,7 +418,8 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         if rank == 0:
             tracking.log_metrics(spec["tracking_uri"], spec["run_id"], metrics, step=epoch + 1)
             shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in
-                              ("train/loss", "val/accuracy", "val/teacher_agreement") if k in metrics)
+                              ("train/loss", "val/accuracy", "val/teacher_agreement")
+                              if k in metrics)
             print(f"[kd] epoch {epoch + 1}/{exp.trainer.epochs}  {shown}  "
                   f"{metrics['samples_per_s']:.0f} samples/s", flush=True)
         # Gathering an FSDP state dict is a collective: every rank takes part.
@@ -520,7 +525,8 @@ def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
 
 def _sample(splits: Splits) -> torch.Tensor:
     x = splits.train.x[:4]
-    return torch.as_tensor(x, dtype=torch.int64 if np.issubdtype(x.dtype, np.integer) else torch.float32)
+    integer = np.issubdtype(x.dtype, np.integer)
+    return torch.as_tensor(x, dtype=torch.int64 if integer else torch.float32)
 
 
 def run_dir(exp: Experiment, run_name: str) -> str:
