@@ -1,4 +1,10 @@
-"""The FSDP2 code path of the loop, exercised on CPU with gloo (no GPU here).
+"""The loop's data-parallel helpers in two real processes on CPU (gloo).
+
+DDP: a micro-step under ``_grad_sync(sync=False)`` leaves gradients local (the
+workers' differ), the final one all-reduces them; ``_average_grads`` makes the
+loss adapters' gradients (outside DDP) equal on every worker.
+
+FSDP2, exercised on CPU because there is no GPU here:
 
 The config refuses ``strategy: fsdp`` on CPU (FSDP is for GPUs), but FSDP2's
 ``fully_shard`` itself runs on CPU, so the loop's helpers are checked for real in
@@ -26,8 +32,37 @@ def _worker(rank: int, world: int, port: int) -> None:
     sys.path.insert(0, str(REPO))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.nn.parallel import DistributedDataParallel
+
     from kd.config import experiment_from_dict
-    from kd.train import _grad_sync, _is_fsdp, _restore_optimizer, checkpoint_state, prepare
+    from kd.train import (
+        _average_grads,
+        _grad_sync,
+        _is_fsdp,
+        _restore_optimizer,
+        checkpoint_state,
+        prepare,
+    )
+
+    def same_on_all_ranks(t: torch.Tensor) -> bool:
+        parts = [torch.zeros_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        return all(torch.equal(parts[0], p) for p in parts[1:])
+
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(nn.Linear(4, 2))
+    xr = torch.full((3, 4), float(rank + 1))
+    with _grad_sync(ddp, sync=False):
+        ddp(xr).sum().backward()
+    assert not same_on_all_ranks(ddp.module.weight.grad)  # no_sync: still local
+    with _grad_sync(ddp, sync=True):
+        ddp(xr).sum().backward()
+    assert same_on_all_ranks(ddp.module.weight.grad)  # the final micro-step syncs
+    side = nn.Linear(4, 2)
+    side(xr).sum().backward()
+    assert not same_on_all_ranks(side.weight.grad)
+    _average_grads(list(side.parameters()), world)
+    assert same_on_all_ranks(side.weight.grad)
 
     exp = experiment_from_dict({"name": "x", "scaling": {"strategy": "fsdp"},
                                 "trainer": {"precision": "bf16"}})
@@ -70,5 +105,5 @@ def _worker(rank: int, world: int, port: int) -> None:
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
-def test_fsdp2_shard_sync_and_checkpoint_roundtrip_on_cpu() -> None:
+def test_ddp_no_sync_and_fsdp2_checkpoint_roundtrip_on_cpu() -> None:
     mp.spawn(_worker, args=(2, free_port()), nprocs=2)
