@@ -195,6 +195,16 @@ def checkpoint_state(trainee: nn.Module, loss: nn.Module,
     return {k: v.detach().cpu() for k, v in _unwrap(trainee).state_dict().items()}, opt.state_dict()
 
 
+def rng_states(world: int) -> list[torch.Tensor]:
+    """Every worker's torch RNG state, rank order (a collective when world > 1)."""
+    mine = torch.get_rng_state()
+    if world <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, mine)
+    return out
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -204,7 +214,7 @@ def _sha256(path: Path) -> str:
 
 
 def _save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], loss: nn.Module,
-                     opt_state: Any, epoch: int) -> None:
+                     opt_state: Any, epoch: int, rngs: list[torch.Tensor]) -> None:
     """Write model, loss adapters and train state, then ``manifest.json`` (size and
     sha256 of each file) LAST: a folder without a matching manifest is incomplete.
     The folder is a private temp dir; Ray copies it into storage and registers it
@@ -214,8 +224,8 @@ def _save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], loss: nn.
     save_file({k: v.contiguous() for k, v in model_state.items()}, str(path / CKPT_MODEL))
     if any(True for _ in loss.state_dict()):
         save_weights(loss, path / CKPT_LOSS)
-    torch.save({"optimizer": opt_state, "epoch": epoch,
-                "torch_rng": torch.get_rng_state()}, path / CKPT_STATE)
+    torch.save({"optimizer": opt_state, "epoch": epoch, "torch_rng": rngs[0],
+                "torch_rng_per_rank": rngs}, path / CKPT_STATE)
     files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
              for f in sorted(path.iterdir()) if f.is_file()}
     (path / CKPT_MANIFEST).write_text(json.dumps({"epoch": epoch + 1, "files": files}))
@@ -296,6 +306,17 @@ def _restore_optimizer(opt: torch.optim.Optimizer, state: Any, trainee: nn.Modul
         opt.load_state_dict(state)
 
 
+def run_location(spec: dict[str, Any]) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of this run's folder: the filesystem the driver
+    built (``fit`` puts it in the spec, with resolved credentials), else one built
+    here from ``run_dir`` (for callers that assemble their own spec)."""
+    if spec.get("storage_fs") is not None and spec.get("run_path"):
+        return spec["storage_fs"], spec["run_path"]
+    from kd import storage
+
+    return storage.arrow_fs(spec["run_dir"], spec["exp"]["storage"].get("endpoint_url"))
+
+
 def _maybe_inject_fault(spec: dict[str, Any], global_step: int, rank: int, world: int) -> None:
     """Fault injection for tests: kill the last worker at ``trainer.fail_at_step``,
     once (a marker file in the run folder, local or S3, stops it on the retry)."""
@@ -304,10 +325,11 @@ def _maybe_inject_fault(spec: dict[str, Any], global_step: int, rank: int, world
     at = spec["exp"]["trainer"]["fail_at_step"]
     if at is None or global_step != at or rank != world - 1:
         return
-    fs, marker = spec["storage_fs"], spec["run_path"] + "/.fault-injected"
+    fs, run_path = run_location(spec)
+    marker = run_path + "/.fault-injected"
     if fs.get_file_info(marker).type != pafs.FileType.NotFound:
         return
-    fs.create_dir(spec["run_path"], recursive=True)
+    fs.create_dir(run_path, recursive=True)
     with fs.open_output_stream(marker) as f:
         f.write(str(global_step).encode())
     print(f"[kd] fault injection: killing worker rank {rank} at step {global_step}", flush=True)
@@ -335,7 +357,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     asm.loss.to(device)
     start_epoch = 0
     restored = load_latest_good(
-        checkpoint_candidates(spec["storage_fs"], spec["run_path"], ray.train.get_checkpoint()),
+        checkpoint_candidates(*run_location(spec), ray.train.get_checkpoint()),
         verbose=rank == 0)
     if restored is not None:
         asm.trainee.load_state_dict(restored["model"])
@@ -349,7 +371,11 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     base_lrs = [g["lr"] for g in opt.param_groups]  # before a restore overwrites them
     if restored is not None:
         _restore_optimizer(opt, restored["state"]["optimizer"], trainee, asm.loss)
-        torch.set_rng_state(restored["state"]["torch_rng"])
+        per_rank = restored["state"].get("torch_rng_per_rank") or []
+        if len(per_rank) == world:  # same world size: each worker continues its own stream
+            torch.set_rng_state(per_rank[rank])
+        elif rank == 0:
+            torch.set_rng_state(restored["state"]["torch_rng"])
         start_epoch = int(restored["state"]["epoch"]) + 1
         if rank == 0:
             print(f"[kd] resumed from checkpoint at epoch {start_epoch}", flush=True)
@@ -424,11 +450,12 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
                   f"{metrics['samples_per_s']:.0f} samples/s", flush=True)
         # Gathering an FSDP state dict is a collective: every rank takes part.
         state = checkpoint_state(trainee, asm.loss, opt) if save else None
+        rngs = rng_states(world) if save else []
         if save and rank == 0:
             # Ray uploads the folder into storage in the background and deletes it;
             # in local mode (num_workers 0) it keeps a reference, so the folder stays.
             d = tempfile.mkdtemp(prefix="kd-ckpt-")
-            _save_checkpoint(Path(d), state[0], asm.loss, state[1], epoch)
+            _save_checkpoint(Path(d), state[0], asm.loss, state[1], epoch, rngs)
             local = exp.scaling.num_workers == 0
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
