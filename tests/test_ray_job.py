@@ -64,7 +64,7 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         # Stop exactly this head: SIGTERM to its process group, SIGKILL what is left.
         try:
             os.killpg(head.pid, signal.SIGTERM)
-            head.wait(timeout=30)
+            head.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         try:
