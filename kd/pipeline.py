@@ -44,7 +44,8 @@ class RunOutcome:
 
 def default_run_name(exp: Experiment, role: Role) -> str:
     """``<name>-<role>-<UTC time>-<4 hex>``: unique, so a fresh run never resumes an old one."""
-    return f"{exp.name}-{role}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:4]}"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return f"{exp.name}-{role}-{stamp}-{uuid.uuid4().hex[:4]}"
 
 
 def weights_metadata(spec: ModelSpec, splits: Splits, exp: Experiment, role: Role,
@@ -52,7 +53,8 @@ def weights_metadata(spec: ModelSpec, splits: Splits, exp: Experiment, role: Rol
     """What a weights file needs to rebuild its model and trace where it came from."""
     return {
         "kd.model": spec.model, "kd.args": json.dumps(spec.args), "kd.width": str(spec.width),
-        "kd.num_classes": str(splits.num_classes), "kd.input_shape": json.dumps(list(splits.input_shape)),
+        "kd.num_classes": str(splits.num_classes),
+        "kd.input_shape": json.dumps(list(splits.input_shape)),
         "kd.input_dtype": str(splits.train.x.dtype), "kd.role": role,
         "kd.data_hash": splits.data_hash, "kd.config_hash": exp.hash(), "kd.run_id": run_id,
     }
@@ -88,8 +90,11 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
     tags = {"kd.data_hash": splits.data_hash, **(extra_tags or {})}
     if role == "student" and exp.teacher is not None and exp.teacher.weights:
         tags["kd.teacher_uri"] = exp.teacher.weights
-    run_id = tracking.start_run(exp, role, tags)
     name = run_name or default_run_name(exp, role)
+    tags["kd.ray_run_name"] = name
+    # A given run name that already ran resumes its Ray checkpoints and its MLflow run.
+    run_id = (tracking.resume_run(exp, name) if run_name else None) or \
+        tracking.start_run(exp, role, tags)
     print(f"[kd] {role} run {name}: MLflow run {run_id} at {uri}", flush=True)
     ok = False
     try:
@@ -98,7 +103,8 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
         with tempfile.TemporaryDirectory() as d:
             import ray.train
 
-            local = Path(ray.train.Checkpoint(result.checkpoint_dir).to_directory(d)) / CKPT_MODEL
+            ckpt = result.checkpoint or ray.train.Checkpoint(result.checkpoint_dir)
+            local = Path(ckpt.to_directory(d)) / CKPT_MODEL
             state, _ = load_state_dict(str(local))
             model = build_spec(spec, role, splits.input_shape, splits.num_classes, False)
             load_into(model, state, what=f"{role} checkpoint")
@@ -114,7 +120,8 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
         tracking.set_tags(uri, run_id, {"kd.weights_sha256": sha, "kd.weights_uri": weights_uri,
                                         "kd.ray_run_name": name})
         ok = True
-        print(f"[kd] weights: {weights_uri}  holdout accuracy {holdout['accuracy']:.4f}", flush=True)
+        print(f"[kd] weights: {weights_uri}  holdout accuracy {holdout['accuracy']:.4f}",
+              flush=True)
         return RunOutcome(run_id, weights_uri, sha, result.metrics, holdout, result.history)
     finally:
         tracking.end_run(uri, run_id, ok)

@@ -97,3 +97,22 @@ def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
 def end_run(uri: str, run_id: str, ok: bool) -> None:
     """Mark the run FINISHED or FAILED."""
     client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+def resume_run(exp: Experiment, ray_run_name: str) -> str | None:
+    """The id of the MLflow run an earlier submission with this Ray run name
+    created (tag ``kd.ray_run_name``), set RUNNING again; None if there is none.
+    Re-submitting a job therefore continues one MLflow run instead of opening a second."""
+    uri = tracking_uri(exp)
+    c = client(uri)
+    e = c.get_experiment_by_name(exp.tracking.experiment)
+    if e is None:
+        return None
+    runs = c.search_runs([e.experiment_id],
+                         filter_string=f"tags.`kd.ray_run_name` = '{ray_run_name}'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    run_id = runs[0].info.run_id
+    c.update_run(run_id, status="RUNNING")
+    return run_id

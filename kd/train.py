@@ -10,10 +10,14 @@ validation set. Rank 0 logs to MLflow and writes the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ from kd.models.weights import save_weights
 CKPT_MODEL = "model.safetensors"
 CKPT_LOSS = "loss.safetensors"
 CKPT_STATE = "train_state.pt"
+CKPT_MANIFEST = "manifest.json"
 TEACHER_LOGITS = "teacher_logits"
 
 
@@ -45,6 +50,7 @@ class FitResult:
     history: list[dict[str, float]]
     checkpoint_dir: str
     run_name: str
+    checkpoint: Any = None  # the ray.train.Checkpoint (carries the S3 filesystem)
 
 
 def lr_factor(epoch: int, epochs: int, name: str, warmup: int, step_size: int,
@@ -117,7 +123,8 @@ class Step:
         with torch.no_grad():
             return [t(x).float() for t in self.asm.teachers]
 
-    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], DistillBatch]:
+    def __call__(self, batch: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], DistillBatch]:
         x = batch["x"].to(self.device, self.input_dtype)
         y = batch["y"].to(self.device)
         t_logits = self.teacher_logits(batch, x) if self.asm.teachers else []
@@ -145,55 +152,186 @@ def evaluate_shard(step: Step, ds: Any, spec: dict[str, Any], rank: int, world: 
             pred = logits.argmax(1)
             lab = y >= 0
             sums[0] += float((pred[lab] == y[lab]).sum())
-            sums[2] += float(F.cross_entropy(logits[lab], y[lab], reduction="sum")) if lab.any() else 0.0
+            if lab.any():
+                sums[2] += float(F.cross_entropy(logits[lab], y[lab], reduction="sum"))
             sums[3] += float(lab.sum())
             sums[4] += float(len(y))
             if step.asm.teachers:
                 sums[1] += float((step.teacher_logits(batch, x)[0].argmax(1) == pred).sum())
     correct, agree, ce, labeled, rows = _all_reduce(sums, device)
-    out = {"val/accuracy": correct / max(labeled, 1), "val/loss": ce / max(labeled, 1)}
+    out = {"val/accuracy": correct / max(labeled, 1), "val/loss": ce / max(labeled, 1),
+           "val/samples": rows}
     if step.asm.teachers:
         out["val/teacher_agreement"] = agree / max(rows, 1)
     step.trainee.train()
     return out
 
 
-def _save_checkpoint(path: Path, trainee: nn.Module, loss: nn.Module,
-                     opt: torch.optim.Optimizer, epoch: int) -> None:
-    save_weights(_unwrap(trainee), path / CKPT_MODEL)
+def _is_fsdp(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")
+
+
+def _state_container(trainee: nn.Module, loss: nn.Module) -> nn.Module:
+    """Trainee and loss adapters under one root, so FSDP's state-dict helpers can
+    name every parameter the optimizer holds."""
+    return nn.ModuleDict({"trainee": trainee, "loss": loss})
+
+
+def checkpoint_state(trainee: nn.Module, loss: nn.Module,
+                     opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
+    """(full model state dict on CPU, optimizer state). For FSDP both are gathered
+    from the shards with ``torch.distributed.checkpoint.state_dict`` (a collective:
+    every rank must call it); for DDP / a plain module they are local copies."""
+    if _is_fsdp(trainee):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(trainee, options=full),
+                get_optimizer_state_dict(_state_container(trainee, loss), opt, options=full))
+    return {k: v.detach().cpu() for k, v in _unwrap(trainee).state_dict().items()}, opt.state_dict()
+
+
+def rng_states(world: int) -> list[torch.Tensor]:
+    """Every worker's torch RNG state, rank order (a collective when world > 1)."""
+    mine = torch.get_rng_state()
+    if world <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, mine)
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], loss: nn.Module,
+                     opt_state: Any, epoch: int, rngs: list[torch.Tensor]) -> None:
+    """Write model, loss adapters and train state, then ``manifest.json`` (size and
+    sha256 of each file) LAST: a folder without a matching manifest is incomplete.
+    The folder is a private temp dir; Ray copies it into storage and registers it
+    only after the copy finished, so a half-written checkpoint is never the latest."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model_state.items()}, str(path / CKPT_MODEL))
     if any(True for _ in loss.state_dict()):
         save_weights(loss, path / CKPT_LOSS)
-    torch.save({"optimizer": opt.state_dict(), "epoch": epoch,
-                "torch_rng": torch.get_rng_state()}, path / CKPT_STATE)
+    torch.save({"optimizer": opt_state, "epoch": epoch, "torch_rng": rngs[0],
+                "torch_rng_per_rank": rngs}, path / CKPT_STATE)
+    files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(path.iterdir()) if f.is_file()}
+    (path / CKPT_MANIFEST).write_text(json.dumps({"epoch": epoch + 1, "files": files}))
 
 
-def _restore(ckpt: Any, trainee: nn.Module, loss: nn.Module,
-             opt: torch.optim.Optimizer) -> int:
-    """Load the checkpoint into model, loss adapters and optimizer; return next epoch."""
+def _read_checkpoint(d: Path) -> dict[str, Any]:
+    """Verify the manifest (every file present, same size and sha256) and load the
+    tensors without unpickling code; raise ValueError naming what is wrong."""
     from safetensors.torch import load_file
 
-    with ckpt.as_directory() as d:
-        d = Path(d)
-        _unwrap(trainee).load_state_dict(load_file(d / CKPT_MODEL))
-        if (d / CKPT_LOSS).exists():
-            loss.load_state_dict(load_file(d / CKPT_LOSS))
-        state = torch.load(d / CKPT_STATE, map_location="cpu", weights_only=True)
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["epoch"]) + 1
+    if not (d / CKPT_MANIFEST).exists():
+        raise ValueError("no manifest.json (incomplete checkpoint)")
+    manifest = json.loads((d / CKPT_MANIFEST).read_text())
+    for name, meta in manifest["files"].items():
+        f = d / name
+        if not f.exists():
+            raise ValueError(f"{name} missing")
+        if f.stat().st_size != meta["size"] or _sha256(f) != meta["sha256"]:
+            raise ValueError(f"{name} does not match its manifest (truncated or corrupt)")
+    return {"model": load_file(d / CKPT_MODEL),
+            "loss": load_file(d / CKPT_LOSS) if (d / CKPT_LOSS).exists() else None,
+            "state": torch.load(d / CKPT_STATE, map_location="cpu", weights_only=True)}
+
+
+def checkpoint_candidates(fs: Any, run_path: str, registered: Any = None) -> list[Any]:
+    """Checkpoints of one run, newest first: every ``epoch_*`` folder in the run
+    folder, plus the one Ray registered (``ray.train.get_checkpoint()``) if it lies
+    elsewhere. The folder listing also finds a checkpoint whose report Ray had not
+    yet received when a worker died (the controller polls every ~2 s), so a
+    restart never repeats an epoch that was saved."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("epoch_")), reverse=True)
+    out = [ray.train.Checkpoint(f"{run_path}/{n}", filesystem=fs) for n in names]
+    if registered is not None and registered.path.rstrip("/") not in {c.path for c in out}:
+        out.insert(0, registered)
+    return out
+
+
+def load_latest_good(candidates: list[Any], verbose: bool) -> dict[str, Any] | None:
+    """Load the newest readable checkpoint: one that is corrupt, truncated or
+    half-uploaded (its manifest does not match) is skipped, logged, and the
+    previous one tried. None when there are no candidates; RuntimeError when
+    there are some but none is readable."""
+    errors = []
+    for c in candidates:
+        try:
+            with c.as_directory() as d:
+                out = _read_checkpoint(Path(d))
+        except Exception as e:
+            errors.append(f"{c.path}: {e}")
+            if verbose:
+                print(f"[kd] checkpoint {c.path} unreadable ({e}); trying the previous one",
+                      flush=True)
+            continue
+        if verbose and errors:
+            print(f"[kd] fell back to checkpoint {c.path}", flush=True)
+        return out
+    if errors:
+        raise RuntimeError("no readable checkpoint: " + "; ".join(errors))
+    return None
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, state: Any, trainee: nn.Module,
+                       loss: nn.Module) -> None:
+    if _is_fsdp(trainee):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(_state_container(trainee, loss), opt, state,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def run_location(spec: dict[str, Any]) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of this run's folder: the filesystem the driver
+    built (``fit`` puts it in the spec, with resolved credentials), else one built
+    here from ``run_dir`` (for callers that assemble their own spec)."""
+    if spec.get("storage_fs") is not None and spec.get("run_path"):
+        return spec["storage_fs"], spec["run_path"]
+    from kd import storage
+
+    return storage.arrow_fs(spec["run_dir"], spec["exp"]["storage"].get("endpoint_url"))
 
 
 def _maybe_inject_fault(spec: dict[str, Any], global_step: int, rank: int, world: int) -> None:
     """Fault injection for tests: kill the last worker at ``trainer.fail_at_step``,
-    once (a marker file in the run folder stops it on the retry)."""
+    once (a marker file in the run folder, local or S3, stops it on the retry)."""
+    import pyarrow.fs as pafs
+
     at = spec["exp"]["trainer"]["fail_at_step"]
     if at is None or global_step != at or rank != world - 1:
         return
-    marker = Path(spec["run_dir"]) / ".fault-injected"
-    if marker.exists():
+    fs, run_path = run_location(spec)
+    marker = run_path + "/.fault-injected"
+    if fs.get_file_info(marker).type != pafs.FileType.NotFound:
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(global_step))
+    fs.create_dir(run_path, recursive=True)
+    with fs.open_output_stream(marker) as f:
+        f.write(str(global_step).encode())
     print(f"[kd] fault injection: killing worker rank {rank} at step {global_step}", flush=True)
     os._exit(1)
 
@@ -217,17 +355,31 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     for t in asm.teachers:
         t.to(device)
     asm.loss.to(device)
-    params = list(asm.trainee.parameters()) + list(asm.loss.parameters())
-    opt = make_optimizer(exp, params)
     start_epoch = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        start_epoch = _restore(ckpt, asm.trainee, asm.loss, opt)
+    restored = load_latest_good(
+        checkpoint_candidates(*run_location(spec), ray.train.get_checkpoint()),
+        verbose=rank == 0)
+    if restored is not None:
+        asm.trainee.load_state_dict(restored["model"])
+        if restored["loss"] is not None:
+            asm.loss.load_state_dict(restored["loss"])
+    # The optimizer is built after wrapping: FSDP2 replaces parameters with DTensors.
+    trainee = prepare(asm.trainee, exp, device)
+    loss_params = list(asm.loss.parameters())
+    params = list(trainee.parameters()) + loss_params
+    opt = make_optimizer(exp, params)
+    base_lrs = [g["lr"] for g in opt.param_groups]  # before a restore overwrites them
+    if restored is not None:
+        _restore_optimizer(opt, restored["state"]["optimizer"], trainee, asm.loss)
+        per_rank = restored["state"].get("torch_rng_per_rank") or []
+        if len(per_rank) == world:  # same world size: each worker continues its own stream
+            torch.set_rng_state(per_rank[rank])
+        elif rank == 0:
+            torch.set_rng_state(restored["state"]["torch_rng"])
+        start_epoch = int(restored["state"]["epoch"]) + 1
         if rank == 0:
             print(f"[kd] resumed from checkpoint at epoch {start_epoch}", flush=True)
-    trainee = prepare(asm.trainee, exp, device)
     step = Step(asm, trainee, device, _input_dtype(spec))
-    base_lrs = [g["lr"] for g in opt.param_groups]
     sched = exp.optim.schedule
     train_ds = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
@@ -237,7 +389,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     for epoch in range(start_epoch, exp.trainer.epochs):
         f = lr_factor(epoch, exp.trainer.epochs, sched.name, sched.warmup_epochs,
                       sched.step_size, sched.gamma)
-        for g, lr in zip(opt.param_groups, base_lrs):
+        for g, lr in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = lr * f
         trainee.train()
         sums: dict[str, float] = {}
@@ -248,12 +400,17 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             batch_size=per_worker,
             local_shuffle_buffer_size=min(spec["train_rows"], 4096),
             local_shuffle_seed=exp.seed * 1000 + epoch * world + rank)
-        for i, batch in enumerate(batches):
+        for i, (batch, is_last) in enumerate(_with_last(batches)):
             _maybe_inject_fault(spec, global_step, rank, world)
-            with _autocast(exp.trainer.precision, device):
-                total, parts, db = step(batch)
-            (total / accum).backward()
-            if (i + 1) % accum == 0:
+            # Gradients are all-reduced on the last micro-step of each accumulation
+            # window (and of the epoch) only; the others skip the DDP/FSDP sync.
+            sync = (i + 1) % accum == 0 or is_last
+            with _grad_sync(trainee, sync):
+                with _autocast(exp.trainer.precision, device):
+                    total, parts, db = step(batch)
+                (total / accum).backward()
+            if sync:
+                _average_grads(loss_params, world)
                 if exp.trainer.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, exp.trainer.grad_clip)
                 opt.step()
@@ -265,36 +422,40 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             for k, v in parts.items():
                 sums[f"train/loss/{k}"] = sums.get(f"train/loss/{k}", 0.0) + float(v) * n
             global_step += 1
-        if seen % (per_worker * accum) and any(p.grad is not None for p in params):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
         keys = sorted(sums)
         reduced = _all_reduce([sums[k] for k in keys] + [seen, labeled, elapsed], device)
         total_seen = max(reduced[-3], 1.0)
-        metrics: dict[str, float] = {k: v / total_seen for k, v in zip(keys, reduced)}
+        metrics: dict[str, float] = {k: v / total_seen for k, v in zip(keys, reduced, strict=False)}
         t1 = time.perf_counter()
         metrics.update(evaluate_shard(step, val_ds, spec, rank, world, device))
         metrics["time/eval_s"] = time.perf_counter() - t1
         metrics["time/train_s"] = elapsed
         metrics.update({
             "epoch": epoch + 1, "samples_per_s": reduced[-3] / max(reduced[-1] / world, 1e-9),
-            "train/labeled_samples": reduced[-2], "train/unlabeled_samples": reduced[-3] - reduced[-2],
+            "train/labeled_samples": reduced[-2],
+            "train/unlabeled_samples": reduced[-3] - reduced[-2],
             "lr": opt.param_groups[0]["lr"],
         })
+        if device.type == "cuda":  # peak memory of this worker (rank 0's is logged)
+            metrics["gpu/max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         last = epoch + 1 == exp.trainer.epochs
         save = last or (epoch + 1) % exp.checkpoint.every_epochs == 0
         if rank == 0:
             tracking.log_metrics(spec["tracking_uri"], spec["run_id"], metrics, step=epoch + 1)
             shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in
-                              ("train/loss", "val/accuracy", "val/teacher_agreement") if k in metrics)
+                              ("train/loss", "val/accuracy", "val/teacher_agreement")
+                              if k in metrics)
             print(f"[kd] epoch {epoch + 1}/{exp.trainer.epochs}  {shown}  "
                   f"{metrics['samples_per_s']:.0f} samples/s", flush=True)
+        # Gathering an FSDP state dict is a collective: every rank takes part.
+        state = checkpoint_state(trainee, asm.loss, opt) if save else None
+        rngs = rng_states(world) if save else []
         if save and rank == 0:
             # Ray uploads the folder into storage in the background and deletes it;
             # in local mode (num_workers 0) it keeps a reference, so the folder stays.
             d = tempfile.mkdtemp(prefix="kd-ckpt-")
-            _save_checkpoint(Path(d), trainee, asm.loss, opt, epoch)
+            _save_checkpoint(Path(d), state[0], asm.loss, state[1], epoch, rngs)
             local = exp.scaling.num_workers == 0
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
@@ -306,19 +467,68 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             ray.train.report(metrics)
 
 
+def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """Yield ``(item, is_last)``: one item of look-ahead, so a streaming iterator's
+    final batch is known before its backward pass."""
+    it = iter(items)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
+
+
+def _grad_sync(model: nn.Module, sync: bool) -> Any:
+    """Context for one micro-step: DDP ``no_sync()`` / FSDP2
+    ``set_requires_gradient_sync(False)`` when ``sync`` is False, else nothing."""
+    if sync:
+        if _is_fsdp(model):
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if _is_fsdp(model):
+        model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _average_grads(params: list[nn.Parameter], world: int) -> None:
+    """All-reduce mean of the gradients of parameters outside DDP/FSDP (the loss's
+    adapters, e.g. FitNets regressors), so every worker steps the same way."""
+    if world <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+
+
 def prepare(model: nn.Module, exp: Experiment, device: torch.device) -> nn.Module:
-    """Move to the device and wrap for data parallelism: DDP via Ray's
-    ``prepare_model``, or FSDP2 ``fully_shard`` for ``scaling.strategy: fsdp``."""
+    """Move to the device and wrap the trainee for data parallelism: DDP via Ray's
+    ``prepare_model``, or FSDP2 ``fully_shard`` for ``scaling.strategy: fsdp`` (each
+    child with parameters is a shard unit, then the root; with ``precision: bf16``
+    parameters are cast to bf16 for compute and gradients reduced in fp32).
+    Teachers never pass through here: they are frozen, replicated and have no
+    gradients to synchronise."""
     import ray.train.torch
 
     if exp.scaling.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        try:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
+            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
         model.to(device)
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if exp.trainer.precision == "bf16" else MixedPrecisionPolicy())
         for child in model.children():
             if any(True for _ in child.parameters()):
-                fully_shard(child)
-        return fully_shard(model)
+                fully_shard(child, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
     return ray.train.torch.prepare_model(model, move_to_device=device)
 
 
@@ -332,12 +542,18 @@ def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
         raise InputError("trainer.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
     if exp.scaling.use_gpu and not torch.cuda.is_available() and exp.scaling.num_workers == 0:
         raise InputError("scaling.use_gpu: true but no GPU is visible to the driver")
+    if exp.trainer.fail_at_step is not None and exp.trainer.max_failures < 1:
+        raise InputError("trainer.fail_at_step kills a worker: set trainer.max_failures >= 1")
+    from kd import storage
+
+    storage.check_writable(exp.storage.path, exp.storage.endpoint_url)
     assemble(exp, role, splits.input_shape, splits.num_classes, _sample(splits))
 
 
 def _sample(splits: Splits) -> torch.Tensor:
     x = splits.train.x[:4]
-    return torch.as_tensor(x, dtype=torch.int64 if np.issubdtype(x.dtype, np.integer) else torch.float32)
+    integer = np.issubdtype(x.dtype, np.integer)
+    return torch.as_tensor(x, dtype=torch.int64 if integer else torch.float32)
 
 
 def run_dir(exp: Experiment, run_name: str) -> str:
@@ -355,12 +571,16 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from kd import storage
+
+    fs, storage_path = storage.arrow_fs(exp.storage.path, exp.storage.endpoint_url)
     spec = {
         "exp": exp.model_dump(mode="json"), "role": role, "run_id": run_id,
         "tracking_uri": tracking_uri, "input_shape": list(splits.input_shape),
         "num_classes": splits.num_classes, "sample": splits.train.x[:4].tolist(),
         "input_integer": bool(np.issubdtype(splits.train.x.dtype, np.integer)),
         "train_rows": len(splits.train), "run_dir": run_dir(exp, run_name),
+        "storage_fs": fs, "run_path": f"{storage_path}/{run_name}",
         "steps_per_epoch": math.ceil(len(splits.train) / max(1, exp.trainer.batch_size)),
     }
     resources = dict(exp.scaling.resources_per_worker) or None
@@ -371,7 +591,8 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
             num_workers=exp.scaling.num_workers, use_gpu=exp.scaling.use_gpu,
             resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=run_name, storage_path=exp.storage.path,
+            name=run_name, storage_path=storage_path,
+            storage_filesystem=fs if storage.is_s3(exp.storage.path) else None,
             failure_config=ray.train.FailureConfig(max_failures=exp.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=exp.checkpoint.keep),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
@@ -387,4 +608,5 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
     history = []
     if result.metrics_dataframe is not None:
         history = result.metrics_dataframe.to_dict("records")
-    return FitResult(dict(result.metrics or {}), history, result.checkpoint.path, run_name)
+    return FitResult(dict(result.metrics or {}), history, result.checkpoint.path, run_name,
+                     result.checkpoint)

@@ -1,0 +1,125 @@
+"""Ray Train at cluster scale: 2 DDP workers, S3 storage, a killed worker, resume.
+
+One real S3 API server (moto_server), one local Ray. The two fits share one run
+name, so together they prove: metrics over the whole val set with 2 workers, a
+worker killed mid-epoch and the run finishing from the last checkpoint with one
+MLflow run, re-submission resuming (only the new epochs train), and a truncated
+latest checkpoint on S3 making the loader fall back to the previous good one.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import boto3
+import pytest
+
+from kd import storage
+from kd.cli import run as kd_run
+from kd.config import experiment_from_dict, resolve_paths
+from kd.errors import InputError
+from kd.train import checkpoint_candidates, load_latest_good
+from tests.conftest import CONFIGS, free_port
+
+
+def _exp(tmp: Path, bucket: str, **trainer: object):
+    doc = {
+        "name": "cluster", "seed": 0, "data": {"source": "digits"},
+        "teacher": {"model": "mlp", "args": {"hidden": [32]}},
+        "optim": {"name": "sgd", "lr": 0.1, "schedule": {"name": "none"}},
+        "trainer": {"epochs": 2, "batch_size": 64, "grad_accum": 2, **trainer},
+        "checkpoint": {"every_epochs": 1, "keep": 2},
+        "scaling": {"num_workers": 2},
+        "tracking": {"uri": f"sqlite:///{tmp / 'mlflow.db'}", "experiment": "cluster"},
+        "storage": {"path": f"s3://{bucket}/runs"},
+    }
+    return resolve_paths(experiment_from_dict(doc))
+
+
+def _epochs_logged(exp, run_id: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    hist = MlflowClient(exp.tracking.uri).get_metric_history(run_id, "epoch")
+    return [int(m.value) for m in sorted(hist, key=lambda m: m.timestamp)]
+
+
+def _mlflow_runs(exp):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(exp.tracking.uri)
+    e = c.get_experiment_by_name(exp.tracking.experiment)
+    return c.search_runs([e.experiment_id])
+
+
+@pytest.mark.slow
+def test_two_workers_s3_fault_resume_fallback(ray_session: None, s3_server: str, bucket: str,
+                                              workdir: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from kd.pipeline import train_run
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    # Fit 1: 2 DDP workers, grad_accum 2, the last worker killed in epoch 2.
+    steps = -(-1078 // 64)  # micro-batches per epoch per worker
+    exp = _exp(workdir, bucket, fail_at_step=steps + 3, max_failures=1)
+    out = train_run(exp, "teacher", run_name="r1")
+    assert out.metrics["epoch"] == 2
+    assert out.metrics["val/samples"] == 359  # every val row, across both workers
+    assert out.metrics["val/accuracy"] > 0.5
+    assert s3.get_object(Bucket=bucket, Key="runs/r1/.fault-injected")["Body"].read()
+    runs = _mlflow_runs(exp)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert _epochs_logged(exp, out.run_id) == [1, 2]  # epoch 1 not retrained after the kill
+    assert out.weights == f"s3://{bucket}/runs/cluster/model.safetensors"
+    assert s3.head_object(Bucket=bucket, Key="runs/cluster/model.safetensors")["ContentLength"] > 0
+
+    # Fit 2: same run name, epochs 4 -> resumes after epoch 2: only epochs 3..4 train.
+    exp2 = _exp(workdir, bucket, epochs=4)
+    exp2.scaling.num_workers = 1
+    out2 = train_run(exp2, "teacher", run_name="r1")
+    assert out2.run_id == out.run_id and len(_mlflow_runs(exp)) == 1
+    assert _epochs_logged(exp, out.run_id) == [1, 2, 3, 4]
+    keys = {o["Key"].split("/")[2] for o in s3.list_objects_v2(Bucket=bucket, Prefix="runs/r1/")
+            ["Contents"] if o["Key"].count("/") >= 3}
+    assert {k for k in keys if k.startswith("epoch_")} == {"epoch_00003", "epoch_00004"}
+
+    # Truncate the latest checkpoint: the loop's loader skips it (logged) and takes
+    # epoch 3, the previous good one. (Same loader the workers ran above.)
+    key = "runs/r1/epoch_00004/model.safetensors"
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    s3.put_object(Bucket=bucket, Key=key, Body=body[: len(body) // 2])
+    fs, root = storage.arrow_fs(exp.storage.path)
+    state = load_latest_good(checkpoint_candidates(fs, f"{root}/r1"), verbose=True)
+    assert state is not None and state["state"]["epoch"] + 1 == 3
+    logged = capsys.readouterr().out
+    assert "epoch_00004 unreadable (model.safetensors does not match its manifest" in logged
+    assert "fell back to checkpoint" in logged and "epoch_00003" in logged
+
+
+def test_storage_preflight_errors(s3_server: str, bucket: str, monkeypatch: pytest.MonkeyPatch,
+                                  workdir: Path) -> None:
+    storage.check_writable(f"s3://{bucket}/runs")  # the good case passes
+    with pytest.raises(InputError, match="bucket 'no-such-bucket' does not exist"):
+        storage.check_writable("s3://no-such-bucket/runs")
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(InputError, match="unreachable"):
+        storage.check_writable(f"s3://{bucket}/runs", endpoint=dead)
+    # The CLI turns it into exit code 2 before any Ray worker starts.
+    cfg = str(CONFIGS / "digits-teacher.yaml")
+    assert kd_run(["teacher", cfg, "storage.path=s3://no-such-bucket/x"]) == 2
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(InputError, match="no AWS credentials"):
+        storage.check_writable(f"s3://{bucket}/runs")
+
+
+def test_arrow_fs_carries_endpoint_and_credentials(s3_server: str, bucket: str) -> None:
+    fs, path = storage.arrow_fs(f"s3://{bucket}/a/b")
+    assert path == f"{bucket}/a/b"
+    with fs.open_output_stream(f"{path}/x.txt") as f:
+        f.write(b"hi")
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    assert s3.get_object(Bucket=bucket, Key="a/b/x.txt")["Body"].read() == b"hi"

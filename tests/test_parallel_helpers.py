@@ -1,0 +1,109 @@
+"""The loop's data-parallel helpers in two real processes on CPU (gloo).
+
+DDP: a micro-step under ``_grad_sync(sync=False)`` leaves gradients local (the
+workers' differ), the final one all-reduces them; ``_average_grads`` makes the
+loss adapters' gradients (outside DDP) equal on every worker.
+
+FSDP2, exercised on CPU because there is no GPU here:
+
+The config refuses ``strategy: fsdp`` on CPU (FSDP is for GPUs), but FSDP2's
+``fully_shard`` itself runs on CPU, so the loop's helpers are checked for real in
+two spawned processes: sharding with the bf16 mixed-precision policy, gradient
+sync switched off for a non-final micro-step, the full state dict gathered for a
+checkpoint (model + optimizer including the loss adapter's parameters), and that
+state restored into a freshly sharded model and optimizer.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from tests.conftest import REPO, free_port
+
+
+def _worker(rank: int, world: int, port: int) -> None:
+    sys.path.insert(0, str(REPO))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from torch.nn.parallel import DistributedDataParallel
+
+    from kd.config import experiment_from_dict
+    from kd.train import (
+        _average_grads,
+        _grad_sync,
+        _is_fsdp,
+        _restore_optimizer,
+        checkpoint_state,
+        prepare,
+    )
+
+    def same_on_all_ranks(t: torch.Tensor) -> bool:
+        parts = [torch.zeros_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        return all(torch.equal(parts[0], p) for p in parts[1:])
+
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(nn.Linear(4, 2))
+    xr = torch.full((3, 4), float(rank + 1))
+    with _grad_sync(ddp, sync=False):
+        ddp(xr).sum().backward()
+    assert not same_on_all_ranks(ddp.module.weight.grad)  # no_sync: still local
+    with _grad_sync(ddp, sync=True):
+        ddp(xr).sum().backward()
+    assert same_on_all_ranks(ddp.module.weight.grad)  # the final micro-step syncs
+    side = nn.Linear(4, 2)
+    side(xr).sum().backward()
+    assert not same_on_all_ranks(side.weight.grad)
+    _average_grads(list(side.parameters()), world)
+    assert same_on_all_ranks(side.weight.grad)
+
+    exp = experiment_from_dict({"name": "x", "scaling": {"strategy": "fsdp"},
+                                "trainer": {"precision": "bf16"}})
+
+    def build(seed: int) -> tuple[nn.Module, nn.Module]:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), nn.Linear(4, 4)
+
+    model, adapter = build(0)
+    trainee = prepare(model, exp, torch.device("cpu"))
+    assert _is_fsdp(trainee)
+    opt = torch.optim.SGD([*trainee.parameters(), *adapter.parameters()], lr=0.1, momentum=0.9)
+    x = torch.randn(6, 8) + rank
+    for micro in range(2):
+        with _grad_sync(trainee, sync=micro == 1):
+            out = trainee(x).float()
+            (out.sum() + adapter(out).sum()).backward()
+    opt.step()
+    state, opt_state = checkpoint_state(trainee, adapter, opt)
+    box = [state, opt_state]
+    dist.broadcast_object_list(box, src=0)  # rank 0 holds the gathered state
+    state, opt_state = box
+    assert set(state) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    assert "loss.weight" in opt_state["state"]  # the adapter's momentum is saved too
+
+    model2, adapter2 = build(1)
+    model2.load_state_dict(state)
+    trainee2 = prepare(model2, exp, torch.device("cpu"))
+    opt2 = torch.optim.SGD([*trainee2.parameters(), *adapter2.parameters()], lr=0.1, momentum=0.9)
+    _restore_optimizer(opt2, opt_state, trainee2, adapter2)
+    state2, opt_state2 = checkpoint_state(trainee2, adapter2, opt2)
+    if rank == 0:
+        for k, v in state.items():
+            assert torch.equal(v, state2[k]), k
+        for k, v in opt_state["state"].items():
+            if "loss." in k:
+                continue  # adapter2 is a fresh module: only the trainee was restored
+            assert torch.equal(v["momentum_buffer"], opt_state2["state"][k]["momentum_buffer"]), k
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_ddp_no_sync_and_fsdp2_checkpoint_roundtrip_on_cpu() -> None:
+    mp.spawn(_worker, args=(2, free_port()), nprocs=2)
