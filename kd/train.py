@@ -30,6 +30,7 @@ from kd.errors import InputError
 from kd.hooks import FeatureCapture
 from kd.losses import DistillBatch
 from kd.models.weights import save_weights
+from kd.semisup import check_label_use
 
 CKPT_MODEL = "model.safetensors"
 CKPT_LOSS = "loss.safetensors"
@@ -261,6 +262,9 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             n = len(db.labels)
             seen += n
             labeled += int(db.label_mask.sum())
+            if db.distill_mask is not None:  # share of samples kept by the confidence filter
+                sums["train/distilled_fraction"] = (sums.get("train/distilled_fraction", 0.0)
+                                                    + float(db.distill_mask.sum()))
             sums["train/loss"] = sums.get("train/loss", 0.0) + float(total) * n
             for k, v in parts.items():
                 sums[f"train/loss/{k}"] = sums.get(f"train/loss/{k}", 0.0) + float(v) * n
@@ -332,6 +336,7 @@ def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
         raise InputError("trainer.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
     if exp.scaling.use_gpu and not torch.cuda.is_available() and exp.scaling.num_workers == 0:
         raise InputError("scaling.use_gpu: true but no GPU is visible to the driver")
+    check_label_use(exp, role, splits)
     assemble(exp, role, splits.input_shape, splits.num_classes, _sample(splits))
 
 
