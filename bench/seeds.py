@@ -44,9 +44,15 @@ SCENARIOS: dict[str, tuple[str, str, list[str]]] = {
                               "distill.losses=[{name: dkd, weight: 1.0, alpha: 1.0, beta: 8.0}]"]),
     "10pct-scratch": (TENPCT, "student", CE_ONLY),
     "10pct-kd": (TENPCT, "student", []),
+    # the same pairs at lr 0.1: the best lr on the val split for scratch (and as good for KD)
+    "scratch-lr0.1": (FULL, "student", [*CE_ONLY, "optim.lr=0.1"]),
+    "kd-lr0.1": (FULL, "student", ["optim.lr=0.1"]),
+    "10pct-scratch-lr0.1": (TENPCT, "student", [*CE_ONLY, "optim.lr=0.1"]),
 }
-FULL_ROWS = ("teacher", "scratch", "kd", "dkd")
-TENPCT_ROWS = ("10pct-scratch", "10pct-kd")
+FULL_ROWS = ("teacher", "scratch", "kd", "dkd", "scratch-lr0.1", "kd-lr0.1")
+TENPCT_ROWS = ("10pct-scratch", "10pct-kd", "10pct-scratch-lr0.1")
+PAIRS_FULL = (("kd", "scratch"), ("dkd", "scratch"), ("kd-lr0.1", "scratch-lr0.1"))
+PAIRS_10 = (("10pct-kd", "10pct-scratch"), ("10pct-kd", "10pct-scratch-lr0.1"))
 
 
 @dataclass
@@ -189,9 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     full, tenpct = table(FULL_ROWS, results), table(TENPCT_ROWS, results)
-    v_full = "\n\n".join(x for x in (verdict("kd", "scratch", results),
-                                     verdict("dkd", "scratch", results)) if x)
-    v_10 = verdict("10pct-kd", "10pct-scratch", results)
+    v_full = "\n\n".join(x for x in (verdict(a, b, results) for a, b in PAIRS_FULL) if x)
+    v_10 = "\n\n".join(x for x in (verdict(a, b, results) for a, b in PAIRS_10) if x)
     print(f"\nfull labels\n{full}\n{v_full}\n\n10% labels\n{tenpct}\n{v_10}\n")
     print(f"{args.seeds} seeds, {wall:.0f} s wall on {os.cpu_count()} CPUs")
     if args.no_write:
@@ -207,11 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     if any(n in FULL_ROWS for n in names):
         body = (f"{setting}\n\n- {recipe('digits-teacher.yaml')}\n- {recipe(FULL)}\n"
                 f"- scratch: same student and schedule, CE ×1 only; DKD: CE ×1 + dkd "
-                f"(alpha 1, beta 8, T from the config){extras}\n\n{full}\n\n{v_full}\n")
+                f"(alpha 1, beta 8, T from the config); `-lr0.1`: the same at lr 0.1"
+                f"{extras}\n\n{full}\n\n{v_full}\n")
         text = upsert_section(text, "## Distillation on digits: teacher, scratch, KD, DKD", body)
     if any(n in TENPCT_ROWS for n in names):
         body = (f"{setting}\n\n- {recipe(TENPCT)}\n- 10pct-scratch: same student, schedule "
-                f"and data, CE ×1 on the labeled 10% only (unlabeled rows add nothing)\n"
+                f"and data, CE ×1 on the labeled 10% only (unlabeled rows add nothing); "
+                f"`-lr0.1`: the same at lr 0.1\n"
                 f"- teacher: the full-label digits teacher of the same seed{extras}\n\n"
                 f"{tenpct}\n\n{v_10}\n")
         text = upsert_section(text, "## Semi-supervised: digits with 10% of the labels", body)
