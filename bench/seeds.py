@@ -17,17 +17,23 @@ bench/RESULTS.md: mean ± sample std (ddof 1) over seeds, and every seed's value
     PYTHONPATH=$PWD python bench/seeds.py                 # 5 seeds, all scenarios
     PYTHONPATH=$PWD python bench/seeds.py --seeds 2 --only scratch,kd --no-write \\
         --set kd:distill.temperature=2
+    PYTHONPATH=$PWD python bench/seeds.py --from-json bench/seeds-results.json  # re-render
+
+Raw per-seed results are saved to bench/seeds-results.json before RESULTS.md is written.
+A rerun replaces both sections whole; their "What this shows" paragraphs are written by
+hand from the numbers and must be rewritten after a rerun.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,13 +158,16 @@ def recipe(cfg: str) -> str:
     from kd.config import load_experiment
 
     e = load_experiment(REPO / "configs" / cfg)
+    train = (f"{e.optim.name} lr {e.optim.lr:g}, {e.optim.schedule.name}, {e.trainer.epochs} "
+             f"epochs, batch {e.trainer.batch_size}")
+    if e.student is None:
+        assert e.teacher is not None
+        return f"`configs/{cfg}`: teacher {e.teacher.model} {e.teacher.args}, CE; {train}"
     terms = ", ".join(f"{t.name} ×{t.weight:g}" for t in e.distill.losses)
     conf = (f", min_teacher_confidence {e.distill.min_teacher_confidence}"
             if e.distill.min_teacher_confidence is not None else "")
     return (f"`configs/{cfg}`: student {e.student.model} {e.student.args}, T = "
-            f"{e.distill.temperature:g}, CE ×{e.distill.ce_weight:g} + {terms}{conf}; "
-            f"{e.optim.name} lr {e.optim.lr:g}, {e.optim.schedule.name}, {e.trainer.epochs} "
-            f"epochs, batch {e.trainer.batch_size}")
+            f"{e.distill.temperature:g}, CE ×{e.distill.ce_weight:g} + {terms}{conf}; {train}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="override for one scenario ('all:' for every run, teacher included)")
     p.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
     p.add_argument("--no-write", action="store_true")
+    p.add_argument("--json", default=str(REPO / "bench" / "seeds-results.json"),
+                   help="where the raw per-seed results are saved (before RESULTS.md)")
+    p.add_argument("--from-json", help="render a saved results file; train nothing")
     args = p.parse_args(argv)
     names = [n for n in args.only.split(",") if n]
     unknown = [n for n in names if n not in SCENARIOS]
@@ -180,17 +192,30 @@ def main(argv: list[str] | None = None) -> int:
         scen, _, kv = item.partition(":")
         (common if scen == "all" else extra.setdefault(scen, [])).append(kv)
 
-    from kd.runtime import ensure_ray
+    note = None
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        results = {n: Scores(**v) for n, v in saved["results"].items()}
+        names, wall, args.seeds, args.set = list(results), saved["wall_s"], saved["seeds"], \
+            saved["set"]
+        argv = saved["argv"]
+        note = saved.get("note")
+    else:
+        from kd.runtime import ensure_ray
 
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    ensure_ray(num_cpus=2)
-    results = {n: Scores() for n in names}
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="kd-bench-seeds-") as d:
-        for seed in range(args.seeds):
-            run_seed(seed, names, Path(d), common, extra, results)
-            print(f"[bench] seed {seed} done, {time.perf_counter() - t0:.0f} s", flush=True)
-    wall = time.perf_counter() - t0
+        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+        ensure_ray(num_cpus=2)
+        results = {n: Scores() for n in names}
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="kd-bench-seeds-") as d:
+            for seed in range(args.seeds):
+                run_seed(seed, names, Path(d), common, extra, results)
+                print(f"[bench] seed {seed} done, {time.perf_counter() - t0:.0f} s", flush=True)
+        wall = time.perf_counter() - t0
+        Path(args.json).write_text(json.dumps({
+            "seeds": args.seeds, "wall_s": wall, "set": args.set,
+            "argv": argv if argv is not None else sys.argv[1:],
+            "results": {n: asdict(r) for n, r in results.items()}}, indent=1) + "\n")
 
     import torch
 
@@ -205,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = (f"{args.seeds} seeds (0..{args.seeds - 1}); one teacher per seed; holdout = 360 "
                f"digits; mean ± sample std; `{cmd}` took {wall:.0f} s "
                f"on {os.cpu_count()} shared CPUs (torch {torch.__version__}, "
-               f"`scaling.num_workers=0`).")
+               f"`scaling.num_workers=0`)." + (f" Note: {note}." if note else ""))
     extras = "".join(f"\n- override `{s}`" for s in args.set)
     out = Path(args.out)
     text = out.read_text() if out.exists() else "# Benchmark results\n"
