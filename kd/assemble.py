@@ -113,5 +113,6 @@ def assemble(exp: Experiment, role: Role, input_shape: tuple[int, ...], num_clas
     )
     if ce_weight == 0 and not terms:
         raise InputError("distill: ce_weight is 0 and no losses are configured: nothing to train")
-    loss = build_composite(terms, ce_weight, ctx)
+    loss = build_composite(terms, ce_weight, ctx,
+                           None if role == "teacher" else exp.distill.min_teacher_confidence)
     return Assembly(trainee, teachers, loss, s_paths, t_paths)

@@ -55,6 +55,7 @@ class DataConfig(Strict):
     labels: Literal["all", "partial", "none"] = "all"
     labeled_fraction: float | None = Field(None, gt=0, le=1)
     transfer: str | None = None
+    balance_by_teacher: bool = False
 
 
 class ModelSpec(Strict):

@@ -25,6 +25,7 @@ from kd.evaluate import evaluate
 from kd.models import build_model
 from kd.models.weights import freeze, load_into, load_state_dict, save_weights
 from kd.runtime import ensure_ray
+from kd.semisup import balance_by_teacher
 from kd.train import CKPT_MODEL, fit, preflight
 
 WEIGHTS_FILE = "model.safetensors"
@@ -85,6 +86,7 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
     """One `kd teacher` / `kd distill` run, end to end (see the module docstring)."""
     splits = load_splits(exp.data, exp.storage.endpoint_url)
     preflight(exp, role, splits)
+    splits = balance_by_teacher(exp, role, splits)
     ensure_ray()
     uri = tracking.tracking_uri(exp)
     tags = {"kd.data_hash": splits.data_hash, **(extra_tags or {})}

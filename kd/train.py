@@ -34,6 +34,7 @@ from kd.errors import InputError
 from kd.hooks import FeatureCapture
 from kd.losses import DistillBatch
 from kd.models.weights import save_weights
+from kd.semisup import check_label_use
 
 CKPT_MODEL = "model.safetensors"
 CKPT_LOSS = "loss.safetensors"
@@ -418,6 +419,9 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             n = len(db.labels)
             seen += n
             labeled += int(db.label_mask.sum())
+            if db.distill_mask is not None:  # share of samples kept by the confidence filter
+                sums["train/distilled_fraction"] = (sums.get("train/distilled_fraction", 0.0)
+                                                    + float(db.distill_mask.sum()))
             sums["train/loss"] = sums.get("train/loss", 0.0) + float(total.detach()) * n
             for k, v in parts.items():
                 sums[f"train/loss/{k}"] = sums.get(f"train/loss/{k}", 0.0) + float(v) * n
@@ -544,6 +548,7 @@ def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
         raise InputError("scaling.use_gpu: true but no GPU is visible to the driver")
     if exp.trainer.fail_at_step is not None and exp.trainer.max_failures < 1:
         raise InputError("trainer.fail_at_step kills a worker: set trainer.max_failures >= 1")
+    check_label_use(exp, role, splits)
     from kd import storage
 
     storage.check_writable(exp.storage.path, exp.storage.endpoint_url)

@@ -84,14 +84,18 @@ def three_way_split(
     f_train, f_val, f_hold = fractions
     strat = y if stratify and (y >= 0).all() and len(np.unique(y)) > 1 else None
     rest_frac = f_val + f_hold
-    train_idx, rest_idx = train_test_split(idx, test_size=rest_frac, random_state=seed,
-                                           stratify=strat)
-    if f_hold == 0:
-        val_idx, hold_idx = rest_idx, np.array([], dtype=int)
-    else:
-        strat_rest = strat[rest_idx] if strat is not None else None
-        val_idx, hold_idx = train_test_split(rest_idx, test_size=f_hold / rest_frac,
-                                             random_state=seed, stratify=strat_rest)
+    try:
+        train_idx, rest_idx = train_test_split(idx, test_size=rest_frac, random_state=seed,
+                                               stratify=strat)
+        if f_hold == 0:
+            val_idx, hold_idx = rest_idx, np.array([], dtype=int)
+        else:
+            strat_rest = strat[rest_idx] if strat is not None else None
+            val_idx, hold_idx = train_test_split(rest_idx, test_size=f_hold / rest_frac,
+                                                 random_state=seed, stratify=strat_rest)
+    except ValueError as e:  # too few samples (of a class) for these fractions
+        hint = "; set data.split.stratify: false" if strat is not None else ""
+        raise InputError(f"data.split: cannot split {n} samples: {e}{hint}") from None
     return tuple(ArraySplit(x[i], y[i]) for i in (train_idx, val_idx, hold_idx))  # type: ignore[return-value]
 
 

@@ -26,6 +26,9 @@ class DistillBatch:
     ``labels`` holds -1 for samples without a label; ``teacher_logits`` has one
     ``[B, C]`` tensor per teacher (the primary teacher first) and is empty when
     no teacher is configured; feature dicts map module path -> captured output.
+    ``distill_mask`` (boolean ``[B]``, None = every sample) marks the samples the
+    distillation terms use; `CompositeLoss` fills it when it filters by teacher
+    confidence.
     """
 
     student_logits: Tensor
@@ -33,6 +36,19 @@ class DistillBatch:
     teacher_logits: list[Tensor] = field(default_factory=list)
     student_features: dict[str, Tensor] = field(default_factory=dict)
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
+    distill_mask: Tensor | None = None
+
+    def select(self, mask: Tensor) -> DistillBatch:
+        """The sub-batch of rows where ``mask`` is True (logits, labels, features)."""
+
+        def rows(t: Tensor) -> Tensor:
+            return t[mask] if t.ndim and t.shape[0] == mask.shape[0] else t
+
+        return DistillBatch(
+            rows(self.student_logits), rows(self.labels), [rows(t) for t in self.teacher_logits],
+            {k: rows(v) for k, v in self.student_features.items()},
+            {k: rows(v) for k, v in self.teacher_features.items()},
+        )
 
     @property
     def label_mask(self) -> Tensor:

@@ -1,5 +1,8 @@
 """The training objective: ``total = ce_weight · CE + Σ_i weight_i · term_i``.
 
+CE is averaged over the labeled samples only; with ``min_teacher_confidence``
+the terms see only the samples whose primary-teacher confidence is high enough.
+
 Built from the config's ``distill.losses`` list by `build_composite`. The composite
 is an ``nn.Module``: its parameters (adapters of feature terms) must be optimised
 together with the student, and it must be moved to the student's device.
@@ -27,6 +30,11 @@ def hard_label_ce(logits: Tensor, labels: Tensor) -> Tensor:
     mask = labels >= 0
     per_sample = F.cross_entropy(logits.float(), labels.clamp(min=0).long(), reduction="none")
     return per_sample.where(mask, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def teacher_confidence(teacher_logits: Tensor) -> Tensor:
+    """``[B]`` confidence of the teacher: ``max_c softmax(t)_c`` at temperature 1."""
+    return F.softmax(teacher_logits.detach().float(), dim=-1).amax(dim=-1)
 
 
 def _check_weight(value: object, where: str) -> float:
@@ -77,7 +85,13 @@ def _build_term(i: int, term: dict, ctx: LossContext) -> tuple[str, float, dict,
 
 
 class CompositeLoss(nn.Module):
-    """``total = ce_weight · CE(labeled) + Σ_i weight_i · term_i(batch)``.
+    """``total = ce_weight · CE(labeled) + Σ_i weight_i · term_i(batch[keep])``.
+
+    ``keep`` is every sample, or (with ``min_teacher_confidence = τ`` and teacher
+    logits in the batch) the samples with ``teacher_confidence(t_0) >= τ``; each
+    term is then averaged over the kept samples only, and is 0 when none is kept.
+    CE always uses every labeled sample. The mask used is stored in
+    ``batch.distill_mask`` (unless the caller set one, which is then used as is).
 
     ``forward`` returns ``(total, parts)``; ``parts`` holds detached values: ``"ce"``
     (only when ``ce_weight > 0``) and one entry per term keyed by its name, or
@@ -91,11 +105,13 @@ class CompositeLoss(nn.Module):
         params: list[dict],
         modules: list[nn.Module],
         ce_weight: float,
+        min_teacher_confidence: float | None = None,
     ) -> None:
         super().__init__()
         self.names, self.weights, self.params = names, weights, params
         self.terms = nn.ModuleList(modules)
         self.ce_weight = ce_weight
+        self.min_teacher_confidence = min_teacher_confidence
         counts = Counter(names)
         self.keys = [n if counts[n] == 1 else f"{n}.{i}" for i, n in enumerate(names)]
 
@@ -121,19 +137,33 @@ class CompositeLoss(nn.Module):
             ce = hard_label_ce(batch.student_logits, batch.labels)
             parts["ce"] = ce.detach()
             total = total + self.ce_weight * ce
+        if (batch.distill_mask is None and self.min_teacher_confidence is not None
+                and batch.teacher_logits and len(self.terms)):
+            conf = teacher_confidence(batch.teacher_logits[0])
+            batch.distill_mask = conf >= self.min_teacher_confidence
+        sub = batch
+        if batch.distill_mask is not None:
+            if not bool(batch.distill_mask.any()):
+                zero = total.detach() * 0
+                parts.update({key: zero for key in self.keys})
+                return total, parts
+            if not bool(batch.distill_mask.all()):
+                sub = batch.select(batch.distill_mask)
         for key, weight, term in zip(self.keys, self.weights, self.terms, strict=True):
-            value = term(batch)
+            value = term(sub)
             parts[key] = value.detach()
             total = total + weight * value
         return total, parts
 
 
-def build_composite(terms: list[dict], ce_weight: float, ctx: LossContext) -> CompositeLoss:
+def build_composite(terms: list[dict], ce_weight: float, ctx: LossContext,
+                    min_teacher_confidence: float | None = None) -> CompositeLoss:
     """Build every ``{"name": ..., "weight": w, **params}`` term with
     ``LOSSES.get(name)(ctx, **params)`` (``weight`` defaults to 1). Unknown names,
     unexpected or missing params and a factory's own `InputError` are reported as
     `InputError` prefixed ``distill.losses[i] (name):``. No terms and ``ce_weight == 0``
-    is an `InputError` (nothing to train)."""
+    is an `InputError` (nothing to train). ``min_teacher_confidence`` (in [0, 1]) is
+    the confidence filter of `CompositeLoss`."""
     ce_w = _check_weight(ce_weight, "distill.ce_weight")
     built = [_build_term(i, term, ctx) for i, term in enumerate(terms or [])]
     if not built and ce_w == 0:
@@ -144,4 +174,5 @@ def build_composite(terms: list[dict], ce_weight: float, ctx: LossContext) -> Co
         params=[b[2] for b in built],
         modules=[b[3] for b in built],
         ce_weight=ce_w,
+        min_teacher_confidence=min_teacher_confidence,
     )
