@@ -19,8 +19,8 @@ from kd.storage import sha256_file
 
 # MLflow's REST client retries with exponential backoff; its defaults (7 retries,
 # factor 2, 120 s timeout) can hang a CLI for minutes. kdflow bounds them unless
-# the user set them: 3 retries, 0.5 s factor (0.5 + 1 + 2 s), 30 s per request.
-RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5",
+# the user set them: 3 retries, backoff factor 1 (about 1 + 2 + 4 s), 30 s per request.
+RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
              "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 SHA_TAG = "kd.weights_sha256"
 WEIGHTS_PATH = "data/student/model.safetensors"

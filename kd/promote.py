@@ -151,6 +151,8 @@ def _model_tags(c: Any, name: str) -> dict[str, str]:
     try:
         return dict(c.get_registered_model(name).tags)
     except Exception as e:
+        if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            raise InputError(f"{name}: no registered model named {name!r}") from None
         raise explain(e, f"registered model {name!r}") from None
 
 

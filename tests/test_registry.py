@@ -256,18 +256,22 @@ def test_faults_unknown_deleted_and_tampered(trained: SimpleNamespace, s3_server
     import boto3
     import mlflow
 
+    x = str(tmp_path / "in.npz")
+    np.savez(x, x=np.zeros((2, 64), np.float32))
     assert kd_run(["promote", "no-such-model"]) == 2
     assert "no registered model named 'no-such-model'" in capsys.readouterr().err
-    assert kd_run(["predict", "models:/no-such-model@champion", "--input", "x.npz"]) == 2
+    assert kd_run(["predict", "models:/no-such-model@champion", "--input", x]) == 2
+    assert "no registered model named 'no-such-model'" in capsys.readouterr().err
 
     name = "kd-faults"
     register_run(trained.run_id, name)  # v1: challenger, then deleted
     register_run(trained.run_id, name)  # v2: tampered
     c = client()
-    c.delete_model_version(name, "1")
+    c.set_registered_model_alias(name, "challenger", "1")
     c.set_registered_model_alias(name, "champion", "2")
+    c.delete_model_version(name, "1")
     capsys.readouterr()
-    assert kd_run(["predict", f"models:/{name}@challenger", "--input", "x.npz"]) == 2
+    assert kd_run(["predict", f"models:/{name}@challenger", "--input", x]) == 2
     assert "not set or points at a deleted version" in capsys.readouterr().err
     assert kd_run(["promote", name]) == 2
     assert "no version has the alias 'challenger'" in capsys.readouterr().err
@@ -280,9 +284,7 @@ def test_faults_unknown_deleted_and_tampered(trained: SimpleNamespace, s3_server
     blob = bytearray(s3.get_object(Bucket="mlflow-artifacts", Key=keys[0])["Body"].read())
     blob[-1] ^= 0xFF
     s3.put_object(Bucket="mlflow-artifacts", Key=keys[0], Body=bytes(blob))
-    np.savez(tmp_path / "in.npz", x=np.zeros((2, 64), np.float32))
-    assert kd_run(["predict", f"models:/{name}@champion", "--input",
-                   str(tmp_path / "in.npz")]) == 2
+    assert kd_run(["predict", f"models:/{name}@champion", "--input", x]) == 2
     assert "checksum mismatch" in capsys.readouterr().err
     assert kd_run(["evaluate", f"models:/{name}/2"]) == 2  # every kdflow load verifies
     with pytest.raises(Exception, match="sha256"):  # and so does the shipped pyfunc loader
@@ -300,6 +302,7 @@ def test_server_down_bounded_and_record_kept(trained: SimpleNamespace, tmp_path:
     assert time.time() - t0 < 60
     from kd.errors import InputError
 
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the bound was shown above
     with pytest.raises(InputError, match="retry with: kd register"):
         register_outcome(trained.run_id, trained.outcome.weights,
                          trained.outcome.weights_sha256, trained.exp, tmp_path)
@@ -331,13 +334,18 @@ def test_postgres_backend_flow(postgres_uri: str, trained: SimpleNamespace, s3_s
     conn = psycopg2.connect(postgres_uri + "/postgres")
     conn.autocommit = True
     conn.cursor().execute(f"CREATE DATABASE {db}")
-    proc, url = launch_mlflow_server(f"{postgres_uri}/{db}", "s3://mlflow-artifacts/pg",
+    backend = postgres_uri.replace("postgresql://", "postgresql+psycopg2://", 1)
+    proc, url = launch_mlflow_server(f"{backend}/{db}", "s3://mlflow-artifacts/pg",
                                      tmp_path / "pg-server.log", s3_server)
     try:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", url)
             pair = train_pair(tmp_path, teacher_weights=trained.teacher, epochs=1)
-            assert register_run(pair.run_id, "kd-pg") == ("kd-pg", "1")
+            pair.exp.registry.model_name = "kd-pg"
+            assert register_outcome(pair.run_id, pair.outcome.weights, pair.outcome.weights_sha256,
+                                    pair.exp, tmp_path) == ("kd-pg", "1")
+            record = json.loads((tmp_path / "registration.json").read_text())
+            assert record["status"] == "registered" and record["version"] == "1"
             assert kd_run(["promote", "kd-pg", pair.config]) == 0
             got = consume("models:/kd-pg@champion", holdout, tmp_path)
         np.testing.assert_allclose(np.array(got["probs"]).sum(1), 1.0, atol=1e-5)
