@@ -18,7 +18,8 @@ def _cell(metrics: dict[str, float] | None, key: str, fmt: str) -> str:
 def render(name: str, student: dict[str, float], teacher: dict[str, float] | None,
            recipe: dict[str, Any], lineage: dict[str, str], plots: list[str]) -> str:
     """Markdown: teacher vs student holdout metrics, the recipe (student, teacher,
-    distill, optim, trainer sections of the config), lineage tags and run plots."""
+    distill, optim, trainer sections of the config), lineage tags and the plots (paths
+    relative to the model folder)."""
     lines = [f"# Model card: {name}", "",
              "A student distilled by kdflow. Load it with "
              f"`mlflow.pyfunc.load_model(\"models:/{name}@champion\")`; "
@@ -33,6 +34,6 @@ def render(name: str, student: dict[str, float], teacher: dict[str, float] | Non
               "", "## Lineage", "", "| tag | value |", "|---|---|"]
     lines += [f"| {k} | `{v}` |" for k, v in sorted(lineage.items())]
     if plots:
-        lines += ["", "## Plots (run artifacts)", ""]
-        lines += [f"- `runs:/{lineage.get('kd.source_run_id', '?')}/{p}`" for p in plots]
+        lines += ["", "## Training curves", ""]
+        lines += [f"![{p}]({p})" for p in plots]
     return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ The logged model directory (see docs/registry.md)::
     data/student/{model.safetensors,kd_model.json}  the weights of record + architecture
     code/kd/...         kd.serving and the model families (torch only)
     pt2/model.pt2       torch.export program, only for ``mlflow.pytorch.load_model``
-    model_card.md       teacher vs student, recipe, lineage
+    model_card.md       teacher vs student, recipe, lineage; plots/curves.png
 
 Every version gets lineage tags (`LINEAGE_KEYS`) and its weights' sha256.
 """
@@ -74,7 +74,7 @@ def arch_config(meta: dict[str, str], sha: str) -> dict[str, Any]:
 
 
 def _save_flavors(path: str, mlflow_model: Any, data_dir: str, code_dir: str, card: str,
-                  example: np.ndarray, num_classes: int, **_: Any) -> None:
+                  plots_dir: str, example: np.ndarray, num_classes: int, **_: Any) -> None:
     """Flavor ``save_model`` for `mlflow.models.Model.log`: pyfunc + pt2 pytorch flavor."""
     import mlflow
     import torch
@@ -91,6 +91,8 @@ def _save_flavors(path: str, mlflow_model: Any, data_dir: str, code_dir: str, ca
                              code_paths=[code_dir], mlflow_model=mlflow_model, signature=sig,
                              input_example=flat, pip_requirements=reqs)
     Path(path, "model_card.md").write_text(card)
+    if Path(plots_dir).is_dir():
+        shutil.copytree(plots_dir, Path(path, "plots"))
     module, _ = serving.build_module(Path(path) / serving.DATA_DIR)
     try:  # the pt2 program is only for mlflow.pytorch.load_model (see docs/registry.md)
         from torch.export import Dim
@@ -142,11 +144,39 @@ def teacher_sha(exp: Experiment) -> str:
     return sha256_file(resolve(exp.teacher.weights))
 
 
-def _plots(c: Any, run_id: str) -> list[str]:
+CURVES = ("train/loss", "val/loss", "val/accuracy", "val/teacher_agreement")
+
+
+def write_curves(c: Any, run_id: str, dest: Path) -> list[str]:
+    """``dest/curves.png``: the run's per-epoch `CURVES` (one panel each); the names of
+    the plots written (none without matplotlib or metrics)."""
     try:
-        return [a.path for a in c.list_artifacts(run_id, "plots") if a.path.endswith(".png")]
-    except Exception:  # no plots folder
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
         return []
+    series = {}
+    for key in CURVES:
+        try:
+            hist = sorted(c.get_metric_history(run_id, key), key=lambda m: m.step)
+        except Exception:  # metric not logged
+            continue
+        if hist:
+            series[key] = ([m.step for m in hist], [m.value for m in hist])
+    if not series:
+        return []
+    fig, axes = plt.subplots(1, len(series), figsize=(3.2 * len(series), 2.6), squeeze=False)
+    for ax, (key, (steps, values)) in zip(axes[0], series.items(), strict=True):
+        ax.plot(steps, values, marker="o")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+    fig.tight_layout()
+    dest.mkdir(parents=True, exist_ok=True)
+    fig.savefig(dest / "curves.png", dpi=80)
+    plt.close(fig)
+    return ["plots/curves.png"]
 
 
 def register_run(run_id: str, model_name: str | None = None,
@@ -201,7 +231,8 @@ def register_run(run_id: str, model_name: str | None = None,
                "kd.source_run_id": run_id, SHA_TAG: sha}
     recipe = exp.model_dump(mode="json", include={"student", "teacher", "distill", "optim",
                                                   "trainer", "data"})
-    card = model_card.render(name, student_m, teacher_m, recipe, lineage, _plots(c, run_id))
+    plots = write_curves(c, run_id, work / "plots")
+    card = model_card.render(name, student_m, teacher_m, recipe, lineage, plots)
     integer = np.issubdtype(hx.dtype, np.integer)
     example = np.asarray(hx[:4]).astype(np.int64 if integer else np.float32)
     from mlflow.models import Model
@@ -209,8 +240,8 @@ def register_run(run_id: str, model_name: str | None = None,
     try:
         info = Model.log(None, _FLAVOR, name="model", run_id=run_id, registered_model_name=name,
                          await_registration_for=60, data_dir=str(data), code_dir=str(code),
-                         card=card, example=example, num_classes=cfg["num_classes"],
-                         metadata={SHA_TAG: sha})
+                         card=card, plots_dir=str(work / "plots"), example=example,
+                         num_classes=cfg["num_classes"], metadata={SHA_TAG: sha})
     except InputError:
         raise
     except Exception as e:

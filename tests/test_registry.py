@@ -146,6 +146,7 @@ def test_register_promote_and_consume(trained: SimpleNamespace, champion: str,
                                                     dst_path=str(tmp_path))).read_text()
     assert "| accuracy |" in card and trained.outcome.weights_sha256 in card
     assert "teacher" in card and '"temperature": 4.0' in card
+    assert "![plots/curves.png](plots/curves.png)" in card
 
     got = consume(f"models:/{champion}@champion", holdout, tmp_path)
     from kd.pipeline import model_from_weights
