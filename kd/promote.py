@@ -120,6 +120,8 @@ def promotion_lock(c: Any, name: str, wait_s: float = LOCK_WAIT_S,
         except Exception as e:
             if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
                 raise explain(e, f"lock {lock}") from None
+            if _owner(c, lock) == token:  # our create went through, its reply was retried
+                break
         _break_if_stale(c, lock)
         if time.time() > deadline:
             raise InputError(f"{name}: another promotion holds {lock} for over {wait_s:.0f}s; "
@@ -129,11 +131,17 @@ def promotion_lock(c: Any, name: str, wait_s: float = LOCK_WAIT_S,
         yield token
     finally:
         try:
-            held = c.get_registered_model(lock).tags.get("kd.lock.owner")
-            if held == token:
+            if _owner(c, lock) == token:
                 c.delete_registered_model(lock)
         except Exception as e:  # the lock expires after ttl_s anyway
             print(f"[kd] could not release {lock}: {explain(e, 'release')}", flush=True)
+
+
+def _owner(c: Any, lock: str) -> str | None:
+    try:
+        return c.get_registered_model(lock).tags.get("kd.lock.owner")
+    except Exception:  # released meanwhile
+        return None
 
 
 def _break_if_stale(c: Any, lock: str) -> None:
