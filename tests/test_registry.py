@@ -278,7 +278,8 @@ def test_faults_unknown_deleted_and_tampered(trained: SimpleNamespace, s3_server
     assert "no version has the alias 'challenger'" in capsys.readouterr().err
 
     s3 = boto3.client("s3", endpoint_url=s3_server)
-    model_id = c.get_model_version(name, "2").model_id
+    mv = c.get_model_version(name, "2")
+    model_id = mv.model_id or next(p for p in mv.source.split("/") if p.startswith("m-"))
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow-artifacts")["Contents"]
             if model_id in o["Key"] and o["Key"].endswith("student/model.safetensors")]
     assert len(keys) == 1
