@@ -156,7 +156,20 @@ def download_version(c: Any, mv: Any, dst: str | None = None,
     return local
 
 
-def fetch_verified(uri: str) -> Path:
-    """Resolve a ``models:/`` URI, download it and verify its sha256; the local folder."""
+def fetch_verified(uri: str, allow_foreign: bool = False) -> Path:
+    """Resolve a ``models:/`` URI, download it and verify its sha256; the local folder.
+
+    A version kdflow did not register (no ``kd.weights_sha256`` tag) is an error, or with
+    ``allow_foreign`` downloaded whole and unverified (a ``[kd]`` line says so)."""
+    import mlflow
+
     c = registry_client()
-    return download_version(c, get_version(c, parse_uri(uri)), weights_only=True)
+    mv = get_version(c, parse_uri(uri))
+    if SHA_TAG in mv.tags or not allow_foreign:
+        return download_version(c, mv, weights_only=True)
+    print(f"[kd] {uri}: not registered by kdflow (no {SHA_TAG} tag); loading it unverified",
+          flush=True)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as e:
+        raise explain(e, f"{uri}: download") from None

@@ -105,7 +105,7 @@ def resolve(uri: str) -> Path:
     if uri.startswith("models:/"):
         from kd.modelstore import fetch_verified  # a registered model: sha256 checked
 
-        local = fetch_verified(uri)
+        local = fetch_verified(uri, allow_foreign=True)
     elif uri.startswith(MLFLOW_SCHEMES):
         local = _download_mlflow(uri)
     else:
