@@ -46,6 +46,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
         args.config = str(config_from_run(args.from_run, args.config))
     exp = _load(args)
+    if args.register and not exp.registry.model_name:
+        raise InputError("registry.model_name: required by --register (set it in the config "
+                         "or as an override registry.model_name=NAME)")
     outcome = train_run(exp, "student", run_name=args.run_name)
     if args.register:
         from kd.register import register_outcome

@@ -125,6 +125,21 @@ def test_gate_check_thresholds() -> None:
     assert gate_check(GateConfig(), new, None) == (True, ["no gate thresholds configured"])
 
 
+def test_cli_registry_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kd.cli import build_parser
+
+    args = build_parser().parse_args(["distill", "c.yaml", "--register"])
+    assert args.register and args.command == "distill"
+    args = build_parser().parse_args(["promote", "m", "c.yaml", "a.b=1", "--version", "3"])
+    assert (args.name, args.config, args.overrides, args.version) == ("m", "c.yaml", ["a.b=1"], "3")
+    assert build_parser().parse_args(["promote", "m", "--rollback"]).rollback
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text((CONFIGS / "digits-kd.yaml").read_text())
+    assert kd_run(["distill", str(cfg), "registry.model_name=null", "--register"]) == 2
+    assert "registry.model_name: required by --register" in capsys.readouterr().err
+    assert kd_run(["predict", "runs:/abc/model", "--input", "x.npz"]) == 2
+
+
 def test_register_promote_and_consume(trained: SimpleNamespace, champion: str,
                                       holdout: np.ndarray, tmp_path: Path) -> None:
     import mlflow
