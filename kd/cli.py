@@ -45,7 +45,46 @@ def cmd_distill(args: argparse.Namespace) -> int:
         from kd.reproduce import config_from_run
 
         args.config = str(config_from_run(args.from_run, args.config))
-    train_run(_load(args), "student", run_name=args.run_name)
+    exp = _load(args)
+    if args.register and not exp.registry.model_name:
+        raise InputError("registry.model_name: required by --register (set it in the config "
+                         "or as an override registry.model_name=NAME)")
+    outcome = train_run(exp, "student", run_name=args.run_name)
+    if args.register:
+        from kd.register import register_outcome
+        from kd.storage import join
+
+        register_outcome(outcome.run_id, outcome.weights, outcome.weights_sha256, exp,
+                         join(exp.storage.path, exp.name))
+    return EXIT_OK
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    """Register a finished run's student (alias challenger)."""
+    from kd.register import register_run
+
+    exp = _load(args) if args.config else None
+    register_run(args.run_id, args.name, exp)
+    return EXIT_OK
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Gate challenger vs champion and promote, or roll champion back."""
+    from kd import promote
+
+    if args.rollback:
+        promote.rollback(args.name)
+        return EXIT_OK
+    exp = _load(args) if args.config else None
+    promote.promote(args.name, exp, args.version)
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict class probabilities of a registered model for a file."""
+    from kd.predict import predict_file
+
+    predict_file(args.model, args.input, args.output)
     return EXIT_OK
 
 
@@ -85,7 +124,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", help="Ray run name; an existing one resumes from its checkpoint")
     p.add_argument("--from-run", help="reproduce an MLflow run: take its logged config "
                    "(CONFIG is then only a fallback path and may be '-')")
+    p.add_argument("--register", action="store_true",
+                   help="register the student under registry.model_name (alias challenger)")
     p.set_defaults(fn=cmd_distill)
+
+    p = sub.add_parser("register", help="register a finished run's student (alias challenger)")
+    p.add_argument("run_id", help="MLflow run id of a kd distill run")
+    p.add_argument("config", nargs="?", help="experiment YAML (default: the run's logged config)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for CONFIG")
+    p.add_argument("--name", help="registered model name (default registry.model_name)")
+    p.set_defaults(fn=cmd_register)
+
+    p = sub.add_parser("promote", help="gate challenger vs champion; promote or --rollback")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("config", nargs="?", help="experiment YAML with the gate and holdout data "
+                   "(default: the challenger's logged config)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for CONFIG")
+    p.add_argument("--version", help="gate this version instead of the challenger alias")
+    p.add_argument("--rollback", action="store_true",
+                   help="move champion back to the previous champion")
+    p.set_defaults(fn=cmd_promote)
+
+    p = sub.add_parser("predict", help="class probabilities of a registered model for a file")
+    p.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    p.add_argument("--input", required=True, help=".npz / .parquet / .csv file")
+    p.add_argument("--output", help=".npz / .csv / .parquet file (default: print)")
+    p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("evaluate", help="evaluate weights on the holdout split")
     p.add_argument("weights", help="weights file, s3:// URI, runs:/ or models:/ URI")

@@ -99,3 +99,55 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+def launch_mlflow_server(backend_uri: str, artifacts: str, log: Path,
+                         s3_endpoint: str | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``mlflow server`` on a free loopback port with proxied artifacts
+    (``--serve-artifacts``) and wait until it answers /health; returns (process, URL)."""
+    import urllib.request
+
+    port = free_port()
+    env = dict(os.environ)
+    if s3_endpoint:
+        env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
+    exe = Path(sys.executable).with_name("mlflow")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*cmd, "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
+             artifacts, "--serve-artifacts", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.3)
+    proc.terminate()
+    raise RuntimeError(f"mlflow server not healthy after 90s: {log.read_text()[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``mlflow server`` (SQLite backend store) whose artifacts it proxies to the
+    bucket ``mlflow-artifacts`` on the moto S3 server; yields its tracking URL."""
+    import boto3
+
+    d = tmp_path_factory.mktemp("mlflow-server")
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mlflow-artifacts")
+    proc, url = launch_mlflow_server(f"sqlite:///{d / 'mlflow.db'}", "s3://mlflow-artifacts/root",
+                                     d / "server.log", s3_server)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()

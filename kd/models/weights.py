@@ -102,7 +102,11 @@ def _pick_file(uri: str, folder: Path) -> Path:
 def resolve(uri: str) -> Path:
     """A local file for ``uri``: a path, ``s3://``, ``runs:/`` or ``models:/`` URI."""
     uri = str(uri)
-    if uri.startswith(MLFLOW_SCHEMES):
+    if uri.startswith("models:/"):
+        from kd.modelstore import fetch_verified  # a registered model: sha256 checked
+
+        local = fetch_verified(uri, allow_foreign=True)
+    elif uri.startswith(MLFLOW_SCHEMES):
         local = _download_mlflow(uri)
     else:
         local = fetch(uri)  # local path or s3://; InputError when missing

@@ -1,0 +1,280 @@
+"""Register a finished run's student as an MLflow model version (alias ``challenger``).
+
+The logged model directory (see docs/registry.md)::
+
+    MLmodel             flavors: python_function (loader_module kd.serving), pytorch (pt2)
+    data/student/{model.safetensors,kd_model.json}  the weights of record + architecture
+    code/kd/...         kd.serving and the model families (torch only)
+    pt2/model.pt2       torch.export program, only for ``mlflow.pytorch.load_model``
+    model_card.md       teacher vs student, recipe, lineage; plots/curves.png
+
+Every version gets lineage tags (`LINEAGE_KEYS`) and its weights' sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+import kd
+from kd import model_card, serving
+from kd.config import Experiment, load_experiment
+from kd.errors import InputError
+from kd.modelstore import SHA_TAG, explain, registry_client
+from kd.storage import sha256_file
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+LINEAGE_KEYS = ("kd.teacher_uri", "kd.teacher_sha256", "kd.data_hash", "kd.config_hash",
+                "kd.git_commit", "kd.kdflow_version", "kd.source_run_id", SHA_TAG)
+MODEL_FILES = ("__init__.py", "errors.py", "registry.py", "serving.py")
+RECORD = "registration.json"
+
+
+def git_commit() -> str:
+    """``$KD_GIT_COMMIT``, else ``git rev-parse HEAD`` of kdflow's source tree, else 'unknown'."""
+    if os.environ.get("KD_GIT_COMMIT"):
+        return os.environ["KD_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "-C", str(Path(kd.__file__).parent), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def stage_code(dest: Path) -> Path:
+    """Copy what a registered model's loader needs (kd.serving + kd.models, torch only)
+    to ``dest/kd``."""
+    src = Path(kd.__file__).parent
+    pkg = dest / "kd"
+    (pkg / "models").mkdir(parents=True)
+    for name in MODEL_FILES:
+        shutil.copy2(src / name, pkg / name)
+    for f in (src / "models").glob("*.py"):
+        if f.name != "weights.py":  # weights.py needs safetensors + storage; the loader does not
+            shutil.copy2(f, pkg / "models" / f.name)
+    return pkg
+
+
+def arch_config(meta: dict[str, str], sha: str) -> dict[str, Any]:
+    """The ``kd_model.json`` of a weights file's safetensors metadata."""
+    return {"model": meta["kd.model"], "args": json.loads(meta.get("kd.args", "{}")),
+            "width": float(meta.get("kd.width", 1.0)), "num_classes": int(meta["kd.num_classes"]),
+            "input_shape": json.loads(meta["kd.input_shape"]),
+            "input_dtype": meta.get("kd.input_dtype", "float32"), "weights_sha256": sha}
+
+
+def _save_flavors(path: str, mlflow_model: Any, data_dir: str, code_dir: str, card: str,
+                  plots_dir: str, example: np.ndarray, num_classes: int, **_: Any) -> None:
+    """Flavor ``save_model`` for `mlflow.models.Model.log`: pyfunc + pt2 pytorch flavor."""
+    import mlflow
+    import torch
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    dtype = np.dtype(example.dtype)
+    flat = example.reshape(len(example), -1)  # pyfunc takes rows of features (DataFrame-friendly)
+    sig = ModelSignature(Schema([TensorSpec(dtype, (-1, flat.shape[1]))]),
+                         Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
+    reqs = [f"mlflow>={mlflow.__version__.rsplit('.', 1)[0]}",
+            f"torch>={str(torch.__version__)[:4]}", "numpy"]
+    mlflow.pyfunc.save_model(path, loader_module="kd.serving", data_path=data_dir,
+                             code_paths=[code_dir], mlflow_model=mlflow_model, signature=sig,
+                             input_example=flat, pip_requirements=reqs)
+    Path(path, "model_card.md").write_text(card)
+    if Path(plots_dir).is_dir():
+        shutil.copytree(plots_dir, Path(path, "plots"))
+    module, _ = serving.build_module(Path(path) / serving.DATA_DIR)
+    try:  # the pt2 program is only for mlflow.pytorch.load_model (see docs/registry.md)
+        from torch.export import Dim
+
+        ep = torch.export.export(module, (torch.as_tensor(example),),
+                                 dynamic_shapes=({0: Dim.AUTO},))
+        Path(path, "pt2").mkdir()
+        torch.export.save(ep, str(Path(path, "pt2", "model.pt2")))
+        mlflow_model.add_flavor("pytorch", model_data="pt2", pytorch_version=str(torch.__version__),
+                                code=None)
+    except Exception as e:  # an architecture torch.export cannot trace: pyfunc still works
+        print(f"[kd] no pytorch flavor (torch.export failed: {type(e).__name__}: {e})", flush=True)
+    mlflow_model.save(str(Path(path, "MLmodel")))
+
+
+_FLAVOR = SimpleNamespace(__name__="kdflow", save_model=_save_flavors)
+
+
+def run_config(c: Any, run_id: str) -> Experiment:
+    """The resolved config logged with run ``run_id``."""
+    d = tempfile.mkdtemp(prefix="kd-run-")
+    try:
+        path = c.download_artifacts(run_id, "config.yaml", d)
+    except Exception as e:
+        raise explain(e, f"run {run_id}: config.yaml") from None
+    return load_experiment(path)
+
+
+def teacher_and_holdout(exp: Experiment) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The frozen primary teacher (None without weights) and the holdout split of ``exp``."""
+    from kd.assemble import build_spec
+    from kd.data import load_splits
+    from kd.models.weights import freeze
+
+    splits = load_splits(exp.data, exp.storage.endpoint_url)
+    teacher = None
+    if exp.teacher is not None and exp.teacher.weights:
+        teacher = freeze(build_spec(exp.teacher, "teacher", splits.input_shape,
+                                    splits.num_classes, True))
+    return teacher, splits.holdout.x, splits.holdout.y
+
+
+def teacher_sha(exp: Experiment) -> str:
+    """sha256 of the primary teacher's weights file ('' without a teacher)."""
+    if exp.teacher is None or not exp.teacher.weights:
+        return ""
+    from kd.models.weights import resolve
+
+    return sha256_file(resolve(exp.teacher.weights))
+
+
+CURVES = ("train/loss", "val/loss", "val/accuracy", "val/teacher_agreement")
+
+
+def write_curves(c: Any, run_id: str, dest: Path) -> list[str]:
+    """``dest/curves.png``: the run's per-epoch `CURVES` (one panel each); the names of
+    the plots written (none without matplotlib or metrics)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    series = {}
+    for key in CURVES:
+        try:
+            hist = sorted(c.get_metric_history(run_id, key), key=lambda m: m.step)
+        except Exception:  # metric not logged
+            continue
+        if hist:
+            series[key] = ([m.step for m in hist], [m.value for m in hist])
+    if not series:
+        return []
+    fig, axes = plt.subplots(1, len(series), figsize=(3.2 * len(series), 2.6), squeeze=False)
+    for ax, (key, (steps, values)) in zip(axes[0], series.items(), strict=True):
+        ax.plot(steps, values, marker="o")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+    fig.tight_layout()
+    dest.mkdir(parents=True, exist_ok=True)
+    fig.savefig(dest / "curves.png", dpi=80)
+    plt.close(fig)
+    return ["plots/curves.png"]
+
+
+def register_run(run_id: str, model_name: str | None = None,
+                 exp: Experiment | None = None) -> tuple[str, str]:
+    """Register run ``run_id``'s student weights under ``model_name`` (default the config's
+    ``registry.model_name``), tag lineage, alias it ``challenger``; returns (name, version)."""
+    from kd.evaluate import evaluate
+
+    c = registry_client()
+    try:
+        run = c.get_run(run_id)
+    except Exception as e:
+        raise explain(e, f"run {run_id}") from None
+    exp = exp or run_config(c, run_id)
+    name = model_name or exp.registry.model_name
+    if not name:
+        raise InputError("registry.model_name: not set; set it in the config or pass --name")
+    tags = run.data.tags
+    want = tags.get(SHA_TAG)
+    if not want:
+        raise InputError(f"run {run_id}: has no {SHA_TAG} tag (not a finished kdflow run)")
+    work = Path(tempfile.mkdtemp(prefix="kd-register-"))
+    try:
+        local = c.download_artifacts(run_id, "weights/model.safetensors", str(work))
+    except Exception as e:
+        raise explain(e, f"run {run_id}: weights/model.safetensors") from None
+    sha = sha256_file(local)
+    if sha != want:
+        raise InputError(f"run {run_id}: weights checksum mismatch ({sha[:16]}... != "
+                         f"{want[:16]}... recorded); refusing to register")
+    from kd.models.weights import read_metadata
+
+    meta = read_metadata(local)
+    if "kd.model" not in meta:
+        raise InputError(f"run {run_id}: weights carry no kd.model metadata")
+    data = work / "student"
+    data.mkdir()
+    shutil.copy2(local, data / serving.WEIGHTS)
+    cfg = arch_config(meta, sha)
+    (data / serving.CONFIG).write_text(json.dumps(cfg, indent=1))
+    code = stage_code(work / "code")
+    module, _ = serving.build_module(data)
+
+    teacher, hx, hy = teacher_and_holdout(exp)
+    student_m = evaluate(module, hx, hy, teacher)
+    teacher_m = evaluate(teacher, hx, hy) if teacher is not None else None
+    lineage = {"kd.teacher_uri": tags.get("kd.teacher_uri", ""),
+               "kd.teacher_sha256": teacher_sha(exp),
+               "kd.data_hash": meta.get("kd.data_hash", tags.get("kd.data_hash", "")),
+               "kd.config_hash": meta.get("kd.config_hash", tags.get("kd.config_hash", "")),
+               "kd.git_commit": git_commit(), "kd.kdflow_version": kd.__version__,
+               "kd.source_run_id": run_id, SHA_TAG: sha}
+    recipe = exp.model_dump(mode="json", include={"student", "teacher", "distill", "optim",
+                                                  "trainer", "data"})
+    plots = write_curves(c, run_id, work / "plots")
+    card = model_card.render(name, student_m, teacher_m, recipe, lineage, plots)
+    integer = np.issubdtype(hx.dtype, np.integer)
+    example = np.asarray(hx[:4]).astype(np.int64 if integer else np.float32)
+    from mlflow.models import Model
+
+    try:
+        info = Model.log(None, _FLAVOR, name="model", run_id=run_id, registered_model_name=name,
+                         await_registration_for=60, data_dir=str(data), code_dir=str(code),
+                         card=card, plots_dir=str(work / "plots"), example=example,
+                         num_classes=cfg["num_classes"], metadata={SHA_TAG: sha})
+    except InputError:
+        raise
+    except Exception as e:
+        raise explain(e, f"register run {run_id} as {name!r}") from None
+    version = str(info.registered_model_version)
+    try:
+        for k, v in {**lineage, "kd.model_card": "model_card.md",
+                     "kd.holdout": json.dumps(student_m, sort_keys=True)}.items():
+            c.set_model_version_tag(name, version, k, v)
+        c.update_model_version(name, version, description=card[:5000])
+        c.set_registered_model_alias(name, CHALLENGER, version)
+    except Exception as e:
+        raise explain(e, f"tag {name} version {version}") from None
+    print(f"[kd] registered {name} version {version} (alias {CHALLENGER}); "
+          f"holdout accuracy {student_m['accuracy']:.4f}", flush=True)
+    return name, version
+
+
+def register_outcome(run_id: str, weights_uri: str, weights_sha256: str, exp: Experiment,
+                     record_dir: str | Path) -> tuple[str, str]:
+    """`register_run` after `kd distill --register`; first writes a local record of the run
+    (``record_dir/registration.json``) so nothing is lost when the server is unreachable:
+    ``kd register RUN_ID`` retries from it."""
+    record = Path(record_dir) / RECORD
+    record.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"run_id": run_id, "weights": weights_uri, "weights_sha256": weights_sha256,
+           "model_name": exp.registry.model_name, "status": "pending", "at": time.time()}
+    record.write_text(json.dumps(doc, indent=1))
+    try:
+        name, version = register_run(run_id, exp.registry.model_name, exp)
+    except InputError as e:
+        raise InputError(f"{e} (run recorded in {record}; retry with: "
+                         f"kd register {run_id})") from None
+    doc.update(status="registered", version=version)
+    record.write_text(json.dumps(doc, indent=1))
+    return name, version
