@@ -35,6 +35,7 @@ CKPT_MODEL = "model.safetensors"
 CKPT_LOSS = "loss.safetensors"
 CKPT_STATE = "train_state.pt"
 TEACHER_LOGITS = "teacher_logits"
+TEACHER_FEATURE = "teacher_feature:"
 
 
 @dataclass
@@ -108,22 +109,39 @@ class Step:
         self.s_cap = FeatureCapture(trainee, asm.student_paths, "student")
         self.t_cap = (FeatureCapture(asm.teachers[0], asm.teacher_paths, "teacher")
                       if asm.teachers else None)
+        self.teacher_forwards = 0
+
+    def cached(self, batch: dict[str, torch.Tensor]) -> bool:
+        """True when the batch carries every teacher output the loss needs (the cache's
+        logits, plus ``teacher_feature:<path>`` for each hooked teacher path)."""
+        return (TEACHER_LOGITS in batch and len(self.asm.teachers) == 1
+                and all(TEACHER_FEATURE + p in batch for p in self.asm.teacher_paths))
 
     def teacher_logits(self, batch: dict[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
         """Cached logits when the batch carries them (and no features are needed),
         else a no-grad forward of every teacher."""
-        if TEACHER_LOGITS in batch and not self.asm.teacher_paths and len(self.asm.teachers) == 1:
-            return [batch[TEACHER_LOGITS].to(self.device).float()]
+        return self.teacher_outputs(batch, x)[0]
+
+    def teacher_outputs(self, batch: dict[str, torch.Tensor],
+                        x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """(logits per teacher, primary teacher features): read from the batch when it
+        carries the cached outputs, else a no-grad forward (counted in
+        ``teacher_forwards``) of every teacher."""
+        if self.cached(batch):
+            feats = {p: batch[TEACHER_FEATURE + p].to(self.device).float()
+                     for p in self.asm.teacher_paths}
+            return [batch[TEACHER_LOGITS].to(self.device).float()], feats
+        self.teacher_forwards += 1
         with torch.no_grad():
-            return [t(x).float() for t in self.asm.teachers]
+            logits = [t(x).float() for t in self.asm.teachers]
+        return logits, dict(self.t_cap.features) if self.t_cap else {}
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], DistillBatch]:
         x = batch["x"].to(self.device, self.input_dtype)
         y = batch["y"].to(self.device)
-        t_logits = self.teacher_logits(batch, x) if self.asm.teachers else []
+        t_logits, t_feats = self.teacher_outputs(batch, x) if self.asm.teachers else ([], {})
         logits = self.trainee(x)
-        db = DistillBatch(logits.float(), y, t_logits, dict(self.s_cap.features),
-                          dict(self.t_cap.features) if self.t_cap else {})
+        db = DistillBatch(logits.float(), y, t_logits, dict(self.s_cap.features), t_feats)
         total, parts = self.asm.loss(db)
         return total, parts, db
 
@@ -244,6 +262,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         seen = labeled = 0
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
+        forwards_before = step.teacher_forwards
         batches = train_ds.iter_torch_batches(
             batch_size=per_worker,
             local_shuffle_buffer_size=min(spec["train_rows"], 4096),
@@ -269,6 +288,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - t0
+        train_forwards = step.teacher_forwards - forwards_before
         keys = sorted(sums)
         reduced = _all_reduce([sums[k] for k in keys] + [seen, labeled, elapsed], device)
         total_seen = max(reduced[-3], 1.0)
@@ -281,6 +301,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             "epoch": epoch + 1, "samples_per_s": reduced[-3] / max(reduced[-1] / world, 1e-9),
             "train/labeled_samples": reduced[-2], "train/unlabeled_samples": reduced[-3] - reduced[-2],
             "lr": opt.param_groups[0]["lr"],
+            "train/teacher_forward_batches": float(train_forwards),
         })
         last = epoch + 1 == exp.trainer.epochs
         save = last or (epoch + 1) % exp.checkpoint.every_epochs == 0
@@ -304,6 +325,12 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
                 delete_local_checkpoint_after_upload=not local)
         else:
             ray.train.report(metrics)
+        if spec.get("report_to_tune"):
+            # num_workers 0 runs this loop inside the Tune trial process, where Train's
+            # local mode forwards nothing: report each epoch to Tune directly.
+            import ray.tune
+
+            ray.tune.report(metrics)
 
 
 def prepare(model: nn.Module, exp: Experiment, device: torch.device) -> nn.Module:
@@ -347,6 +374,14 @@ def run_dir(exp: Experiment, run_name: str) -> str:
     return storage.join(exp.storage.path, run_name)
 
 
+def _in_tune_session() -> bool:
+    try:
+        from ray.tune.trainable.trainable_fn_utils import _in_tune_session as inside
+    except ImportError:
+        return False
+    return bool(inside())
+
+
 def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: str,
         run_name: str, extra_train_columns: dict[str, np.ndarray] | None = None,
         callbacks: list[Any] | None = None) -> FitResult:
@@ -362,6 +397,7 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
         "input_integer": bool(np.issubdtype(splits.train.x.dtype, np.integer)),
         "train_rows": len(splits.train), "run_dir": run_dir(exp, run_name),
         "steps_per_epoch": math.ceil(len(splits.train) / max(1, exp.trainer.batch_size)),
+        "report_to_tune": exp.scaling.num_workers == 0 and _in_tune_session(),
     }
     resources = dict(exp.scaling.resources_per_worker) or None
     trainer = TorchTrainer(
