@@ -325,12 +325,6 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
                 delete_local_checkpoint_after_upload=not local)
         else:
             ray.train.report(metrics)
-        if spec.get("report_to_tune"):
-            # num_workers 0 runs this loop inside the Tune trial process, where Train's
-            # local mode forwards nothing: report each epoch to Tune directly.
-            import ray.tune
-
-            ray.tune.report(metrics)
 
 
 def prepare(model: nn.Module, exp: Experiment, device: torch.device) -> nn.Module:
@@ -374,14 +368,6 @@ def run_dir(exp: Experiment, run_name: str) -> str:
     return storage.join(exp.storage.path, run_name)
 
 
-def _in_tune_session() -> bool:
-    try:
-        from ray.tune.trainable.trainable_fn_utils import _in_tune_session as inside
-    except ImportError:
-        return False
-    return bool(inside())
-
-
 def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: str,
         run_name: str, extra_train_columns: dict[str, np.ndarray] | None = None,
         callbacks: list[Any] | None = None) -> FitResult:
@@ -397,7 +383,6 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
         "input_integer": bool(np.issubdtype(splits.train.x.dtype, np.integer)),
         "train_rows": len(splits.train), "run_dir": run_dir(exp, run_name),
         "steps_per_epoch": math.ceil(len(splits.train) / max(1, exp.trainer.batch_size)),
-        "report_to_tune": exp.scaling.num_workers == 0 and _in_tune_session(),
     }
     resources = dict(exp.scaling.resources_per_worker) or None
     trainer = TorchTrainer(
