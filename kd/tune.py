@@ -57,7 +57,8 @@ def trial_resources(exp: Experiment) -> tuple[int, dict[str, float], float]:
 
     The trial function itself reserves almost no CPU (`TRIAL_CPU`; Ray refuses 0):
     Ray Data tasks that feed the loop need free CPUs (a trial holding them would
-    deadlock its own data), Ray Train workers reserve theirs, and ``max_concurrent_trials`` bounds how many trials run."""
+    deadlock its own data), Ray Train workers reserve theirs, and
+    ``max_concurrent_trials`` bounds how many trials run."""
     r = exp.tune.resources
     workers = max(1, exp.scaling.num_workers if r.workers is None else r.workers)
     return workers, {"cpu": TRIAL_CPU}, r.cpus_per_worker * workers
