@@ -152,7 +152,9 @@ def _tuner(exp: Experiment, space: dict[str, Dist], base: dict[str, Any], parent
         return tune.Tuner.restore(restore, trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
     if t.scheduler.name == "asha":
-        scheduler: Any = ASHAScheduler(time_attr="epoch", max_t=exp.trainer.epochs,
+        # max_t one past the last epoch: ASHA stops a trial that reaches max_t, which
+        # would kill a finishing trial before it saves its weights and holdout metrics
+        scheduler: Any = ASHAScheduler(time_attr="epoch", max_t=exp.trainer.epochs + 1,
                                        grace_period=min(t.scheduler.grace_period,
                                                         exp.trainer.epochs),
                                        reduction_factor=t.scheduler.reduction_factor)
@@ -287,10 +289,15 @@ def _finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str
         if run is None:
             continue
         row["run_id"] = run.info.run_id
-        if run.info.status == "RUNNING":
-            why = (f"stopped by ASHA after epoch {row['epochs']}" if row["status"] == "PRUNED"
-                   else "interrupted")
-            c.set_tag(run.info.run_id, "kd.stopped", why)
+        if row["status"] == "PRUNED" and run.info.status != "KILLED":
+            # Tune stops a trial by raising inside it: train_run saw that as a failure
+            if "kd.error" in run.data.tags:
+                c.delete_tag(run.info.run_id, "kd.error")
+            c.set_tag(run.info.run_id, "kd.stopped",
+                      f"stopped by ASHA after epoch {row['epochs']}")
+            c.set_terminated(run.info.run_id, status="KILLED")
+        elif run.info.status == "RUNNING":
+            c.set_tag(run.info.run_id, "kd.stopped", "interrupted")
             c.set_terminated(run.info.run_id, status="KILLED")
         if row["status"] == "ERROR" and run.info.status != "FAILED":
             c.set_tag(run.info.run_id, "kd.error", row["error"])

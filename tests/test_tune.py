@@ -101,11 +101,11 @@ def test_sweep_mlflow_tree_asha_and_one_teacher_pass(workdir: Path, digits_teach
 
     exp = load_experiment(TUNE, [
         f"teacher.weights={digits_teacher}", f"storage.path={workdir / 'runs'}",
-        "tune.num_samples=4", "tune.max_concurrent_trials=2", "trainer.epochs=4",
+        "tune.num_samples=4", "tune.max_concurrent_trials=2", "trainer.epochs=3",
         "tune.search.name=random", "tune.seed=3",
         "tune.scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
         "tune.space={optim.lr: 'choice([0.0005, 0.1])', distill.temperature: 'uniform(2, 6)'}",
-        "tune.constraints={}"])
+        "tune.constraints={}", "tune.resources.cpus_per_worker=0.25"])
     out = run_sweep(exp)
     assert len(out.rows) == 4 and out.chosen is not None
     c = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
@@ -123,6 +123,7 @@ def test_sweep_mlflow_tree_asha_and_one_teacher_pass(workdir: Path, digits_teach
         assert float(child.data.params["optim.lr"]) == row["optim.lr"]
         assert float(child.data.params["distill.temperature"]) == row["distill.temperature"]
         assert child.info.status == ("FINISHED" if row["status"] == "DONE" else "KILLED")
+        assert ("kd.stopped" in child.data.tags) == (row["status"] == "PRUNED")
         epochs = c.get_metric_history(child.info.run_id, "epoch")
         assert len(epochs) == row["epochs"]
         # the teacher paid once: the sweep built (or found) the cache, trials only read it

@@ -1,6 +1,7 @@
 """`ray job submit` entrypoint for a sweep:
 
-    ray job submit --working-dir . -- python workflows/tune.py --config configs/digits-tune.yaml [overrides] [--resume]
+    ray job submit --working-dir . -- \
+        python workflows/tune.py --config configs/digits-tune.yaml [overrides] [--resume]
 
 Composes only: the same command as `kd tune` (inside a job, `kd.runtime.ensure_ray`
 joins the job's cluster).
