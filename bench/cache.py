@@ -34,6 +34,9 @@ def main() -> None:
         "KD online teacher": ["teacher.cache=false"],
         "KD from cache": ["teacher.cache=true"],
     }
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     rows = []
     for name, extra in modes.items():
         speeds, accs = [], []
@@ -44,7 +47,9 @@ def main() -> None:
                 f"trainer.epochs={args.epochs}", "trainer.batch_size=64", f"seed={seed}",
                 "checkpoint.every_epochs=100", *extra])
             out = train_run(exp, "student")
-            speeds.append(statistics.median(h["samples_per_s"] for h in out.history[1:]))
+            hist = client.get_metric_history(out.run_id, "samples_per_s")
+            steps = sorted(hist, key=lambda m: m.step)[1:]
+            speeds.append(statistics.median(m.value for m in steps))
             accs.append(out.metrics["val/accuracy"])
         rows.append((name, speeds, accs))
     base = statistics.mean(rows[0][1])

@@ -165,7 +165,8 @@ def _tuner(exp: Experiment, space: dict[str, Dist], base: dict[str, Any], parent
 
         search: Any = OptunaSearch(seed=t.seed)
     else:
-        search = BasicVariantGenerator(random_state=t.seed)
+        search = BasicVariantGenerator(random_state=t.seed,
+                                       max_concurrent=t.max_concurrent_trials)
     return tune.Tuner(
         trainable,
         param_space={p: d.to_tune() for p, d in space.items()},
@@ -240,10 +241,12 @@ def collect(results: Any, exp: Experiment, space: dict[str, Dist], base: dict[st
     sample = torch.as_tensor(x, dtype=torch.int64 if np.issubdtype(x.dtype, np.integer)
                              else torch.float32)
     rows = []
-    for res in results:
+    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
+    for i, res in enumerate(results):
         m = dict(res.metrics or {})
         cfg = dict(res.config or {})
-        tid = m.get("trial_id") or Path(res.path).name.split("_")[-2]
+        tid = m.get("trial_id") or (trials[i].trial_id if i < len(trials)
+                                    else Path(res.path).name)
         doc = apply_values(base, cfg)
         flat = flatten(doc)
         epochs = int(m.get("epoch", 0) or 0)

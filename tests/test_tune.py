@@ -125,7 +125,8 @@ def test_sweep_mlflow_tree_asha_and_one_teacher_pass(workdir: Path, digits_teach
         assert child.info.status == ("FINISHED" if row["status"] == "DONE" else "KILLED")
         assert ("kd.stopped" in child.data.tags) == (row["status"] == "PRUNED")
         epochs = c.get_metric_history(child.info.run_id, "epoch")
-        assert len(epochs) == row["epochs"]
+        # the worker may log one more epoch to MLflow before Tune's stop reaches it
+        assert row["epochs"] <= len(epochs) <= row["epochs"] + (row["status"] == "PRUNED")
         # the teacher paid once: the sweep built (or found) the cache, trials only read it
         assert child.data.tags["kd.teacher_cache.computed"] == "false"
         forwards = c.get_metric_history(child.info.run_id, "train/teacher_forward_batches")
