@@ -145,3 +145,33 @@ def test_sweep_mlflow_tree_asha_and_one_teacher_pass(workdir: Path, digits_teach
     assert "trials.csv" in arts
     assert {"plots/accuracy_vs_params.png", "plots/accuracy_vs_temperature.png",
             "plots/learning_curves.png"} <= plots
+
+
+def test_failed_and_pruned_trials_in_the_run_tree(workdir: Path) -> None:
+    """A trial that raised before its run started gets a FAILED child with the error;
+    a child left RUNNING by an ASHA stop ends KILLED with the reason."""
+    from mlflow.tracking import MlflowClient
+
+    from kd import tracking
+    from kd.tune import _finish_children
+
+    exp = load_experiment(TUNE)
+    uri = tracking.tracking_uri(exp)
+    base = exp.model_dump(mode="json")
+    parent = tracking.start_run(exp, "sweep")
+    pruned_run = tracking.start_run(exp, "student", {"kd.trial_id": "t2"}, parent_run_id=parent)
+    rows = [
+        {"trial_id": "t1", "status": "ERROR", "epochs": 0, "error": "ValueError: boom",
+         **{p: None for p in exp.tune.space}, "student.width": 0.5, "optim.lr": 0.01,
+         "distill.temperature": 3.0, "distill.losses.0.weight": 0.5},
+        {"trial_id": "t2", "status": "PRUNED", "epochs": 1, "error": ""},
+    ]
+    _finish_children(uri, exp, parent, rows, base, "sweep-x")
+    c = MlflowClient(uri)
+    failed = c.get_run(rows[0]["run_id"])
+    assert failed.info.status == "FAILED" and failed.data.tags["kd.error"] == "ValueError: boom"
+    assert failed.data.tags["mlflow.parentRunId"] == parent
+    assert failed.data.params["optim.lr"] == "0.01"
+    killed = c.get_run(pruned_run)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags["kd.stopped"] == "stopped by ASHA after epoch 1"
