@@ -11,6 +11,7 @@ interleaved per seed so background load falls on all of them alike. Writes bench
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="kd-bench-cache-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)  # MLflow's default artifact root (./mlruns) lands in the work folder
     teacher = teacher_weights(work)
     modes = {
         "student only": ["distill.losses=[]", "distill.ce_weight=1.0"],

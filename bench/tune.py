@@ -15,6 +15,7 @@ Writes bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="kd-bench-tune-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)  # MLflow's default artifact root (./mlruns) lands in the work folder
     teacher = teacher_weights(work)
 
     fifo = "tune.scheduler.name=none"
