@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="kd-bench-tune-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="kd-bench-tune-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # MLflow's default artifact root (./mlruns) lands in the work folder
     teacher = teacher_weights(work)
