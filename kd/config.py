@@ -70,6 +70,8 @@ class TeacherConfig(ModelSpec):
     """The primary teacher; ``teachers`` adds more for multi-teacher KD."""
 
     cache: bool = False
+    cache_top_k: int | None = Field(None, ge=1, description="cache only the k largest "
+                                    "logits per sample (large output spaces)")
     teachers: list[ModelSpec] = Field(default_factory=list)
 
     def all(self) -> list[ModelSpec]:

@@ -32,7 +32,7 @@ from kd import storage
 from kd.config import Experiment
 from kd.data import Splits, to_ray
 from kd.errors import InputError
-from kd.train import TEACHER_FEATURE, TEACHER_LOGITS
+from kd.train import TEACHER_FEATURE, TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
 
 CACHE_DIR = "teacher-cache"
 MARKER = "_SUCCESS"
@@ -77,7 +77,8 @@ def requested_outputs(exp: Experiment) -> list[str]:
     from kd.assemble import required_paths
 
     _, t_paths = required_paths([t.model_dump() for t in exp.distill.losses])
-    return [LOGITS, *t_paths]
+    k = exp.teacher.cache_top_k if exp.teacher is not None else None
+    return [f"{LOGITS}:top{k}" if k else LOGITS, *t_paths]
 
 
 def teacher_sha256(exp: Experiment) -> str:
@@ -162,7 +163,7 @@ class TeacherForward:
     ``{x, idx, ...}`` -> ``{idx, teacher_logits, teacher_feature:<path>...}`` (float32)."""
 
     def __init__(self, exp_doc: dict[str, Any], input_shape: list[int], num_classes: int,
-                 paths: list[str]) -> None:
+                 paths: list[str], top_k: int | None = None) -> None:
         import torch
 
         from kd.assemble import build_spec
@@ -177,6 +178,7 @@ class TeacherForward:
         self.model = freeze(build_spec(exp.teacher, "teacher", tuple(input_shape), num_classes,
                                        load_weights=True)).to(self.device)
         self.paths = paths
+        self.top_k = min(top_k, num_classes) if top_k else None
         self.capture = FeatureCapture(self.model, paths, "teacher") if paths else None
         self.bf16 = exp.trainer.precision == "bf16"
 
@@ -188,8 +190,13 @@ class TeacherForward:
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                              enabled=self.bf16):
             logits = self.model(x)
-        out = {"idx": np.asarray(batch["idx"]),
-               TEACHER_LOGITS: logits.float().cpu().numpy()}
+        out = {"idx": np.asarray(batch["idx"])}
+        if self.top_k:
+            values, indices = logits.float().topk(self.top_k, dim=1)
+            out[TEACHER_TOPK_VALUES] = values.cpu().numpy()
+            out[TEACHER_TOPK_INDICES] = indices.cpu().numpy().astype(np.int64)
+        else:
+            out[TEACHER_LOGITS] = logits.float().cpu().numpy()
         if self.capture is not None:
             for p in self.paths:
                 out[TEACHER_FEATURE + p] = self.capture.features[p].float().cpu().numpy()
@@ -219,14 +226,17 @@ def compute_cache(exp: Experiment, splits: Splits, batch_size: int = 256) -> Tea
         fn_constructor_kwargs={"exp_doc": exp.model_dump(mode="json"),
                                "input_shape": list(splits.input_shape),
                                "num_classes": splits.num_classes,
-                               "paths": facts["outputs"][1:]},
+                               "paths": facts["outputs"][1:],
+                               "top_k": exp.teacher.cache_top_k},
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if use_gpu else 0)
     out.write_parquet(f"{path}/{data_dir}", filesystem=fs)
     seconds = time.perf_counter() - t0
     manifest = {"facts": facts, "key": key, "data_dir": data_dir, "rows": len(splits.train),
-                "columns": [TEACHER_LOGITS, *[TEACHER_FEATURE + p for p in facts["outputs"][1:]]],
+                "columns": [*([TEACHER_TOPK_VALUES, TEACHER_TOPK_INDICES]
+                              if exp.teacher.cache_top_k else [TEACHER_LOGITS]),
+                            *[TEACHER_FEATURE + p for p in facts["outputs"][1:]]],
                 "seconds": round(seconds, 3),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_manifest(fs, path, manifest)  # last: only now is the cache visible

@@ -36,6 +36,18 @@ CKPT_LOSS = "loss.safetensors"
 CKPT_STATE = "train_state.pt"
 TEACHER_LOGITS = "teacher_logits"
 TEACHER_FEATURE = "teacher_feature:"
+TEACHER_TOPK_VALUES = "teacher_topk_values"
+TEACHER_TOPK_INDICES = "teacher_topk_indices"
+TOPK_FLOOR = 1e4  # classes outside the cached top-k get logit min(top-k) - TOPK_FLOOR
+
+
+def dense_from_topk(values: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Full ``[B, C]`` logits from the cached top-k: the k kept logits in place, every
+    other class at ``min(top-k) - TOPK_FLOOR`` (probability 0 at any sane temperature),
+    so softmax over the result is the teacher's softmax renormalised over its top k."""
+    floor = values.min(1, keepdim=True).values - TOPK_FLOOR
+    out = floor.expand(values.shape[0], num_classes).clone()
+    return out.scatter(1, indices.long(), values)
 
 
 @dataclass
@@ -114,7 +126,8 @@ class Step:
     def cached(self, batch: dict[str, torch.Tensor]) -> bool:
         """True when the batch carries every teacher output the loss needs (the cache's
         logits, plus ``teacher_feature:<path>`` for each hooked teacher path)."""
-        return (TEACHER_LOGITS in batch and len(self.asm.teachers) == 1
+        has_logits = TEACHER_LOGITS in batch or TEACHER_TOPK_VALUES in batch
+        return (has_logits and len(self.asm.teachers) == 1
                 and all(TEACHER_FEATURE + p in batch for p in self.asm.teacher_paths))
 
     def teacher_logits(self, batch: dict[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
@@ -122,15 +135,19 @@ class Step:
         else a no-grad forward of every teacher."""
         return self.teacher_outputs(batch, x)[0]
 
-    def teacher_outputs(self, batch: dict[str, torch.Tensor],
-                        x: torch.Tensor) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    def teacher_outputs(self, batch: dict[str, torch.Tensor], x: torch.Tensor,
+                        num_classes: int = 0) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         """(logits per teacher, primary teacher features): read from the batch when it
         carries the cached outputs, else a no-grad forward (counted in
         ``teacher_forwards``) of every teacher."""
         if self.cached(batch):
             feats = {p: batch[TEACHER_FEATURE + p].to(self.device).float()
                      for p in self.asm.teacher_paths}
-            return [batch[TEACHER_LOGITS].to(self.device).float()], feats
+            if TEACHER_LOGITS in batch:
+                return [batch[TEACHER_LOGITS].to(self.device).float()], feats
+            dense = dense_from_topk(batch[TEACHER_TOPK_VALUES].to(self.device).float(),
+                                    batch[TEACHER_TOPK_INDICES].to(self.device), num_classes)
+            return [dense], feats
         self.teacher_forwards += 1
         with torch.no_grad():
             logits = [t(x).float() for t in self.asm.teachers]
@@ -139,8 +156,9 @@ class Step:
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor], DistillBatch]:
         x = batch["x"].to(self.device, self.input_dtype)
         y = batch["y"].to(self.device)
-        t_logits, t_feats = self.teacher_outputs(batch, x) if self.asm.teachers else ([], {})
         logits = self.trainee(x)
+        t_logits, t_feats = (self.teacher_outputs(batch, x, logits.shape[1])
+                             if self.asm.teachers else ([], {}))
         db = DistillBatch(logits.float(), y, t_logits, dict(self.s_cap.features), t_feats)
         total, parts = self.asm.loss(db)
         return total, parts, db

@@ -67,8 +67,14 @@ def test_cache_once_reused_recomputed(workdir: Path, digits_teacher: str,
 def test_training_from_cache_matches_online(workdir: Path, digits_teacher: str) -> None:
     cached = train_run(_exp(workdir, digits_teacher), "student")
     online = train_run(_exp(workdir, digits_teacher, "teacher.cache=false"), "student")
-    assert all(h["train/teacher_forward_batches"] == 0 for h in cached.history)
-    assert all(h["train/teacher_forward_batches"] > 0 for h in online.history)
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    fwd_cached = c.get_metric_history(cached.run_id, "train/teacher_forward_batches")
+    fwd_online = c.get_metric_history(online.run_id, "train/teacher_forward_batches")
+    assert len(fwd_cached) == len(fwd_online) == 3
+    assert all(m.value == 0 for m in fwd_cached)
+    assert all(m.value > 0 for m in fwd_online)
     # the same teacher logits, the same seed and order: the same run within float noise
     assert abs(cached.metrics["val/accuracy"] - online.metrics["val/accuracy"]) <= 0.02
     assert abs(cached.metrics["train/loss"] - online.metrics["train/loss"]) < 1e-3
@@ -103,3 +109,30 @@ def test_feature_outputs_are_cached(workdir: Path, digits_teacher: str) -> None:
         logits = teacher(torch.as_tensor(splits.train.x[:5]))
     assert torch.allclose(torch.as_tensor(cols["teacher_logits"][:5]), logits, atol=1e-5)
     assert cols["teacher_feature:block2"].shape[1] == 64
+
+
+def test_top_k_cache_trains_without_teacher(workdir: Path, digits_teacher: str) -> None:
+    """``teacher.cache_top_k``: only k logits per row are stored (another key); the
+    loop rebuilds dense logits whose softmax is the teacher's renormalised top k."""
+    from kd.teacher import load_columns
+    from kd.train import dense_from_topk
+
+    exp = _exp(workdir, digits_teacher, "teacher.cache_top_k=3")
+    splits = load_splits(exp.data)
+    cache = ensure_cache(exp, splits)
+    cols = load_columns(cache, len(splits.train))
+    assert set(cols) == {"teacher_topk_values", "teacher_topk_indices"}
+    assert cols["teacher_topk_values"].shape == (len(splits.train), 3)
+    assert cache.key != ensure_cache(_exp(workdir, digits_teacher), splits).key
+    values = torch.tensor([[3.0, 1.0, 0.5]])
+    dense = dense_from_topk(values, torch.tensor([[7, 2, 4]]), 10)
+    probs = (dense / 4.0).softmax(1)
+    assert torch.allclose(probs[0, [7, 2, 4]], (values / 4.0).softmax(1)[0], atol=1e-6)
+    assert float(probs[0, [0, 1, 3, 5, 6, 8, 9]].sum()) < 1e-6
+    out = train_run(exp, "student")
+    from mlflow.tracking import MlflowClient
+
+    hist = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_metric_history(
+        out.run_id, "train/teacher_forward_batches")
+    assert hist and all(m.value == 0 for m in hist)
+    assert out.metrics["val/accuracy"] > 0.3
