@@ -79,12 +79,33 @@ def trainee_spec(exp: Experiment, role: Role) -> ModelSpec:
     return spec
 
 
+def init_from_teacher(exp: Experiment, student: nn.Module, input_shape: tuple[int, ...],
+                      num_classes: int) -> None:
+    """``student.init: teacher_pruned``: fill the student with the teacher's most
+    important channels (`kd.prune.prune_into`)."""
+    from kd.prune import prune_into
+
+    if exp.teacher is None or not exp.teacher.weights:
+        raise InputError("student.init: teacher_pruned needs teacher.weights")
+    if exp.student is not None and exp.student.weights:
+        raise InputError("student.init: teacher_pruned and student.weights both set: pick one")
+    if exp.student is not None and (exp.student.model != exp.teacher.model
+                                    or exp.student.args != exp.teacher.args):
+        raise InputError(f"student.init: teacher_pruned needs the teacher's model and args "
+                         f"(student {exp.student.model} {exp.student.args}, teacher "
+                         f"{exp.teacher.model} {exp.teacher.args}); only student.width may differ")
+    teacher = build_spec(exp.teacher, "teacher", input_shape, num_classes, load_weights=True)
+    prune_into(student, teacher)
+
+
 def assemble(exp: Experiment, role: Role, input_shape: tuple[int, ...], num_classes: int,
              sample: torch.Tensor) -> Assembly:
     """Build and validate trainee, teachers and loss. ``sample`` is a small input batch
     used for the dry run that finds feature shapes and output sizes."""
     spec = trainee_spec(exp, role)
     trainee = build_spec(spec, role, input_shape, num_classes, load_weights=role == "student")
+    if role == "student" and exp.student is not None and exp.student.init == "teacher_pruned":
+        init_from_teacher(exp, trainee, input_shape, num_classes)
     _check_classes(trainee, sample, num_classes, f"{role} model {spec.model!r}")
     teachers: list[nn.Module] = []
     terms = [] if role == "teacher" else [t.model_dump() for t in exp.distill.losses]

@@ -108,6 +108,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    """Compute (or find) the teacher-output cache for the config."""
+    from kd.teacher import cache_teacher
+
+    cache_teacher(_load(args), force=args.force)
+    return EXIT_OK
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Ray Tune sweep over the config's tune.space; print top trials and the chosen one."""
+    from kd.tune import run_sweep
+
+    outcome = run_sweep(_load(args), resume=args.resume)
+    return EXIT_OK if outcome.chosen is not None else EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `kd` argument parser with one sub-command per workflow step."""
     parser = argparse.ArgumentParser(prog="kd", description="kdflow: distil PyTorch teachers "
@@ -156,6 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="experiment whose data (and teacher) to use; default digits")
     p.add_argument("overrides", nargs="*", help="dotted overrides for --config")
     p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("cache-teacher", help="run the teacher once over the train data and "
+                       "store its outputs (teacher-output cache)")
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="recompute even if a valid cache exists")
+    p.set_defaults(fn=cmd_cache_teacher)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep over tune.space (ASHA / Optuna, MLflow "
+                       "parent + child runs)")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest interrupted sweep of this config")
+    p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("demo", help="the embedded demo: teacher, scratch and KD on digits")
     p.add_argument("--configs", default="configs", help="folder with digits-*.yaml")

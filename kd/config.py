@@ -71,6 +71,8 @@ class TeacherConfig(ModelSpec):
     """The primary teacher; ``teachers`` adds more for multi-teacher KD."""
 
     cache: bool = False
+    cache_top_k: int | None = Field(None, ge=1, description="cache only the k largest "
+                                    "logits per sample (large output spaces)")
     teachers: list[ModelSpec] = Field(default_factory=list)
 
     def all(self) -> list[ModelSpec]:
@@ -177,6 +179,66 @@ class RegistryConfig(Strict):
     gate: GateConfig = Field(default_factory=GateConfig)
 
 
+class TuneSchedulerConfig(Strict):
+    """Trial scheduler: ASHA stops weak trials at rungs ``grace_period * rf^k`` epochs."""
+
+    name: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class TuneSearchConfig(Strict):
+    """Search algorithm: random sampling or Optuna's TPE."""
+
+    name: Literal["random", "optuna"] = "random"
+
+
+class TuneConstraints(Strict):
+    """Limits the chosen trial must meet; a missing limit is not checked."""
+
+    max_params: int | None = Field(None, ge=1)
+    max_latency_ms: float | None = Field(None, gt=0)
+    min_teacher_agreement: float | None = Field(None, ge=0, le=1)
+
+
+class TuneResources(Strict):
+    """What one trial gets: Ray Train workers (None = ``scaling.num_workers``) and
+    CPUs / GPUs per worker (a 0-worker trial runs the loop in the trial process)."""
+
+    workers: int | None = Field(None, ge=0)
+    cpus_per_worker: float = Field(1.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0)
+
+
+class TuneConfig(Strict):
+    """`kd tune`: the search space by dotted config path (``loguniform(a, b)``,
+    ``uniform(a, b)``, ``randint(a, b)``, ``choice([...])``), budget, scheduler,
+    search algorithm, concurrency, retries, per-trial resources, constraints."""
+
+    metric: str = "val/accuracy"
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=0)
+    seed: int | None = None
+    scheduler: TuneSchedulerConfig = Field(default_factory=TuneSchedulerConfig)
+    search: TuneSearchConfig = Field(default_factory=TuneSearchConfig)
+    space: dict[str, str] = Field(default_factory=dict)
+    constraints: TuneConstraints = Field(default_factory=TuneConstraints)
+    resources: TuneResources = Field(default_factory=TuneResources)
+
+
+RANDOM_TRANSFORM_WORDS = ("random", "flip", "crop", "jitter", "noise", "mixup", "cutmix",
+                          "erase", "augment", "rotate", "affine", "cutout")
+
+
+def is_random_transform(name: str) -> bool:
+    """True for augmentation transforms (their output differs per epoch), by name:
+    any name containing one of `RANDOM_TRANSFORM_WORDS` (``random_crop``, ``hflip``)."""
+    low = name.lower()
+    return any(w in low for w in RANDOM_TRANSFORM_WORDS)
+
+
 class StorageConfig(Strict):
     """Where checkpoints, caches and results go: a local path or an s3:// URI."""
 
@@ -200,6 +262,23 @@ class Experiment(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @model_validator(mode="after")
+    def _cache_needs_fixed_inputs(self) -> Experiment:
+        if self.teacher is None or not self.teacher.cache:
+            return self
+        random = [t for t in self.data.transforms if is_random_transform(t)]
+        if random:
+            raise ValueError(
+                f"teacher.cache: true cannot be combined with the random augmentation "
+                f"data.transforms {random}: cached teacher outputs belong to one fixed view "
+                "of each input, an augmented input needs a fresh teacher forward; set "
+                "teacher.cache: false (the online teacher) or drop the random transforms")
+        if self.teacher.teachers:
+            raise ValueError("teacher.cache: true caches the primary teacher only; with "
+                             "teacher.teachers set, use teacher.cache: false (online teachers)")
+        return self
 
     @field_validator("name")
     @classmethod

@@ -81,9 +81,19 @@ def primary_teacher(exp: Experiment, splits: Splits) -> Any | None:
     return freeze(build_spec(exp.teacher, "teacher", splits.input_shape, splits.num_classes, True))
 
 
+def uses_cache(exp: Experiment, role: Role) -> bool:
+    """True when this run reads teacher outputs from the cache (``teacher.cache`` on,
+    a student run with loss terms that need the teacher)."""
+    return (role == "student" and exp.teacher is not None and exp.teacher.cache
+            and bool(exp.distill.losses))
+
+
 def train_run(exp: Experiment, role: Role, run_name: str | None = None,
-              extra_tags: dict[str, str] | None = None) -> RunOutcome:
-    """One `kd teacher` / `kd distill` run, end to end (see the module docstring)."""
+              extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None,
+              callbacks: list[Any] | None = None) -> RunOutcome:
+    """One `kd teacher` / `kd distill` run, end to end (see the module docstring).
+    With ``teacher.cache`` the teacher outputs come from `kd.teacher.ensure_cache`
+    (computed once, then reused); ``parent_run_id`` makes the MLflow run a child."""
     splits = load_splits(exp.data, exp.storage.endpoint_url)
     preflight(exp, role, splits)
     splits = balance_by_teacher(exp, role, splits)
@@ -92,15 +102,24 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
     tags = {"kd.data_hash": splits.data_hash, **(extra_tags or {})}
     if role == "student" and exp.teacher is not None and exp.teacher.weights:
         tags["kd.teacher_uri"] = exp.teacher.weights
+    columns = None
+    if uses_cache(exp, role):
+        from kd.teacher import ensure_cache, load_columns
+
+        cache = ensure_cache(exp, splits)
+        columns = load_columns(cache, len(splits.train))
+        tags.update({"kd.teacher_cache": cache.uri, "kd.teacher_cache.key": cache.key,
+                     "kd.teacher_cache.computed": str(cache.computed).lower()})
     name = run_name or default_run_name(exp, role)
     tags["kd.ray_run_name"] = name
     # A given run name that already ran resumes its Ray checkpoints and its MLflow run.
     run_id = (tracking.resume_run(exp, name) if run_name else None) or \
-        tracking.start_run(exp, role, tags)
+        tracking.start_run(exp, role, tags, parent_run_id=parent_run_id)
     print(f"[kd] {role} run {name}: MLflow run {run_id} at {uri}", flush=True)
     ok = False
     try:
-        result = fit(exp, role, splits, run_id, uri, name)
+        result = fit(exp, role, splits, run_id, uri, name, extra_train_columns=columns,
+                     callbacks=callbacks)
         spec = trainee_spec(exp, role)
         with tempfile.TemporaryDirectory() as d:
             import ray.train
@@ -125,6 +144,9 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
         print(f"[kd] weights: {weights_uri}  holdout accuracy {holdout['accuracy']:.4f}",
               flush=True)
         return RunOutcome(run_id, weights_uri, sha, result.metrics, holdout, result.history)
+    except BaseException as e:
+        tracking.set_tags(uri, run_id, {"kd.error": f"{type(e).__name__}: {e}"[:5000]})
+        raise
     finally:
         tracking.end_run(uri, run_id, ok)
 

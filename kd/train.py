@@ -41,6 +41,19 @@ CKPT_LOSS = "loss.safetensors"
 CKPT_STATE = "train_state.pt"
 CKPT_MANIFEST = "manifest.json"
 TEACHER_LOGITS = "teacher_logits"
+TEACHER_FEATURE = "teacher_feature:"
+TEACHER_TOPK_VALUES = "teacher_topk_values"
+TEACHER_TOPK_INDICES = "teacher_topk_indices"
+TOPK_FLOOR = 1e4  # classes outside the cached top-k get logit min(top-k) - TOPK_FLOOR
+
+
+def dense_from_topk(values: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Full ``[B, C]`` logits from the cached top-k: the k kept logits in place, every
+    other class at ``min(top-k) - TOPK_FLOOR`` (probability 0 at any sane temperature),
+    so softmax over the result is the teacher's softmax renormalised over its top k."""
+    floor = values.min(1, keepdim=True).values - TOPK_FLOOR
+    out = floor.expand(values.shape[0], num_classes).clone()
+    return out.scatter(1, indices.long(), values)
 
 
 @dataclass
@@ -115,23 +128,46 @@ class Step:
         self.s_cap = FeatureCapture(trainee, asm.student_paths, "student")
         self.t_cap = (FeatureCapture(asm.teachers[0], asm.teacher_paths, "teacher")
                       if asm.teachers else None)
+        self.teacher_forwards = 0
+
+    def cached(self, batch: dict[str, torch.Tensor]) -> bool:
+        """True when the batch carries every teacher output the loss needs (the cache's
+        logits, plus ``teacher_feature:<path>`` for each hooked teacher path)."""
+        has_logits = TEACHER_LOGITS in batch or TEACHER_TOPK_VALUES in batch
+        return (has_logits and len(self.asm.teachers) == 1
+                and all(TEACHER_FEATURE + p in batch for p in self.asm.teacher_paths))
 
     def teacher_logits(self, batch: dict[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
         """Cached logits when the batch carries them (and no features are needed),
         else a no-grad forward of every teacher."""
-        if TEACHER_LOGITS in batch and not self.asm.teacher_paths and len(self.asm.teachers) == 1:
-            return [batch[TEACHER_LOGITS].to(self.device).float()]
+        return self.teacher_outputs(batch, x)[0]
+
+    def teacher_outputs(self, batch: dict[str, torch.Tensor], x: torch.Tensor,
+                        num_classes: int = 0) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """(logits per teacher, primary teacher features): read from the batch when it
+        carries the cached outputs, else a no-grad forward (counted in
+        ``teacher_forwards``) of every teacher."""
+        if self.cached(batch):
+            feats = {p: batch[TEACHER_FEATURE + p].to(self.device).float()
+                     for p in self.asm.teacher_paths}
+            if TEACHER_LOGITS in batch:
+                return [batch[TEACHER_LOGITS].to(self.device).float()], feats
+            dense = dense_from_topk(batch[TEACHER_TOPK_VALUES].to(self.device).float(),
+                                    batch[TEACHER_TOPK_INDICES].to(self.device), num_classes)
+            return [dense], feats
+        self.teacher_forwards += 1
         with torch.no_grad():
-            return [t(x).float() for t in self.asm.teachers]
+            logits = [t(x).float() for t in self.asm.teachers]
+        return logits, dict(self.t_cap.features) if self.t_cap else {}
 
     def __call__(self, batch: dict[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], DistillBatch]:
         x = batch["x"].to(self.device, self.input_dtype)
         y = batch["y"].to(self.device)
-        t_logits = self.teacher_logits(batch, x) if self.asm.teachers else []
         logits = self.trainee(x)
-        db = DistillBatch(logits.float(), y, t_logits, dict(self.s_cap.features),
-                          dict(self.t_cap.features) if self.t_cap else {})
+        t_logits, t_feats = (self.teacher_outputs(batch, x, logits.shape[1])
+                             if self.asm.teachers else ([], {}))
+        db = DistillBatch(logits.float(), y, t_logits, dict(self.s_cap.features), t_feats)
         total, parts = self.asm.loss(db)
         return total, parts, db
 
@@ -397,6 +433,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         seen = labeled = 0
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
+        forwards_before = step.teacher_forwards
         batches = train_ds.iter_torch_batches(
             batch_size=per_worker,
             local_shuffle_buffer_size=min(spec["train_rows"], 4096),
@@ -427,6 +464,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
                 sums[f"train/loss/{k}"] = sums.get(f"train/loss/{k}", 0.0) + float(v) * n
             global_step += 1
         elapsed = time.perf_counter() - t0
+        train_forwards = step.teacher_forwards - forwards_before
         keys = sorted(sums)
         reduced = _all_reduce([sums[k] for k in keys] + [seen, labeled, elapsed], device)
         total_seen = max(reduced[-3], 1.0)
@@ -440,6 +478,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
             "train/labeled_samples": reduced[-2],
             "train/unlabeled_samples": reduced[-3] - reduced[-2],
             "lr": opt.param_groups[0]["lr"],
+            "train/teacher_forward_batches": float(train_forwards),
         })
         if device.type == "cuda":  # peak memory of this worker (rank 0's is logged)
             metrics["gpu/max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9

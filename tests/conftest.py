@@ -151,3 +151,22 @@ def mlflow_server(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> I
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> str:
+    """Weights of a cnn_small teacher trained 3 epochs on digits (in-process loop);
+    returns the safetensors path."""
+    from kd.config import load_experiment
+    from kd.pipeline import train_run
+
+    d = tmp_path_factory.mktemp("teacher")
+    old = Path.cwd()
+    os.chdir(d)
+    try:
+        exp = load_experiment(CONFIGS / "digits-teacher.yaml",
+                              ["scaling.num_workers=0", "trainer.epochs=3",
+                               f"storage.path={d / 'runs'}", f"tracking.uri=sqlite:///{d}/mlflow.db"])
+        return train_run(exp, "teacher").weights
+    finally:
+        os.chdir(old)

@@ -1,0 +1,287 @@
+"""The frozen teacher's output cache: the teacher runs once, every run and trial reads.
+
+`ensure_cache` runs the primary teacher over the train split with Ray Data
+``map_batches`` (a pool of actors, each holding one frozen teacher; on a GPU when
+``scaling.use_gpu``; bf16 autocast when ``trainer.precision: bf16``) and writes its
+outputs as parquet under ``<storage.path>/teacher-cache/<key>/``, local or s3://.
+What is stored: ``idx`` (the train row, the join key), ``teacher_logits`` and
+``teacher_feature:<path>`` for every teacher module path a loss term hooks.
+
+``key = sha256(teacher weights sha256, teacher architecture, data content hash,
+transforms, outputs requested, precision, format)``: change any of them and the key
+changes, so the cache is recomputed, never silently reused.
+
+Atomicity: rows go into ``<key>/data-<uuid>/``; the manifest ``<key>/_SUCCESS``
+(JSON: the key's inputs, the data folder's name, the row count) is written last.
+A cache without a manifest is invisible (and replaced); a manifest whose recorded
+teacher or data hash differs from what is expected is logged and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kd import storage
+from kd.config import Experiment
+from kd.data import Splits, to_ray
+from kd.errors import InputError
+from kd.train import TEACHER_FEATURE, TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
+
+CACHE_DIR = "teacher-cache"
+MARKER = "_SUCCESS"
+FORMAT_VERSION = 1
+LOGITS = "logits"
+
+
+@dataclass
+class TeacherCache:
+    """One usable cache: where it is, its key, its manifest, whether this call computed it."""
+
+    uri: str
+    key: str
+    manifest: dict[str, Any]
+    computed: bool
+    endpoint: str | None = None
+
+    @property
+    def data_uri(self) -> str:
+        """The folder holding the parquet rows."""
+        return storage.join(self.uri, self.manifest["data_dir"])
+
+
+def arrow_fs(uri: str, endpoint: str | None = None) -> tuple[Any, str]:
+    """A pyarrow filesystem and path for a local path or an s3:// URI (with the
+    endpoint override of `kd.storage.endpoint_url`)."""
+    import pyarrow.fs as pafs
+
+    if storage.is_s3(uri):
+        bucket, key = storage.split_s3(uri)
+        ep = storage.endpoint_url(endpoint)
+        kwargs: dict[str, Any] = {}
+        if ep:
+            kwargs["endpoint_override"] = ep
+            kwargs["scheme"] = "https" if ep.startswith("https") else "http"
+        return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+    return pafs.LocalFileSystem(), uri
+
+
+def requested_outputs(exp: Experiment) -> list[str]:
+    """``logits`` plus the teacher module paths the configured loss terms read."""
+    from kd.assemble import required_paths
+
+    _, t_paths = required_paths([t.model_dump() for t in exp.distill.losses])
+    k = exp.teacher.cache_top_k if exp.teacher is not None else None
+    return [f"{LOGITS}:top{k}" if k else LOGITS, *t_paths]
+
+
+def teacher_sha256(exp: Experiment) -> str:
+    """sha256 of the primary teacher's weights file (downloaded first for URIs)."""
+    from kd.models.weights import resolve
+
+    if exp.teacher is None or not exp.teacher.weights:
+        raise InputError("teacher.weights: required to cache teacher outputs")
+    return storage.sha256_file(resolve(exp.teacher.weights))
+
+
+def key_facts(exp: Experiment, splits: Splits) -> dict[str, Any]:
+    """Everything the cached outputs depend on (the key hashes exactly this)."""
+    assert exp.teacher is not None
+    return {
+        "format": FORMAT_VERSION,
+        "teacher_sha256": teacher_sha256(exp),
+        "teacher": {"model": exp.teacher.model, "args": exp.teacher.args,
+                    "width": exp.teacher.width},
+        "data_hash": splits.data_hash,
+        "train_rows": len(splits.train),
+        "transforms": list(exp.data.transforms),
+        "outputs": requested_outputs(exp),
+        "precision": exp.trainer.precision,
+    }
+
+
+def cache_key(facts: dict[str, Any]) -> str:
+    """sha256 (24 hex) of the canonical JSON of `key_facts`."""
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_root(exp: Experiment) -> str:
+    """``<storage.path>/teacher-cache``."""
+    return storage.join(exp.storage.path, CACHE_DIR)
+
+
+def _read_manifest(fs: Any, path: str) -> dict[str, Any] | None:
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(f"{path}/{MARKER}")
+    if info.type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{path}/{MARKER}") as f:
+        return json.loads(f.read().decode())
+
+
+def _write_manifest(fs: Any, path: str, manifest: dict[str, Any]) -> None:
+    with fs.open_output_stream(f"{path}/{MARKER}") as f:
+        f.write(json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+
+def _clear(fs: Any, path: str) -> None:
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir_contents(path, missing_dir_ok=True)
+
+
+def find_cache(exp: Experiment, splits: Splits) -> TeacherCache | None:
+    """The complete cache for this teacher + data + outputs, or None (logged) when
+    there is none, it is half-written, or its manifest disagrees with the key."""
+    facts = key_facts(exp, splits)
+    key = cache_key(facts)
+    uri = storage.join(cache_root(exp), key)
+    fs, path = arrow_fs(uri, exp.storage.endpoint_url)
+    manifest = _read_manifest(fs, path)
+    if manifest is None:
+        return None
+    recorded = manifest.get("facts", {})
+    if recorded != facts:
+        diff = sorted(k for k in facts if recorded.get(k) != facts[k])
+        print(f"[kd] teacher cache {uri}: its manifest differs in {', '.join(diff)} "
+              f"(written by teacher sha256 {str(recorded.get('teacher_sha256'))[:12]}, "
+              f"expected {facts['teacher_sha256'][:12]}): recomputing", flush=True)
+        return None
+    return TeacherCache(uri, key, manifest, computed=False, endpoint=exp.storage.endpoint_url)
+
+
+class TeacherForward:
+    """Ray Data ``map_batches`` callable: one frozen teacher per actor; a numpy batch
+    ``{x, idx, ...}`` -> ``{idx, teacher_logits, teacher_feature:<path>...}`` (float32)."""
+
+    def __init__(self, exp_doc: dict[str, Any], input_shape: list[int], num_classes: int,
+                 paths: list[str], top_k: int | None = None) -> None:
+        import torch
+
+        from kd.assemble import build_spec
+        from kd.config import experiment_from_dict
+        from kd.hooks import FeatureCapture
+        from kd.models.weights import freeze
+
+        exp = experiment_from_dict(exp_doc)
+        assert exp.teacher is not None
+        self.device = torch.device("cuda" if exp.scaling.use_gpu and torch.cuda.is_available()
+                                   else "cpu")
+        self.model = freeze(build_spec(exp.teacher, "teacher", tuple(input_shape), num_classes,
+                                       load_weights=True)).to(self.device)
+        self.paths = paths
+        self.top_k = min(top_k, num_classes) if top_k else None
+        self.capture = FeatureCapture(self.model, paths, "teacher") if paths else None
+        self.bf16 = exp.trainer.precision == "bf16"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        x = torch.from_numpy(np.array(batch["x"]))
+        x = x.to(self.device, torch.int64 if not x.is_floating_point() else torch.float32)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                             enabled=self.bf16):
+            logits = self.model(x)
+        out = {"idx": np.asarray(batch["idx"])}
+        if self.top_k:
+            values, indices = logits.float().topk(self.top_k, dim=1)
+            out[TEACHER_TOPK_VALUES] = values.cpu().numpy()
+            out[TEACHER_TOPK_INDICES] = indices.cpu().numpy().astype(np.int64)
+        else:
+            out[TEACHER_LOGITS] = logits.float().cpu().numpy()
+        if self.capture is not None:
+            for p in self.paths:
+                out[TEACHER_FEATURE + p] = self.capture.features[p].float().cpu().numpy()
+        return out
+
+
+def compute_cache(exp: Experiment, splits: Splits, batch_size: int = 256) -> TeacherCache:
+    """Run the teacher over the train split and write the cache (see module docstring)."""
+    import ray.data
+
+    from kd.runtime import ensure_ray
+
+    ensure_ray()
+    facts = key_facts(exp, splits)
+    key = cache_key(facts)
+    uri = storage.join(cache_root(exp), key)
+    fs, path = arrow_fs(uri, exp.storage.endpoint_url)
+    _clear(fs, path)  # a half-written attempt (no manifest) is never read: start over
+    data_dir = f"data-{uuid.uuid4().hex[:8]}"
+    use_gpu = exp.scaling.use_gpu
+    workers = max(1, exp.scaling.num_workers)
+    print(f"[kd] teacher cache: computing {key} ({len(splits.train)} rows, outputs "
+          f"{facts['outputs']}, {workers} actor(s){' on GPU' if use_gpu else ''})", flush=True)
+    t0 = time.perf_counter()
+    out = to_ray(splits.train).map_batches(
+        TeacherForward,
+        fn_constructor_kwargs={"exp_doc": exp.model_dump(mode="json"),
+                               "input_shape": list(splits.input_shape),
+                               "num_classes": splits.num_classes,
+                               "paths": facts["outputs"][1:],
+                               "top_k": exp.teacher.cache_top_k},
+        batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_gpus=1 if use_gpu else 0)
+    out.write_parquet(f"{path}/{data_dir}", filesystem=fs)
+    seconds = time.perf_counter() - t0
+    manifest = {"facts": facts, "key": key, "data_dir": data_dir, "rows": len(splits.train),
+                "columns": [*([TEACHER_TOPK_VALUES, TEACHER_TOPK_INDICES]
+                              if exp.teacher.cache_top_k else [TEACHER_LOGITS]),
+                            *[TEACHER_FEATURE + p for p in facts["outputs"][1:]]],
+                "seconds": round(seconds, 3),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    _write_manifest(fs, path, manifest)  # last: only now is the cache visible
+    print(f"[kd] teacher cache: wrote {uri} in {seconds:.1f}s", flush=True)
+    return TeacherCache(uri, key, manifest, computed=True, endpoint=exp.storage.endpoint_url)
+
+
+def ensure_cache(exp: Experiment, splits: Splits, force: bool = False) -> TeacherCache:
+    """The cache for this experiment: reused when a complete one with the same key
+    exists (unless ``force``), else computed now."""
+    if exp.teacher is None:
+        raise InputError("teacher: section is required to cache teacher outputs")
+    if not force:
+        found = find_cache(exp, splits)
+        if found is not None:
+            print(f"[kd] teacher cache: reusing {found.uri}", flush=True)
+            return found
+    return compute_cache(exp, splits)
+
+
+def load_columns(cache: TeacherCache, train_rows: int) -> dict[str, np.ndarray]:
+    """The cached outputs as arrays in train-row order (``idx`` 0..N-1), ready for
+    `kd.train.fit`'s ``extra_train_columns``; a row count that does not match is an error."""
+    import pyarrow.parquet as pq
+    import ray.data  # noqa: F401  (registers Ray's tensor extension types with pyarrow)
+
+    fs, path = arrow_fs(cache.data_uri, cache.endpoint)
+    table = pq.read_table(path, filesystem=fs).sort_by("idx")
+    idx = table.column("idx").to_numpy()
+    if len(idx) != train_rows or not np.array_equal(idx, np.arange(train_rows)):
+        raise InputError(f"teacher cache {cache.uri}: holds {len(idx)} rows, the train split "
+                         f"has {train_rows}; delete it to recompute")
+    return {c: np.asarray(table.column(c).combine_chunks().to_numpy())
+            for c in cache.manifest["columns"]}
+
+
+def cache_teacher(exp: Experiment, force: bool = False) -> TeacherCache:
+    """`kd cache-teacher CONFIG`: load the data, build or reuse the cache, print where."""
+    from kd.data import load_splits
+
+    if exp.teacher is None or not exp.teacher.weights:
+        raise InputError("teacher.weights: required to cache teacher outputs")
+    splits = load_splits(exp.data, exp.storage.endpoint_url)
+    cache = ensure_cache(exp, splits, force=force)
+    state = "computed" if cache.computed else "reused"
+    print(f"{cache.uri}  ({state}, {cache.manifest['rows']} rows, "
+          f"columns {', '.join(cache.manifest['columns'])})")
+    return cache

@@ -1,0 +1,154 @@
+"""The `tune.space` mini-language, parsed without eval.
+
+``{dotted.config.path: "dist(args)"}`` with ``dist`` one of ``loguniform(a, b)``
+(0 < a < b), ``uniform(a, b)`` (a < b), ``randint(a, b)`` (ints, a < b, b exclusive)
+and ``choice([v1, v2, ...])`` (a non-empty list of literals). Arguments are read
+with `ast.literal_eval` (literals only). Each path must name a field of the
+resolved config (lists by index, e.g. ``distill.losses.0.weight``; keys inside a
+model's ``args`` may be new), and the distribution's extreme values must validate.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import difflib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kd.config import Experiment, experiment_from_dict, flatten
+from kd.errors import InputError
+
+KINDS = ("loguniform", "uniform", "randint", "choice")
+_CALL = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$", re.S)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """One parsed distribution: ``kind`` and its literal arguments."""
+
+    kind: str
+    args: tuple[Any, ...]
+
+    def to_tune(self) -> Any:
+        """The equivalent `ray.tune` search domain."""
+        from ray import tune
+
+        if self.kind == "choice":
+            return tune.choice(list(self.args[0]))
+        return getattr(tune, self.kind)(*self.args)
+
+    def extremes(self) -> list[Any]:
+        """Values at the edges of the range (every option for ``choice``)."""
+        if self.kind == "choice":
+            return list(self.args[0])
+        if self.kind == "randint":
+            return [self.args[0], self.args[1] - 1]
+        return [self.args[0], self.args[1]]
+
+
+def parse_dist(path: str, text: Any) -> Dist:
+    """Parse ``"loguniform(1, 10)"`` etc.; an `InputError` names ``tune.space.<path>``."""
+    where = f"tune.space.{path}"
+    if not isinstance(text, str):
+        raise InputError(f"{where}: expected a string like 'uniform(0.1, 1.0)', got {text!r}")
+    m = _CALL.match(text)
+    if not m or m.group(1) not in KINDS:
+        raise InputError(f"{where}: {text!r} is not one of {', '.join(k + '(...)' for k in KINDS)}")
+    kind, raw = m.group(1), m.group(2)
+    try:
+        args = ast.literal_eval(f"({raw},)") if raw.strip() else ()
+    except (ValueError, SyntaxError):
+        raise InputError(f"{where}: arguments of {kind} must be literals, got {raw!r}") from None
+    if kind == "choice":
+        if len(args) != 1 or not isinstance(args[0], (list, tuple)) or not args[0]:
+            raise InputError(f"{where}: choice takes one non-empty list, e.g. choice([0.5, 1.0])")
+        return Dist(kind, (list(args[0]),))
+    if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool)
+                                 for a in args):
+        raise InputError(f"{where}: {kind} takes two numbers (low, high), got {raw!r}")
+    lo, hi = args
+    if not lo < hi:
+        raise InputError(f"{where}: {kind}({lo}, {hi}): low must be < high")
+    if kind == "loguniform" and lo <= 0:
+        raise InputError(f"{where}: loguniform({lo}, {hi}): bounds must be > 0")
+    if kind == "randint" and not (isinstance(lo, int) and isinstance(hi, int)):
+        raise InputError(f"{where}: randint({lo}, {hi}): bounds must be integers")
+    return Dist(kind, (lo, hi))
+
+
+def set_path(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A copy of ``doc`` with ``path`` (dots; list items by index) set to ``value``."""
+    out = copy.deepcopy(doc)
+    node: Any = out
+    parts = path.split(".")
+    for part in parts[:-1]:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return out
+
+
+def apply_values(doc: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with every ``{path: value}`` of a trial applied."""
+    for path, value in values.items():
+        doc = set_path(doc, path, value)
+    return doc
+
+
+def _check_path(doc: dict[str, Any], path: str) -> None:
+    node: Any = doc
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise InputError(f"tune.space.{path}: {'.'.join(parts[:i]) or '(top)'} is a list "
+                                 f"of {len(node)}; {part!r} is not an index in it")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            if part not in node:
+                if last and parts[i - 1:i] == ["args"]:
+                    return  # a model argument not set in the config: the model checks it
+                near = difflib.get_close_matches(path, list(flatten(doc)), n=2, cutoff=0.6)
+                hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+                raise InputError(f"tune.space.{path}: no such config field{hint}")
+            node = node[part]
+        else:
+            raise InputError(f"tune.space.{path}: {'.'.join(parts[:i])} is a value, not a section")
+
+
+def parse_space(exp: Experiment) -> dict[str, Dist]:
+    """Parse and check ``exp.tune.space`` (see the module docstring)."""
+    if not exp.tune.space:
+        raise InputError("tune.space: empty; name at least one field, e.g. "
+                         "distill.temperature: loguniform(1, 10)")
+    doc = exp.model_dump(mode="json")
+    space: dict[str, Dist] = {}
+    for path, text in exp.tune.space.items():
+        if path.startswith("tune.") or path == "name":
+            raise InputError(f"tune.space.{path}: this field cannot be searched")
+        dist = parse_dist(path, text)
+        _check_path(doc, path)
+        for value in dist.extremes():
+            try:
+                trial = experiment_from_dict(set_path(doc, path, value), "trial")
+            except InputError as e:
+                raise InputError(f"tune.space.{path}: value {value!r} is not valid here "
+                                 f"({str(e).removeprefix('trial: ')})") from None
+            if path.startswith("student.") and trial.student is not None:
+                from kd.models import build_model
+
+                try:
+                    build_model(trial.student.model, trial.student.args, (1, 8, 8), 2,
+                                trial.student.width)
+                except InputError as e:
+                    raise InputError(f"tune.space.{path}: value {value!r}: {e}") from None
+                except Exception:  # noqa: BLE001 - shape-specific models: checked at trial time
+                    pass
+        space[path] = dist
+    return space

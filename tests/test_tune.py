@@ -1,0 +1,177 @@
+"""`kd tune`: the search-space language, the constrained choice, teacher-pruned init,
+and one real CPU sweep on digits (4 trials, 2 at a time, ASHA, shared teacher cache)
+checked through its MLflow run tree."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd import cli
+from kd.config import TuneConstraints, load_experiment
+from kd.errors import InputError
+from kd.tune_report import choose, pareto_front
+from kd.tune_space import parse_dist, parse_space
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TUNE = CONFIGS / "digits-tune.yaml"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("uniform(2, 1)", "low must be < high"),
+    ("loguniform(0, 1)", "bounds must be > 0"),
+    ("randint(1.5, 3)", "integers"),
+    ("choice([])", "non-empty list"),
+    ("normal(0, 1)", "is not one of"),
+    ("uniform(__import__('os'), 1)", "must be literals"),
+])
+def test_bad_distributions(text: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        parse_dist("distill.temperature", text)
+
+
+def test_space_paths_and_values_are_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(InputError, match=r"distill\.temprature: no such config field "
+                                         r"\(did you mean distill\.temperature"):
+        parse_space(load_experiment(TUNE, ["tune.space={distill.temprature: 'uniform(1, 2)'}"]))
+    with pytest.raises(InputError, match=r"distill.losses.3.weight: .*not an index"):
+        parse_space(load_experiment(
+            TUNE, ["tune.space={distill.losses.3.weight: 'uniform(0, 1)'}"]))
+    with pytest.raises(InputError, match=r"value -1.0 is not valid here .*temperature"):
+        parse_space(load_experiment(TUNE, ["tune.space={distill.temperature: 'uniform(-1.0, 2)'}"]))
+    space = parse_space(load_experiment(TUNE))
+    assert space["student.width"].args == ([0.25, 0.5, 1.0],)
+    assert cli.run(["tune", str(TUNE), "tune.space={student.widht: 'choice([0.5])'}"]) == 2
+    assert "student.widht: no such config field" in capsys.readouterr().err
+
+
+def test_choose_respects_constraints() -> None:
+    rows = [
+        {"trial_id": "a", "metric": 0.95, "params": 9000.0, "latency_ms": 1.0,
+         "val/teacher_agreement": 0.97},
+        {"trial_id": "b", "metric": 0.90, "params": 3000.0, "latency_ms": 1.0,
+         "val/teacher_agreement": 0.93},
+        {"trial_id": "c", "metric": 0.80, "params": 1000.0, "latency_ms": 1.0,
+         "val/teacher_agreement": 0.85},
+        {"trial_id": "d", "metric": math.nan, "params": 500.0, "latency_ms": 1.0},
+    ]
+    best, closest = choose(rows, TuneConstraints(), "max")
+    assert best["trial_id"] == "a" and not closest
+    best, _ = choose(rows, TuneConstraints(max_params=5000, min_teacher_agreement=0.9), "max")
+    assert best["trial_id"] == "b"
+    best, closest = choose(rows, TuneConstraints(max_params=100), "max")
+    assert best is None and closest[0]["trial_id"] == "c"  # smallest excess first
+    assert [r["trial_id"] for r in pareto_front(rows, "max")] == ["c", "b", "a"]
+
+
+def test_teacher_pruned_init_keeps_important_channels(digits_teacher: str) -> None:
+    from kd.assemble import assemble
+    from kd.pipeline import primary_teacher
+
+    exp = load_experiment(CONFIGS / "digits-kd.yaml", [
+        f"teacher.weights={digits_teacher}", "student.model=cnn_small",
+        "student.args={channels: [32, 64]}", "student.width=0.5", "student.init=teacher_pruned"])
+    from kd.data import load_splits
+
+    splits = load_splits(exp.data)
+    x = torch.as_tensor(splits.val.x[:256])
+    asm = assemble(exp, "student", splits.input_shape, splits.num_classes, x[:4])
+    teacher = primary_teacher(exp, splits)
+    s, t = asm.trainee, teacher
+    keep = t.block1.bn.weight.abs().topk(16).indices.sort().values
+    assert torch.equal(s.block1.conv.weight, t.block1.conv.weight[keep])
+    assert torch.equal(s.block1.bn.running_mean, t.block1.bn.running_mean[keep])
+    keep2 = t.block2.bn.weight.abs().topk(32).indices.sort().values
+    assert torch.equal(s.block2.conv.weight, t.block2.conv.weight[keep2][:, keep])
+    assert torch.equal(s.fc.weight, t.fc.weight[:, keep2])
+    with pytest.raises(InputError, match="teacher's model and args"):
+        assemble(exp.model_copy(update={"student": exp.student.model_copy(
+            update={"model": "mlp", "args": {}})}), "student", splits.input_shape,
+            splits.num_classes, x[:4])
+
+
+@pytest.mark.slow
+def test_sweep_mlflow_tree_asha_and_one_teacher_pass(workdir: Path, digits_teacher: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from kd.tune import run_sweep
+
+    exp = load_experiment(TUNE, [
+        f"teacher.weights={digits_teacher}", f"storage.path={workdir / 'runs'}",
+        "tune.num_samples=4", "tune.max_concurrent_trials=2", "trainer.epochs=3",
+        "tune.search.name=random", "tune.seed=3",
+        "tune.scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
+        "tune.space={optim.lr: 'choice([0.0005, 0.1])', distill.temperature: 'uniform(2, 6)'}",
+        "tune.constraints={}", "tune.resources.cpus_per_worker=0.25"])
+    out = run_sweep(exp)
+    assert len(out.rows) == 4 and out.chosen is not None
+    c = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    eid = c.get_experiment_by_name(exp.tracking.experiment).experiment_id
+    runs = c.search_runs([eid], max_results=100)
+    parents = [r for r in runs if r.data.tags.get("kd.kind") == "sweep"]
+    assert len(parents) == 1 and parents[0].info.run_id == out.parent_run_id
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == out.parent_run_id]
+    assert len(children) == 4
+    by_trial = {r.data.tags["kd.trial_id"]: r for r in children}
+    assert set(by_trial) == {r["trial_id"] for r in out.rows}
+    for row in out.rows:
+        child = by_trial[row["trial_id"]]
+        assert float(child.data.params["optim.lr"]) == row["optim.lr"]
+        assert float(child.data.params["distill.temperature"]) == row["distill.temperature"]
+        assert child.info.status == ("FINISHED" if row["status"] == "DONE" else "KILLED")
+        assert ("kd.stopped" in child.data.tags) == (row["status"] == "PRUNED")
+        epochs = c.get_metric_history(child.info.run_id, "epoch")
+        # the worker may log one more epoch to MLflow before Tune's stop reaches it
+        assert row["epochs"] <= len(epochs) <= row["epochs"] + (row["status"] == "PRUNED")
+        # the teacher paid once: the sweep built (or found) the cache, trials only read it
+        assert child.data.tags["kd.teacher_cache.computed"] == "false"
+        forwards = c.get_metric_history(child.info.run_id, "train/teacher_forward_batches")
+        assert forwards and all(m.value == 0 for m in forwards)
+    assert parent.data.tags["kd.teacher_mode"] == "cache"
+    assert parent.data.tags["kd.teacher_cache.computed"] == "true"
+    cache_dirs = list((workdir / "runs" / "teacher-cache").iterdir())
+    assert len(cache_dirs) == 1 and len([p for p in cache_dirs[0].iterdir() if p.is_dir()]) == 1
+    pruned = [r for r in out.rows if r["status"] == "PRUNED"]
+    assert pruned, "ASHA stopped no trial (two of four trials have a 200x smaller lr)"
+    assert all(r["epochs"] < exp.trainer.epochs for r in pruned)
+    assert parent.data.tags["kd.best_trial_id"] == out.chosen["trial_id"]
+    assert float(parent.data.params["best.optim.lr"]) == out.chosen["optim.lr"]
+    arts = {a.path for a in c.list_artifacts(out.parent_run_id)}
+    plots = {a.path for a in c.list_artifacts(out.parent_run_id, "plots")}
+    assert "trials.csv" in arts
+    assert {"plots/accuracy_vs_params.png", "plots/accuracy_vs_temperature.png",
+            "plots/learning_curves.png"} <= plots
+
+
+def test_failed_and_pruned_trials_in_the_run_tree(workdir: Path) -> None:
+    """A trial that raised before its run started gets a FAILED child with the error;
+    a child left RUNNING by an ASHA stop ends KILLED with the reason."""
+    from mlflow.tracking import MlflowClient
+
+    from kd import tracking
+    from kd.tune import _finish_children
+
+    exp = load_experiment(TUNE)
+    uri = tracking.tracking_uri(exp)
+    base = exp.model_dump(mode="json")
+    parent = tracking.start_run(exp, "sweep")
+    pruned_run = tracking.start_run(exp, "student", {"kd.trial_id": "t2"}, parent_run_id=parent)
+    rows = [
+        {"trial_id": "t1", "status": "ERROR", "epochs": 0, "error": "ValueError: boom",
+         **{p: None for p in exp.tune.space}, "student.width": 0.5, "optim.lr": 0.01,
+         "distill.temperature": 3.0, "distill.losses.0.weight": 0.5},
+        {"trial_id": "t2", "status": "PRUNED", "epochs": 1, "error": ""},
+    ]
+    _finish_children(uri, exp, parent, rows, base, "sweep-x")
+    c = MlflowClient(uri)
+    failed = c.get_run(rows[0]["run_id"])
+    assert failed.info.status == "FAILED" and failed.data.tags["kd.error"] == "ValueError: boom"
+    assert failed.data.tags["mlflow.parentRunId"] == parent
+    assert failed.data.params["optim.lr"] == "0.01"
+    killed = c.get_run(pruned_run)
+    assert killed.info.status == "KILLED"
+    assert killed.data.tags["kd.stopped"] == "stopped by ASHA after epoch 1"
