@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 RESULTS = REPO / "bench" / "RESULTS.md"
+
+
+def enter_work_dir(given: str | None, name: str) -> Path:
+    """Make and enter the bench's work folder (``given`` or a fresh temp folder), so
+    MLflow's SQLite file, artifacts and run folders never land in the repository."""
+    import os
+    import tempfile
+
+    work = Path(given or tempfile.mkdtemp(prefix=f"kd-bench-{name}-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)
+    return work
 
 
 def teacher_weights(work: Path, epochs: int = 8) -> str:
@@ -25,14 +36,7 @@ def teacher_weights(work: Path, epochs: int = 8) -> str:
 
 
 def write_section(title: str, body: str) -> None:
-    """Replace (or append) the ``### title`` block inside ``bench/RESULTS.md``."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    block = f"### {title}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^### {re.escape(title)}\n.*?(?=^### |^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(block + "\n", text)
-    else:
-        if "## tune and teacher cache" not in text:
-            text = text.rstrip() + "\n\n## tune and teacher cache\n\n"
-        text = text.rstrip() + "\n\n" + block
-    RESULTS.write_text(text.rstrip() + "\n")
+    """Replace (or append) the ``### title`` block under ``## tune and teacher cache``."""
+    from _results import write_section as write
+
+    write(title, body, level=3, parent="tune and teacher cache")

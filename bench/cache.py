@@ -11,13 +11,10 @@ interleaved per seed so background load falls on all of them alike. Writes bench
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-from _common import CONFIGS, teacher_weights, write_section
+from _common import CONFIGS, enter_work_dir, teacher_weights, write_section
 
 from kd.config import load_experiment
 from kd.pipeline import train_run
@@ -29,9 +26,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="kd-bench-cache-")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    os.chdir(work)  # MLflow's default artifact root (./mlruns) lands in the work folder
+    work = enter_work_dir(args.work, "cache")
     teacher = teacher_weights(work)
     modes = {
         "student only": ["distill.losses=[]", "distill.ce_weight=1.0"],

@@ -16,7 +16,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("[bench] no GPU: torch.cuda.is_available() is False; FSDP + bf16 bench skipped")
         return 0
+    from _common import enter_work_dir
     from _results import write_section
 
     from kd.config import experiment_from_dict, resolve_paths
@@ -42,8 +42,7 @@ def main() -> int:
     from kd.runtime import ensure_ray
 
     gpus = torch.cuda.device_count()
-    work = Path(tempfile.mkdtemp(prefix="kd-bench-fsdp-"))
-    os.chdir(work)
+    work = enter_work_dir(None, "fsdp")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     ensure_ray()
     rows = []

@@ -15,13 +15,11 @@ Writes bench/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from _common import CONFIGS, teacher_weights, write_section
+from _common import CONFIGS, enter_work_dir, teacher_weights, write_section
 
 from kd.config import load_experiment
 from kd.pipeline import train_run
@@ -53,9 +51,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="kd-bench-tune-")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    os.chdir(work)  # MLflow's default artifact root (./mlruns) lands in the work folder
+    work = enter_work_dir(args.work, "tune")
     teacher = teacher_weights(work)
 
     fifo = "tune.scheduler.name=none"

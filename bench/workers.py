@@ -17,7 +17,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from _common import enter_work_dir  # noqa: E402
 from _results import write_section  # noqa: E402
 
 from kd.config import load_experiment  # noqa: E402
@@ -58,8 +58,7 @@ def main() -> None:
     p.add_argument("--teacher", help="existing digits teacher weights (else one is trained)")
     args = p.parse_args()
     load_start = os.getloadavg()[0]
-    work = Path(tempfile.mkdtemp(prefix="kd-bench-workers-"))
-    os.chdir(work)
+    work = enter_work_dir(None, "workers")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     ensure_ray(num_cpus=os.cpu_count())
     common = [f"storage.path={work / 'runs'}", f"trainer.batch_size={args.batch_size}",
