@@ -269,11 +269,16 @@ def test_folder_uri_picks_its_safetensors(tmp_path: Path) -> None:
     assert torch.equal(sd["x"], torch.zeros(2))
 
 
-def test_load_from_mlflow_run_artifact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_from_mlflow_run_artifact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      request: pytest.FixtureRequest) -> None:
     import mlflow
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    # an earlier test in this process may have set a process-wide URI; use ours
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+    request.addfinalizer(lambda: mlflow.set_tracking_uri(previous))
     model = build_model("mlp", {"hidden": [4]}, DIGITS, 2)
     local = tmp_path / "model.safetensors"
     save_weights(model, local, {"arch": "mlp"})
