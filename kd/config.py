@@ -74,6 +74,8 @@ class TeacherConfig(ModelSpec):
     cache_top_k: int | None = Field(None, ge=1, description="cache only the k largest "
                                     "logits per sample (large output spaces)")
     teachers: list[ModelSpec] = Field(default_factory=list)
+    shard: bool = Field(False, description="with scaling.strategy fsdp: shard the frozen "
+                        "teacher(s) across workers instead of replicating them")
 
     def all(self) -> list[ModelSpec]:
         """The primary teacher first, then the extra ones."""

@@ -389,8 +389,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
     device = ray.train.torch.get_device() if exp.scaling.use_gpu else torch.device("cpu")
     sample = torch.as_tensor(np.asarray(spec["sample"]), dtype=_input_dtype(spec))
     asm = assemble(exp, spec["role"], tuple(spec["input_shape"]), spec["num_classes"], sample)
-    for t in asm.teachers:
-        t.to(device)
+    asm.teachers = [place_teacher(t, exp, device) for t in asm.teachers]
     asm.loss.to(device)
     start_epoch = 0
     restored = load_latest_good(
@@ -550,28 +549,48 @@ def _average_grads(params: list[nn.Parameter], world: int) -> None:
             p.grad /= world
 
 
+def _fsdp_api() -> tuple[Any, Any]:
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return MixedPrecisionPolicy, fully_shard
+
+
+def _shard(model: nn.Module, exp: Experiment, device: torch.device) -> nn.Module:
+    """FSDP2: each child with parameters is a shard unit, then the root; with
+    ``precision: bf16`` parameters are cast to bf16 for compute, reductions in fp32."""
+    policy_cls, fully_shard = _fsdp_api()
+    model.to(device)
+    mp = (policy_cls(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if exp.trainer.precision == "bf16" else policy_cls())
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child, mp_policy=mp)
+    return fully_shard(model, mp_policy=mp)
+
+
+def place_teacher(teacher: nn.Module, exp: Experiment, device: torch.device) -> nn.Module:
+    """A frozen teacher on this worker: replicated (moved to the device) by default;
+    with ``teacher.shard`` and ``scaling.strategy: fsdp`` sharded by FSDP2 across the
+    workers (parameters all-gathered per unit in forward, freed after), for teachers
+    too large for one device. Teachers have no gradients, so nothing is synchronised."""
+    if exp.teacher is not None and exp.teacher.shard and exp.scaling.strategy == "fsdp":
+        return _shard(teacher, exp, device)
+    return teacher.to(device)
+
+
 def prepare(model: nn.Module, exp: Experiment, device: torch.device) -> nn.Module:
     """Move to the device and wrap the trainee for data parallelism: DDP via Ray's
     ``prepare_model``, or FSDP2 ``fully_shard`` for ``scaling.strategy: fsdp`` (each
     child with parameters is a shard unit, then the root; with ``precision: bf16``
     parameters are cast to bf16 for compute and gradients reduced in fp32).
-    Teachers never pass through here: they are frozen, replicated and have no
-    gradients to synchronise."""
+    Teachers never pass through here (see `place_teacher`): they are frozen and have
+    no gradients to synchronise."""
     import ray.train.torch
 
     if exp.scaling.strategy == "fsdp":
-        try:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
-            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-
-        model.to(device)
-        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if exp.trainer.precision == "bf16" else MixedPrecisionPolicy())
-        for child in model.children():
-            if any(True for _ in child.parameters()):
-                fully_shard(child, mp_policy=mp)
-        return fully_shard(model, mp_policy=mp)
+        return _shard(model, exp, device)
     return ray.train.torch.prepare_model(model, move_to_device=device)
 
 
@@ -585,6 +604,9 @@ def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
         raise InputError("trainer.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
     if exp.scaling.use_gpu and not torch.cuda.is_available() and exp.scaling.num_workers == 0:
         raise InputError("scaling.use_gpu: true but no GPU is visible to the driver")
+    if exp.teacher is not None and exp.teacher.shard and exp.scaling.strategy != "fsdp":
+        raise InputError("teacher.shard: sharding the teacher needs scaling.strategy: fsdp "
+                         "(with ddp every worker holds a replica)")
     if exp.trainer.fail_at_step is not None and exp.trainer.max_failures < 1:
         raise InputError("trainer.fail_at_step kills a worker: set trainer.max_failures >= 1")
     check_label_use(exp, role, splits)

@@ -46,6 +46,7 @@ BAD = [
      "feature path 'blok2' not found in teacher model; nearest: block2"),
     (["distill.losses=[{name: kd, weight: 1.0, tau: 3}]"], "unexpected parameter 'tau'"),
     (["scaling.strategy=fsdp"], "scaling.strategy: fsdp"),
+    (["teacher.shard=true"], "teacher.shard: sharding the teacher needs scaling.strategy: fsdp"),
     (["distill.ce_weight=0", "distill.losses=[]"], "nothing to train"),
 ]
 

@@ -16,6 +16,7 @@ state restored into a freshly sharded model and optimizer.
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 
@@ -41,6 +42,7 @@ def _worker(rank: int, world: int, port: int) -> None:
         _is_fsdp,
         _restore_optimizer,
         checkpoint_state,
+        place_teacher,
         prepare,
     )
 
@@ -63,6 +65,21 @@ def _worker(rank: int, world: int, port: int) -> None:
     assert not same_on_all_ranks(side.weight.grad)
     _average_grads(list(side.parameters()), world)
     assert same_on_all_ranks(side.weight.grad)
+
+    # teacher.shard: a frozen teacher split across the workers computes what the whole one does
+    teacher_exp = experiment_from_dict({"name": "x", "scaling": {"strategy": "fsdp"},
+                                        "teacher": {"model": "mlp", "shard": True}})
+    torch.manual_seed(5)
+    full = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval().requires_grad_(False)
+    sharded = place_teacher(copy.deepcopy(full), teacher_exp, torch.device("cpu"))
+    assert sum(p.to_local().numel() for p in sharded.parameters()) < sum(
+        p.numel() for p in full.parameters())  # each worker holds only its shard
+    xt = torch.randn(5, 8) + rank
+    with torch.no_grad():
+        assert torch.allclose(sharded(xt), full(xt), atol=1e-6)
+    replicated = place_teacher(copy.deepcopy(full), experiment_from_dict({"name": "x"}),
+                               torch.device("cpu"))
+    assert all(not hasattr(p, "to_local") for p in replicated.parameters())
 
     exp = experiment_from_dict({"name": "x", "scaling": {"strategy": "fsdp"},
                                 "trainer": {"precision": "bf16"}})

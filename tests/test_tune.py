@@ -145,6 +145,15 @@ def test_sweep_mlflow_tree_asha_and_one_teacher_pass(workdir: Path, digits_teach
     assert "trials.csv" in arts
     assert {"plots/accuracy_vs_params.png", "plots/accuracy_vs_temperature.png",
             "plots/learning_curves.png"} <= plots
+    # --resume continues the same sweep: same parent run, same trials, none trained again
+    again = run_sweep(exp, resume=True, quiet=True)
+    assert again.parent_run_id == out.parent_run_id
+    assert {r["trial_id"] for r in again.rows} == {r["trial_id"] for r in out.rows}
+    runs = c.search_runs([eid], max_results=100)
+    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == out.parent_run_id]) == 4
+    for row in out.rows:
+        epochs = c.get_metric_history(by_trial[row["trial_id"]].info.run_id, "epoch")
+        assert len(epochs) <= row["epochs"] + 1  # nothing logged past what the first pass trained
 
 
 def test_failed_and_pruned_trials_in_the_run_tree(workdir: Path) -> None:
