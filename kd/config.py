@@ -51,7 +51,8 @@ class DataConfig(Strict):
     x_column: str = "x"
     y_column: str = "y"
     split: SplitConfig = Field(default_factory=SplitConfig)
-    transforms: list[str] = Field(default_factory=list)
+    transforms: list[str] = Field(default_factory=list, description="training-time random "
+                                  "augmentations: random_flip, random_crop, gaussian_noise")
     labels: Literal["all", "partial", "none"] = "all"
     labeled_fraction: float | None = Field(None, gt=0, le=1)
     transfer: str | None = None
@@ -230,17 +231,6 @@ class TuneConfig(Strict):
     resources: TuneResources = Field(default_factory=TuneResources)
 
 
-RANDOM_TRANSFORM_WORDS = ("random", "flip", "crop", "jitter", "noise", "mixup", "cutmix",
-                          "erase", "augment", "rotate", "affine", "cutout")
-
-
-def is_random_transform(name: str) -> bool:
-    """True for augmentation transforms (their output differs per epoch), by name:
-    any name containing one of `RANDOM_TRANSFORM_WORDS` (``random_crop``, ``hflip``)."""
-    low = name.lower()
-    return any(w in low for w in RANDOM_TRANSFORM_WORDS)
-
-
 class StorageConfig(Strict):
     """Where checkpoints, caches and results go: a local path or an s3:// URI."""
 
@@ -270,7 +260,7 @@ class Experiment(Strict):
     def _cache_needs_fixed_inputs(self) -> Experiment:
         if self.teacher is None or not self.teacher.cache:
             return self
-        random = [t for t in self.data.transforms if is_random_transform(t)]
+        random = list(self.data.transforms)  # every kdflow transform is a random augmentation
         if random:
             raise ValueError(
                 f"teacher.cache: true cannot be combined with the random augmentation "

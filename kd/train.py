@@ -30,6 +30,8 @@ from torch import nn
 from kd.assemble import Role, assemble
 from kd.config import Experiment
 from kd.data import Splits, to_ray
+from kd.data.transforms import Transform, build_transforms
+from kd.data.transforms import apply as apply_transforms
 from kd.errors import InputError
 from kd.hooks import FeatureCapture
 from kd.losses import DistillBatch
@@ -123,8 +125,11 @@ class Step:
     """One forward of trainee (+ teachers) and the composite loss for a batch."""
 
     def __init__(self, asm: Any, trainee: nn.Module, device: torch.device,
-                 input_dtype: torch.dtype) -> None:
+                 input_dtype: torch.dtype, transforms: list[Transform] | None = None,
+                 seed: int = 0) -> None:
         self.asm, self.trainee, self.device, self.input_dtype = asm, trainee, device, input_dtype
+        self.transforms = transforms or []
+        self.gen = torch.Generator().manual_seed(seed)
         self.s_cap = FeatureCapture(trainee, asm.student_paths, "student")
         self.t_cap = (FeatureCapture(asm.teachers[0], asm.teacher_paths, "teacher")
                       if asm.teachers else None)
@@ -164,6 +169,8 @@ class Step:
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], DistillBatch]:
         x = batch["x"].to(self.device, self.input_dtype)
         y = batch["y"].to(self.device)
+        if self.transforms and self.trainee.training:  # the teacher sees the same view
+            x = apply_transforms(self.transforms, x, self.gen)
         logits = self.trainee(x)
         t_logits, t_feats = (self.teacher_outputs(batch, x, logits.shape[1])
                              if self.asm.teachers else ([], {}))
@@ -415,7 +422,9 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         start_epoch = int(restored["state"]["epoch"]) + 1
         if rank == 0:
             print(f"[kd] resumed from checkpoint at epoch {start_epoch}", flush=True)
-    step = Step(asm, trainee, device, _input_dtype(spec))
+    step = Step(asm, trainee, device, _input_dtype(spec),
+                build_transforms(exp.data.transforms, tuple(spec["input_shape"]), spec["input_integer"]),
+                seed=exp.seed * 1000 + rank)
     sched = exp.optim.schedule
     train_ds = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
@@ -610,6 +619,8 @@ def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
     if exp.trainer.fail_at_step is not None and exp.trainer.max_failures < 1:
         raise InputError("trainer.fail_at_step kills a worker: set trainer.max_failures >= 1")
     check_label_use(exp, role, splits)
+    build_transforms(exp.data.transforms, splits.input_shape,
+                     bool(np.issubdtype(splits.train.x.dtype, np.integer)))
     from kd import storage
 
     storage.check_writable(exp.storage.path, exp.storage.endpoint_url)

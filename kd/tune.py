@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from kd import storage, tracking
-from kd.config import Experiment, experiment_from_dict, flatten, is_random_transform
+from kd.config import Experiment, experiment_from_dict, flatten
 from kd.errors import InputError
 from kd.tune_report import choose, plots, rank, table, write_csv
 from kd.tune_space import Dist, apply_values, parse_space
@@ -130,7 +130,7 @@ def teacher_mode(exp: Experiment, splits: Any) -> tuple[str, dict[str, str]]:
         return "cache", {"kd.teacher_mode": "cache", "kd.teacher_cache": cache.uri,
                          "kd.teacher_cache.key": cache.key,
                          "kd.teacher_cache.computed": str(cache.computed).lower()}
-    random = [t for t in exp.data.transforms if is_random_transform(t)]
+    random = list(exp.data.transforms)  # every kdflow transform is a random augmentation
     reason = (f"random augmentation {random} needs a fresh teacher forward per view" if random
               else "teacher.cache is false")
     print(f"[kd] sweep: online teacher, a teacher forward in every trial step ({reason})",

@@ -86,7 +86,7 @@ def test_cache_refuses_random_augmentation(workdir: Path,
         load_experiment(CONFIGS / "digits-kd.yaml",
                         ["teacher.cache=true", "data.transforms=[random_crop]"])
     assert cli.run(["cache-teacher", str(CONFIGS / "digits-kd.yaml"), "teacher.cache=true",
-                    "data.transforms=[hflip]"]) == 2
+                    "data.transforms=[random_flip]"]) == 2
     assert "random augmentation" in capsys.readouterr().err
 
 

@@ -47,6 +47,7 @@ BAD = [
     (["distill.losses=[{name: kd, weight: 1.0, tau: 3}]"], "unexpected parameter 'tau'"),
     (["scaling.strategy=fsdp"], "scaling.strategy: fsdp"),
     (["teacher.shard=true"], "teacher.shard: sharding the teacher needs scaling.strategy: fsdp"),
+    (["data.transforms=[random_rotate]"], "unknown transform 'random_rotate'"),
     (["distill.ce_weight=0", "distill.losses=[]"], "nothing to train"),
 ]
 
