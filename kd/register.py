@@ -86,7 +86,7 @@ def _save_flavors(path: str, mlflow_model: Any, data_dir: str, code_dir: str, ca
     sig = ModelSignature(Schema([TensorSpec(dtype, (-1, flat.shape[1]))]),
                          Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
     reqs = [f"mlflow>={mlflow.__version__.rsplit('.', 1)[0]}",
-            f"torch>={str(torch.__version__)[:4]}", "numpy"]
+            f"torch>={'.'.join(torch.__version__.split('+')[0].split('.')[:2])}", "numpy"]
     mlflow.pyfunc.save_model(path, loader_module="kd.serving", data_path=data_dir,
                              code_paths=[code_dir], mlflow_model=mlflow_model, signature=sig,
                              input_example=flat, pip_requirements=reqs)

@@ -38,7 +38,9 @@ class ChecksumError(ValueError):
 
 
 def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes. (The same as `kd.storage.sha256_file`, kept here on
+    purpose: this module ships alone inside the model and may import nothing of kdflow's
+    storage layer.)"""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
