@@ -56,22 +56,6 @@ class TeacherCache:
         return storage.join(self.uri, self.manifest["data_dir"])
 
 
-def arrow_fs(uri: str, endpoint: str | None = None) -> tuple[Any, str]:
-    """A pyarrow filesystem and path for a local path or an s3:// URI (with the
-    endpoint override of `kd.storage.endpoint_url`)."""
-    import pyarrow.fs as pafs
-
-    if storage.is_s3(uri):
-        bucket, key = storage.split_s3(uri)
-        ep = storage.endpoint_url(endpoint)
-        kwargs: dict[str, Any] = {}
-        if ep:
-            kwargs["endpoint_override"] = ep
-            kwargs["scheme"] = "https" if ep.startswith("https") else "http"
-        return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
-    return pafs.LocalFileSystem(), uri
-
-
 def requested_outputs(exp: Experiment) -> list[str]:
     """``logits`` plus the teacher module paths the configured loss terms read."""
     from kd.assemble import required_paths
@@ -144,7 +128,7 @@ def find_cache(exp: Experiment, splits: Splits) -> TeacherCache | None:
     facts = key_facts(exp, splits)
     key = cache_key(facts)
     uri = storage.join(cache_root(exp), key)
-    fs, path = arrow_fs(uri, exp.storage.endpoint_url)
+    fs, path = storage.arrow_fs(uri, exp.storage.endpoint_url)
     manifest = _read_manifest(fs, path)
     if manifest is None:
         return None
@@ -213,7 +197,7 @@ def compute_cache(exp: Experiment, splits: Splits, batch_size: int = 256) -> Tea
     facts = key_facts(exp, splits)
     key = cache_key(facts)
     uri = storage.join(cache_root(exp), key)
-    fs, path = arrow_fs(uri, exp.storage.endpoint_url)
+    fs, path = storage.arrow_fs(uri, exp.storage.endpoint_url)
     _clear(fs, path)  # a half-written attempt (no manifest) is never read: start over
     data_dir = f"data-{uuid.uuid4().hex[:8]}"
     use_gpu = exp.scaling.use_gpu
@@ -263,7 +247,7 @@ def load_columns(cache: TeacherCache, train_rows: int) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
     import ray.data  # noqa: F401  (registers Ray's tensor extension types with pyarrow)
 
-    fs, path = arrow_fs(cache.data_uri, cache.endpoint)
+    fs, path = storage.arrow_fs(cache.data_uri, cache.endpoint)
     table = pq.read_table(path, filesystem=fs).sort_by("idx")
     idx = table.column("idx").to_numpy()
     if len(idx) != train_rows or not np.array_equal(idx, np.arange(train_rows)):
