@@ -69,8 +69,8 @@ def main() -> None:
         f"`python bench/cache.py --epochs {args.epochs} --seeds "
         f"{' '.join(map(str, args.seeds))}` on {time.strftime('%Y-%m-%d')}; digits, "
         "student mlp [32], teacher cnn_small [32, 64], batch 64, `num_workers: 0` "
-        "(the loop in-process), 2 shared CPU cores (other jobs running: absolute numbers "
-        "are noisy, compare the ratios). Step time ratio = student-only samples/s / "
+        f"(the loop in-process), 2 CPU cores (1-min load average {os.getloadavg()[0]:.1f} "
+        "at the end; compare the ratios). Step time ratio = student-only samples/s / "
         "mode samples/s (target for the cache <= 1.10x).\n\n" + table))
 
 
