@@ -11,6 +11,7 @@ interleaved per seed so background load falls on all of them alike. Writes bench
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
