@@ -312,6 +312,19 @@ def checkpoint_candidates(fs: Any, run_path: str, registered: Any = None) -> lis
     return out
 
 
+def prune_checkpoints(fs: Any, run_path: str, keep: int, final: str) -> list[str]:
+    """Delete all but the ``keep`` newest ``epoch_*`` folders of a finished run (never
+    ``final``, the checkpoint the run returns). Ray's own ``num_to_keep`` only knows the
+    checkpoints whose report reached its controller; one saved just before a worker
+    died is found by the folder listing and would otherwise stay. Returns the removed."""
+    removed = []
+    for ckpt in checkpoint_candidates(fs, run_path)[keep:]:
+        if ckpt.path.rstrip("/") != final.rstrip("/"):
+            fs.delete_dir(ckpt.path)
+            removed.append(ckpt.path)
+    return removed
+
+
 def load_latest_good(candidates: list[Any], verbose: bool) -> dict[str, Any] | None:
     """Load the newest readable checkpoint: one that is corrupt, truncated or
     half-uploaded (its manifest does not match) is skipped, logged, and the
@@ -682,6 +695,7 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint")
+    prune_checkpoints(fs, f"{storage_path}/{run_name}", exp.checkpoint.keep, result.checkpoint.path)
     history = []
     if result.metrics_dataframe is not None:
         history = result.metrics_dataframe.to_dict("records")

@@ -123,3 +123,18 @@ def test_arrow_fs_carries_endpoint_and_credentials(s3_server: str, bucket: str) 
         f.write(b"hi")
     s3 = boto3.client("s3", endpoint_url=s3_server)
     assert s3.get_object(Bucket=bucket, Key="a/b/x.txt")["Body"].read() == b"hi"
+
+
+def test_prune_keeps_the_newest_checkpoints(tmp_path: Path) -> None:
+    """checkpoint.keep holds even for a checkpoint Ray never registered (saved just
+    before a worker died): the finished run's folder keeps only the newest `keep`."""
+    from kd.train import prune_checkpoints
+
+    for e in range(1, 6):
+        (tmp_path / "run" / f"epoch_{e:05d}").mkdir(parents=True)
+    (tmp_path / "run" / "other").mkdir()
+    fs, root = storage.arrow_fs(str(tmp_path))
+    final = f"{root}/run/epoch_00005"
+    removed = prune_checkpoints(fs, f"{root}/run", 2, final)
+    assert sorted(p.rsplit("/", 1)[1] for p in removed) == ["epoch_00001", "epoch_00002", "epoch_00003"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["epoch_00004", "epoch_00005", "other"]
