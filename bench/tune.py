@@ -59,7 +59,7 @@ def main() -> None:
     t_online, r_online = sweep(work, teacher, args, fifo, "teacher.cache=false")
     t_asha, r_asha = sweep(work, teacher, args, "teacher.cache=true",
                            "tune.scheduler={name: asha, grace_period: 1, reduction_factor: 2}")
-    epochs = lambda rows: sum(r["epochs"] for r in rows)  # noqa: E731
+    epochs = lambda rows: sum(r["epochs_trained"] for r in rows)  # noqa: E731
     sweep_table = "\n".join([
         "| sweep | wall s | trials | epochs trained | best val/accuracy |",
         "|---|---|---|---|---|",

@@ -255,7 +255,7 @@ def collect(results: Any, exp: Experiment, space: dict[str, Dist], base: dict[st
         params, lat = model_cost(doc, splits.input_shape, splits.num_classes, sample)
         hist = res.metrics_dataframe.to_dict("records") if res.metrics_dataframe is not None else []
         row: dict[str, Any] = {
-            "trial_id": tid, "status": status, "epochs": epochs,
+            "trial_id": tid, "status": status, "epochs": epochs, "epochs_trained": epochs,
             "metric": float(m.get(exp.tune.metric, math.nan)),
             "val/accuracy": float(m.get("val/accuracy", math.nan)),
             "val/teacher_agreement": float(m.get("val/teacher_agreement", math.nan)),
@@ -272,10 +272,19 @@ def collect(results: Any, exp: Experiment, space: dict[str, Dist], base: dict[st
 def _finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str, Any]],
                      base: dict[str, Any], sweep: str) -> None:
     """Child runs left RUNNING (ASHA-stopped or interrupted) end KILLED; a failed trial
-    without a child run (it failed before training) gets one, FAILED, with its error."""
+    without a child run (it failed before training) gets one, FAILED, with its error.
+
+    ``row["epochs"]`` is what Tune saw when it decided; ``row["epochs_trained"]`` is read
+    back from the child run's ``epoch`` metric, because a stop reaches the workers
+    asynchronously: Ray Train's controller drains one report per poll (2 s by default) from
+    a one-slot queue, so workers may finish up to about two more epochs before they stop."""
     children = _child_runs(uri, exp, parent)
     c = tracking.client(uri)
     for row in rows:
+        run = children.get(row["trial_id"])
+        if run is not None:
+            logged = [m.value for m in c.get_metric_history(run.info.run_id, "epoch")]
+            row["epochs_trained"] = int(max(logged, default=row["epochs"]))
         run = children.get(row["trial_id"])
         if run is None and row["status"] == "ERROR":
             values = {p: row[p] for p in exp.tune.space}
@@ -296,8 +305,10 @@ def _finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str
             # Tune stops a trial by raising inside it: train_run saw that as a failure
             if "kd.error" in run.data.tags:
                 c.delete_tag(run.info.run_id, "kd.error")
+            late = (f"; its workers had trained {row['epochs_trained']} epochs when the stop "
+                    "reached them" if row["epochs_trained"] > row["epochs"] else "")
             c.set_tag(run.info.run_id, "kd.stopped",
-                      f"stopped by ASHA after epoch {row['epochs']}")
+                      f"stopped by ASHA after epoch {row['epochs']}{late}")
             c.set_terminated(run.info.run_id, status="KILLED")
         elif run.info.status == "RUNNING":
             c.set_tag(run.info.run_id, "kd.stopped", "interrupted")
@@ -323,7 +334,7 @@ def _log_parent(uri: str, parent: str, exp: Experiment, rows: list[dict[str, Any
         "sweep/trials": len(rows), "sweep/done": done,
         "sweep/pruned": sum(r["status"] == "PRUNED" for r in rows),
         "sweep/errors": sum(r["status"] == "ERROR" for r in rows),
-        "sweep/epochs_trained": sum(r["epochs"] for r in rows)}, step=0)
+        "sweep/epochs_trained": sum(r["epochs_trained"] for r in rows)}, step=0)
     if chosen is None:
         tracking.set_tags(uri, parent, {"kd.best": "no trial met tune.constraints"})
         return

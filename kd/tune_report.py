@@ -10,7 +10,7 @@ from typing import Any
 
 from kd.config import TuneConstraints
 
-BASE_COLUMNS = ("trial_id", "status", "epochs", "metric", "val/accuracy",
+BASE_COLUMNS = ("trial_id", "status", "epochs", "epochs_trained", "metric", "val/accuracy",
                 "val/teacher_agreement", "params", "latency_ms")
 
 
