@@ -26,9 +26,7 @@ from kd.models import build_model
 from kd.models.weights import freeze, load_into, load_state_dict, save_weights
 from kd.runtime import ensure_ray
 from kd.semisup import balance_by_teacher
-from kd.train import CKPT_MODEL, fit, preflight
-
-WEIGHTS_FILE = "model.safetensors"
+from kd.train import CKPT_MODEL, WEIGHTS_FILE, final_weights_uri, fit, preflight
 
 
 @dataclass
@@ -131,7 +129,7 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
             load_into(model, state, what=f"{role} checkpoint")
             out = Path(d) / WEIGHTS_FILE
             sha = save_weights(model, out, weights_metadata(spec, splits, exp, role, run_id))
-            weights_uri = storage.join(exp.storage.path, exp.name, WEIGHTS_FILE)
+            weights_uri = final_weights_uri(exp)
             storage.put(out, weights_uri, exp.storage.endpoint_url)
             tracking.log_artifact(uri, run_id, out, "weights")
         teacher = primary_teacher(exp, splits) if role == "student" else None

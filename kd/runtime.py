@@ -3,12 +3,23 @@
 Inside `ray job submit` (or with ``RAY_ADDRESS`` set) this joins that cluster;
 otherwise it starts a local one. Ray Data progress bars are switched off: the
 loop prints one line per epoch instead.
+
+Ray Train V2's controller takes one ``train.report`` per poll from each worker's
+one-slot result queue and polls every ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (Ray's
+default 2 s), so a worker that reports every epoch waits up to that long per epoch.
+kdflow reports every epoch, so it sets the poll to ``POLL_INTERVAL_S`` unless the
+variable is already set (measured in ``bench/report_poll.py``: a 20-epoch digits run
+takes about half the wall time). A slow poll is not a failure: Ray marks a worker dead
+only after ``RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S`` (10 min).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+
+POLL_INTERVAL_S = "0.25"
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -24,6 +35,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
            "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    env[POLL_ENV] = os.environ.setdefault(POLL_ENV, POLL_INTERVAL_S)
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, num_cpus=num_cpus,
              include_dashboard=False, log_to_driver=True, logging_level="WARNING",
              runtime_env={"env_vars": env, "worker_process_setup_hook": "kd.runtime.quiet_logs"})

@@ -616,6 +616,9 @@ def prepare(model: nn.Module, exp: Experiment, device: torch.device) -> nn.Modul
     return ray.train.torch.prepare_model(model, move_to_device=device)
 
 
+WEIGHTS_FILE = "model.safetensors"
+
+
 def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
     """Everything that can be checked before a worker starts: names, weights that
     fit, feature paths, class counts, strategy and precision on this hardware."""
@@ -632,12 +635,36 @@ def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
     if exp.trainer.fail_at_step is not None and exp.trainer.max_failures < 1:
         raise InputError("trainer.fail_at_step kills a worker: set trainer.max_failures >= 1")
     check_label_use(exp, role, splits)
+    check_output_is_not_a_teacher(exp, role)
     build_transforms(exp.data.transforms, splits.input_shape,
                      bool(np.issubdtype(splits.train.x.dtype, np.integer)))
     from kd import storage
 
     storage.check_writable(exp.storage.path, exp.storage.endpoint_url)
     assemble(exp, role, splits.input_shape, splits.num_classes, _sample(splits))
+
+
+def final_weights_uri(exp: Experiment) -> str:
+    """Where a finished run's weights go: ``<storage.path>/<name>/model.safetensors``."""
+    from kd import storage
+
+    return storage.join(exp.storage.path, exp.name, WEIGHTS_FILE)
+
+
+def check_output_is_not_a_teacher(exp: Experiment, role: Role) -> None:
+    """A student run writes ``<storage.path>/<name>/model.safetensors``; refuse a ``name``
+    whose file is one of this run's teacher weights, which the run would overwrite."""
+    from kd import storage
+
+    if role != "student" or exp.teacher is None:
+        return
+    out = final_weights_uri(exp)
+    norm = (lambda u: u if storage.is_s3(u) else str(Path(u).resolve()))  # noqa: E731
+    for i, t in enumerate(exp.teacher.all()):
+        if t.weights and norm(t.weights) == norm(out):
+            field = "teacher.weights" if i == 0 else f"teacher.teachers.{i - 1}.weights"
+            raise InputError(f"name: {exp.name!r} would write the student's weights to {out}, "
+                             f"which is {field}; give the student experiment its own name")
 
 
 def _sample(splits: Splits) -> torch.Tensor:

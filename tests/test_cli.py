@@ -102,3 +102,21 @@ def test_help_on_every_command(command: str, capsys: pytest.CaptureFixture[str])
         cli.run([command, "--help"])
     assert ex.value.code == 0
     assert f"usage: kd {command}" in capsys.readouterr().out
+
+
+def test_student_name_that_would_overwrite_its_teacher(tmp_path: Path, no_ray: None, workdir: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """A student experiment named like its teacher's run would write over the teacher's
+    weights file; it is refused and the teacher file stays as it was."""
+    runs = tmp_path / "runs"
+    path = runs / "digits-teacher" / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    save_weights(build_model("cnn_small", {"channels": [32, 64]}, (1, 8, 8), 10), path,
+                 {"kd.num_classes": "10"})
+    before = path.read_bytes()
+    code = cli.run(["distill", str(CONFIGS / "digits-kd.yaml"), f"teacher.weights={path}",
+                    f"storage.path={runs}", "name=digits-teacher"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert "name: 'digits-teacher' would write the student's weights to" in err
+    assert "which is teacher.weights" in err and path.read_bytes() == before

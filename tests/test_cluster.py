@@ -83,6 +83,13 @@ def test_two_workers_s3_fault_resume_fallback(ray_session: None, s3_server: str,
             ["Contents"] if o["Key"].count("/") >= 3}
     assert {k for k in keys if k.startswith("epoch_")} == {"epoch_00003", "epoch_00004"}
 
+    # Fit 3: the finished run resubmitted unchanged trains nothing and ends the same.
+    out3 = train_run(exp2, "teacher", run_name="r1")
+    assert out3.run_id == out.run_id and len(_mlflow_runs(exp)) == 1
+    assert _epochs_logged(exp, out.run_id) == [1, 2, 3, 4]
+    assert out3.holdout["accuracy"] == out2.holdout["accuracy"] and out3.metrics["epoch"] == 4
+    assert _mlflow_runs(exp)[0].info.status == "FINISHED"
+
     # Truncate the latest checkpoint: the loop's loader skips it (logged) and takes
     # epoch 3, the previous good one. (Same loader the workers ran above.)
     key = "runs/r1/epoch_00004/model.safetensors"
@@ -138,3 +145,20 @@ def test_prune_keeps_the_newest_checkpoints(tmp_path: Path) -> None:
     removed = prune_checkpoints(fs, f"{root}/run", 2, final)
     assert sorted(p.rsplit("/", 1)[1] for p in removed) == ["epoch_00001", "epoch_00002", "epoch_00003"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["epoch_00004", "epoch_00005", "other"]
+
+
+def test_ray_processes_poll_reports_quickly(ray_session: None) -> None:
+    """Every Ray process of the job (where Train's controller runs) gets kdflow's report
+    poll interval through the job's runtime env, not Ray's 2 s default that made every
+    short epoch wait ~2 s (bench/report_poll.py)."""
+    import ray
+
+    from kd.runtime import POLL_ENV
+
+    @ray.remote(num_cpus=0)
+    def poll_interval() -> str | None:
+        return os.environ.get(POLL_ENV)
+
+    expected = os.environ[POLL_ENV]
+    assert float(expected) < 2.0
+    assert ray.get(poll_interval.remote()) == expected
