@@ -92,8 +92,9 @@ def main() -> None:
         f"{' '.join(map(str, args.seeds))}` on {time.strftime('%Y-%m-%d')}; digits, teacher "
         "cnn_small [32, 64], student mlp [32] x width; random search (seed 0, so every sweep "
         "samples the same configs) over temperature, lr, width; 2 trials at a time, 1 Ray "
-        "Train worker of 0.5 CPU each; 2 shared CPU cores with other jobs running, so wall "
-        "times are noisy.\n\n" + sweep_table +
+        "Train worker of 0.5 CPU each; 2 CPU cores; \"epochs trained\" counts the epochs the "
+        "workers really trained (`epochs_trained`, read from each child run), not only the "
+        "ones ASHA saw.\n\n" + sweep_table +
         f"\n\nPruned-teacher init vs random init, cnn_small width 0.5 of the teacher, "
         f"{args.epochs} epochs of KD, seeds {args.seeds}:\n\n" + init_table))
 

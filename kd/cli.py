@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from kd.errors import GateRejected, InputError
+from kd.errors import GateRejected, InputError, one_line
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_GATE = 0, 1, 2, 3
 
@@ -211,11 +211,7 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as e:  # a failed run: one line, the details are in the Ray/MLflow logs
         if os.environ.get("KD_DEBUG"):
             raise
-        cause = e
-        while cause.__cause__ is not None and not str(cause):
-            cause = cause.__cause__
-        first = (str(cause).strip().splitlines() or [""])[0]
-        print(f"kd: run failed: {type(cause).__name__}: {first}", file=sys.stderr)
+        print(f"kd: run failed: {one_line(e)}", file=sys.stderr)
         return EXIT_FAILED
 
 

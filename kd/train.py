@@ -32,7 +32,7 @@ from kd.config import Experiment
 from kd.data import Splits, to_ray
 from kd.data.transforms import Transform, build_transforms
 from kd.data.transforms import apply as apply_transforms
-from kd.errors import InputError
+from kd.errors import InputError, TrainingDiverged
 from kd.hooks import FeatureCapture
 from kd.losses import DistillBatch
 from kd.models.weights import save_weights
@@ -512,6 +512,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
                               if k in metrics)
             print(f"[kd] epoch {epoch + 1}/{exp.trainer.epochs}  {shown}  "
                   f"{metrics['samples_per_s']:.0f} samples/s", flush=True)
+        check_finite(metrics, epoch + 1, exp)
         # Gathering an FSDP state dict is a collective: every rank takes part.
         state = checkpoint_state(trainee, asm.loss, opt) if save else None
         rngs = rng_states(world) if save else []
@@ -529,6 +530,18 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
                 delete_local_checkpoint_after_upload=not local)
         else:
             ray.train.report(metrics)
+
+
+def check_finite(metrics: dict[str, float], epoch: int, exp: Experiment) -> None:
+    """Raise `TrainingDiverged` when the epoch's mean ``train/loss`` is nan or inf.
+
+    Every rank holds the same all-reduced value, so all ranks raise together (no
+    collective is left waiting); the epoch is already logged, no checkpoint is saved."""
+    loss = metrics["train/loss"]
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"train/loss is {loss} after epoch {epoch} (optim.lr {exp.optim.lr:g}): training "
+            "diverged; lower optim.lr, set trainer.grad_clip, or check the inputs for nan/inf")
 
 
 def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from kd import storage, tracking
 from kd.config import Experiment, experiment_from_dict, flatten
-from kd.errors import InputError
+from kd.errors import InputError, one_line
 from kd.tune_report import choose, plots, rank, table, write_csv
 from kd.tune_space import Dist, apply_values, parse_space
 
@@ -262,7 +262,7 @@ def collect(results: Any, exp: Experiment, space: dict[str, Dist], base: dict[st
             "params": params, "latency_ms": lat,
             "distill.temperature": float(flat.get("distill.temperature", "nan")),
             **{p: cfg.get(p) for p in space},
-            "error": "" if res.error is None else f"{type(res.error).__name__}: {res.error}"[:500],
+            "error": "" if res.error is None else one_line(res.error)[:500],
             "history": hist,
         }
         rows.append(row)

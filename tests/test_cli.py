@@ -120,3 +120,32 @@ def test_student_name_that_would_overwrite_its_teacher(tmp_path: Path, no_ray: N
     assert code == 2 and "\n" not in err
     assert "name: 'digits-teacher' would write the student's weights to" in err
     assert "which is teacher.weights" in err and path.read_bytes() == before
+
+
+def test_failure_line_names_the_worker_error_not_rays_wrapper() -> None:
+    """What `kd` prints for a failed run (and a sweep records for a failed trial) is the
+    worker's own error, not "WorkerGroupError: Training failed due to worker errors:"."""
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    from kd.errors import InputError, TrainingDiverged, one_line
+
+    group = WorkerGroupError("[Rank 0] ...traceback...", {
+        1: ValueError("rank 1 saw the collective break"),
+        0: TrainingDiverged("train/loss is nan after epoch 3 (optim.lr 10)\nmore detail")})
+    wrapped = RayTaskError("ImplicitFunc.train", "Traceback ...", group).as_instanceof_cause()
+    assert one_line(wrapped) == "TrainingDiverged: train/loss is nan after epoch 3 (optim.lr 10)"
+    try:
+        try:
+            raise FileNotFoundError("x.npz")
+        except FileNotFoundError as inner:
+            raise InputError("data.source: x.npz not found") from inner
+    except InputError as outer:
+        assert one_line(outer) == "InputError: data.source: x.npz not found"
+    try:
+        try:
+            raise KeyError("weight")
+        except KeyError as inner:
+            raise RuntimeError() from inner
+    except RuntimeError as outer:
+        assert one_line(outer) == "KeyError: 'weight'"

@@ -126,3 +126,20 @@ def test_real_worker_with_feature_losses(ray_session: None, workdir: Path) -> No
     assert out.metrics["epoch"] == 2
     client = MlflowClient(mlflow.get_tracking_uri())
     assert [m.step for m in client.get_metric_history(out.run_id, "train/loss/fitnet")] == [1, 2]
+
+
+def test_a_diverging_run_stops_with_the_reason(digits_teacher: str, workdir: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """lr 1e9 makes the loss nan in epoch 1: the run stops there (not after 20 epochs of
+    nan), exit 1 with one line naming the cause, the MLflow run FAILED with that reason,
+    and no checkpoint of the nan model is written."""
+    code = cli.run(["distill", str(CONFIGS / "digits-kd.yaml"), f"teacher.weights={digits_teacher}",
+                    "optim.lr=1e9", "scaling.num_workers=0", "checkpoint.every_epochs=1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1
+    assert err.startswith("kd: run failed: TrainingDiverged: train/loss is nan after epoch 1")
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("kdflow-digits").experiment_id])[0]
+    assert run.info.status == "FAILED" and "training diverged" in run.data.tags["kd.error"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1]
+    assert not list(workdir.glob("kdflow-runs/**/epoch_*"))

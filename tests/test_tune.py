@@ -162,6 +162,36 @@ def test_sweep_mlflow_tree_asha_and_one_teacher_pass(workdir: Path, digits_teach
         assert max(m.value for m in epochs) == row["epochs_trained"]  # nothing trained again
 
 
+@pytest.mark.slow
+def test_a_diverging_trial_fails_alone_and_is_retried(workdir: Path, digits_teacher: str) -> None:
+    """A trial whose loss goes nan (lr 1e9) raises TrainingDiverged in its worker: Tune
+    retries it (tune.max_failures=1), it ends ERROR with the reason and a FAILED child
+    run, and the sweep goes on to finish and choose among the healthy trials."""
+    from mlflow.tracking import MlflowClient
+
+    from kd.tune import run_sweep
+
+    exp = load_experiment(TUNE, [
+        f"teacher.weights={digits_teacher}", f"storage.path={workdir / 'runs'}",
+        "tune.num_samples=2", "tune.max_concurrent_trials=2", "trainer.epochs=2",
+        "tune.search.name=random", "tune.seed=1", "tune.scheduler={name: none}",
+        "tune.max_failures=1", "tune.space={optim.lr: 'choice([0.05, 1.0e9])'}",
+        "tune.constraints={}", "tune.resources.cpus_per_worker=0.25"])
+    out = run_sweep(exp, quiet=True)
+    bad = [r for r in out.rows if r["optim.lr"] == 1e9]
+    good = [r for r in out.rows if r["optim.lr"] == 0.05]
+    assert len(bad) == len(good) == 1, "tune.seed 1 samples each learning rate once"
+    assert all(r["status"] == "DONE" for r in good)
+    assert out.chosen is not None and out.chosen["optim.lr"] == 0.05
+    c = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    for row in bad:
+        assert row["status"] == "ERROR" and "after epoch 1 (optim.lr 1e+09): training diverged" in row["error"]
+        child = c.get_run(row["run_id"])
+        assert child.info.status == "FAILED" and "diverged" in child.data.tags["kd.error"]
+        # two attempts, one MLflow run: epoch 1 was logged by each before it raised
+        assert [m.step for m in c.get_metric_history(row["run_id"], "epoch")] == [1, 1]
+
+
 def test_failed_and_pruned_trials_in_the_run_tree(workdir: Path) -> None:
     """A trial that raised before its run started gets a FAILED child with the error;
     a child left RUNNING by an ASHA stop ends KILLED with the reason."""
