@@ -231,9 +231,24 @@ def _child_runs(uri: str, exp: Experiment, parent: str) -> dict[str, Any]:
     return out
 
 
+def saved_statuses(results: Any) -> dict[str, str]:
+    """Trial id -> status as Tune saved it in the experiment state. After Ctrl-C Tune
+    saves the state and then terminates the running trials, so in memory an interrupted
+    trial reads TERMINATED like a finished one; the saved state still says RUNNING."""
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        saved = ExperimentAnalysis(results.experiment_path,
+                                   storage_filesystem=results.filesystem)
+    except Exception:  # no state written (nothing ran): nothing was interrupted either
+        return {}
+    return {t.trial_id: t.status for t in saved.trials}
+
+
 def collect(results: Any, exp: Experiment, space: dict[str, Dist], base: dict[str, Any],
             splits: Any) -> list[dict[str, Any]]:
-    """One row per trial: status, epochs run, last metrics, cost, searched values."""
+    """One row per trial: status (DONE, PRUNED, ERROR, or INTERRUPTED for a trial Tune
+    had not ended when the sweep was stopped), epochs run, last metrics, cost, values."""
     import numpy as np
     import torch
 
@@ -242,6 +257,7 @@ def collect(results: Any, exp: Experiment, space: dict[str, Dist], base: dict[st
                              else torch.float32)
     rows = []
     trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
+    saved = saved_statuses(results)
     for i, res in enumerate(results):
         m = dict(res.metrics or {})
         cfg = dict(res.config or {})
@@ -250,7 +266,9 @@ def collect(results: Any, exp: Experiment, space: dict[str, Dist], base: dict[st
         doc = apply_values(base, cfg)
         flat = flatten(doc)
         epochs = int(m.get("epoch", 0) or 0)
+        tune_status = saved.get(tid) or (trials[i].status if i < len(trials) else "TERMINATED")
         status = ("ERROR" if res.error is not None else
+                  "INTERRUPTED" if tune_status not in ("TERMINATED", "ERROR") else
                   "PRUNED" if epochs < exp.trainer.epochs else "DONE")
         params, lat = model_cost(doc, splits.input_shape, splits.num_classes, sample)
         hist = res.metrics_dataframe.to_dict("records") if res.metrics_dataframe is not None else []
@@ -313,6 +331,10 @@ def _finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str
         elif run.info.status == "RUNNING":
             c.set_tag(run.info.run_id, "kd.stopped", "interrupted")
             c.set_terminated(run.info.run_id, status="KILLED")
+        if row["status"] == "DONE":  # an earlier attempt's marks, if it was interrupted
+            if run.data.tags.get("kd.stopped") == "interrupted":
+                _clear_tag(uri, run.info.run_id, "kd.stopped")
+            _clear_tag(uri, run.info.run_id, "kd.error")
         if row["status"] == "ERROR" and run.info.status != "FAILED":
             c.set_tag(run.info.run_id, "kd.error", row["error"])
             c.set_terminated(run.info.run_id, status="FAILED")
@@ -349,6 +371,23 @@ def _log_parent(uri: str, parent: str, exp: Experiment, rows: list[dict[str, Any
     tracking.log_metrics(uri, parent, best, step=0)
     tracking.set_tags(uri, parent, {"kd.best_trial_id": str(chosen["trial_id"]),
                                     "kd.best_run_id": str(chosen.get("run_id", ""))})
+
+
+def _clear_tag(uri: str, run_id: str, key: str) -> None:
+    c = tracking.client(uri)
+    if key in c.get_run(run_id).data.tags:
+        c.delete_tag(run_id, key)
+
+
+def _interrupted(uri: str, parent: str, exp: Experiment, sweep: str, ended: int) -> None:
+    """An interrupted sweep (Ctrl-C, SIGINT) is not a result: its parent run ends KILLED
+    with the reason, nothing is chosen, and `KeyboardInterrupt` reaches the CLI."""
+    msg = (f"sweep {sweep} interrupted with {ended} of {exp.tune.num_samples} trials ended; "
+           "continue it with `kd tune CONFIG --resume`")
+    tracking.set_tags(uri, parent, {"kd.stopped": msg})
+    tracking.client(uri).set_terminated(parent, status="KILLED")
+    print(f"[kd] {msg}", flush=True)
+    raise KeyboardInterrupt(msg)
 
 
 def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> SweepOutcome:
@@ -390,17 +429,24 @@ def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> Swe
               f"{exp.tune.max_concurrent_trials} at a time; MLflow parent run {parent} at {uri}",
               flush=True)
     path = storage.join(root, sweep)
-    ok = False
+    ok = interrupted = False
     try:
         tuner = _tuner(exp, space, base, parent, sweep, root, path if resume else None)
-        results = tuner.fit()
+        results = tuner.fit()  # Ctrl-C: Tune saves its state and returns early
         rows = collect(results, exp, space, base, splits)
         _finish_children(uri, exp, parent, rows, base, sweep)
+        ended = sum(r["status"] != "INTERRUPTED" for r in rows)
+        if ended < exp.tune.num_samples:
+            interrupted = True
+            _interrupted(uri, parent, exp, sweep, ended)
         chosen, closest = choose(rows, exp.tune.constraints, exp.tune.mode)
         _log_parent(uri, parent, exp, rows, chosen)
+        if resume:
+            _clear_tag(uri, parent, "kd.stopped")
         ok = True
     finally:
-        tracking.end_run(uri, parent, ok)
+        if not interrupted:
+            tracking.end_run(uri, parent, ok)
     if not quiet:
         paths = list(space)
         print("\ntop trials by " + exp.tune.metric)

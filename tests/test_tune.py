@@ -192,6 +192,75 @@ def test_a_diverging_trial_fails_alone_and_is_retried(workdir: Path, digits_teac
         assert [m.step for m in c.get_metric_history(row["run_id"], "epoch")] == [1, 1]
 
 
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
+        workdir: Path, digits_teacher: str) -> None:
+    """Ctrl-C (SIGINT) to `kd tune` after its first trial finished: exit 1, the parent
+    run ends KILLED saying how to continue, nothing is chosen. `--resume` then runs the
+    interrupted and the unstarted trials into the same parent run and leaves the
+    finished trial's run untouched (not one more epoch)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from kd.tune import run_sweep
+    from tests.conftest import REPO
+
+    overrides = [
+        f"teacher.weights={digits_teacher}", f"storage.path={workdir / 'runs'}",
+        f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}", "tune.num_samples=3",
+        "tune.max_concurrent_trials=1", "trainer.epochs=2", "tune.search.name=random",
+        "tune.scheduler={name: none}", "tune.constraints={}", "tune.resources.cpus_per_worker=0.5"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)  # its own local Ray, like a user's terminal
+    proc = subprocess.Popen([sys.executable, "-m", "kd.cli", "tune", str(TUNE), *overrides],
+                            cwd=workdir, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    c = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+    def children(status: str | None = None) -> list:
+        e = c.get_experiment_by_name("kdflow-digits")
+        runs = c.search_runs([e.experiment_id], "tags.`kd.kind` = 'student'") if e else []
+        return [r for r in runs if status is None or r.info.status == status]
+
+    deadline = time.time() + 300
+    try:
+        while proc.poll() is None and time.time() < deadline and not children("FINISHED"):
+            time.sleep(1)
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, out[-3000:]
+    assert "interrupted with 1 of 3 trials ended; continue it with `kd tune CONFIG --resume`" in out
+    assert "kd: interrupted" in out
+    (first,) = children("FINISHED")
+    history = [(m.step, m.timestamp) for m in c.get_metric_history(first.info.run_id, "epoch")]
+    assert [h[0] for h in history] == [1, 2]
+    parent = c.search_runs([first.info.experiment_id], "tags.`kd.kind` = 'sweep'")[0]
+    assert parent.info.status == "KILLED" and "--resume" in parent.data.tags["kd.stopped"]
+    assert "kd.best_trial_id" not in parent.data.tags
+
+    exp = load_experiment(TUNE, overrides)
+    again = run_sweep(exp, resume=True, quiet=True)
+    assert again.parent_run_id == parent.info.run_id
+    assert [r["status"] for r in again.rows] == ["DONE"] * 3 and again.chosen is not None
+    assert [(m.step, m.timestamp) for m in c.get_metric_history(first.info.run_id, "epoch")] \
+        == history  # the finished trial trained nothing more
+    runs = children()
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)
+    assert not any({"kd.stopped", "kd.error"} & set(r.data.tags) for r in runs)
+    parent = c.get_run(parent.info.run_id)
+    assert parent.info.status == "FINISHED" and "kd.stopped" not in parent.data.tags
+    assert parent.data.tags["kd.best_trial_id"] == again.chosen["trial_id"]
+
+
 def test_failed_and_pruned_trials_in_the_run_tree(workdir: Path) -> None:
     """A trial that raised before its run started gets a FAILED child with the error;
     a child left RUNNING by an ASHA stop ends KILLED with the reason."""
