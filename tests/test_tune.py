@@ -104,7 +104,10 @@ def test_sweep_mlflow_tree_asha_and_one_teacher_pass(workdir: Path, digits_teach
         "tune.num_samples=4", "tune.max_concurrent_trials=2", "trainer.epochs=6",
         # batch 16: epochs of ~1 s, long next to the ~1 s a stop takes to reach a worker
         "trainer.batch_size=16",
-        "tune.search.name=random", "tune.seed=3",
+        # tune.seed 0 samples lr 0.1, 0.1, 0.0005, 0.0005: the two weak trials start after
+        # two strong ones passed ASHA's first rung, so ASHA stops them there (2 at a time
+        # with a weak trial first, ASHA has nothing to compare it with and lets it run)
+        "tune.search.name=random", "tune.seed=0",
         "tune.scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
         "tune.space={optim.lr: 'choice([0.0005, 0.1])', distill.temperature: 'uniform(2, 6)'}",
         "tune.constraints={}", "tune.resources.cpus_per_worker=0.25"])
@@ -144,7 +147,7 @@ def test_sweep_mlflow_tree_asha_and_one_teacher_pass(workdir: Path, digits_teach
     cache_dirs = list((workdir / "runs" / "teacher-cache").iterdir())
     assert len(cache_dirs) == 1 and len([p for p in cache_dirs[0].iterdir() if p.is_dir()]) == 1
     pruned = [r for r in out.rows if r["status"] == "PRUNED"]
-    assert pruned, "ASHA stopped no trial (two of four trials have a 200x smaller lr)"
+    assert len(pruned) >= 2, seen  # the two trials with a 200x smaller lr, at least
     assert all(r["epochs"] < exp.trainer.epochs for r in pruned), seen
     # and pruning saved compute: a trial stopped at the first rung trained fewer epochs
     assert min(r["epochs_trained"] for r in pruned) < exp.trainer.epochs, seen
