@@ -11,7 +11,6 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from kd.errors import GateRejected, InputError, one_line
 
@@ -102,9 +101,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Teacher, scratch student and distilled student on digits, then a table."""
-    from kd.demo import run_demo
+    from kd.demo import demo_configs, run_demo
 
-    run_demo(Path(args.configs), args.overrides)
+    run_demo(demo_configs(args.configs), args.overrides)
     return EXIT_OK
 
 
@@ -187,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("demo", help="the embedded demo: teacher, scratch and KD on digits")
-    p.add_argument("--configs", default="configs", help="folder with digits-*.yaml")
+    p.add_argument("--configs", default=None,
+                   help="folder with digits-teacher.yaml and digits-kd.yaml (default: ./configs "
+                        "when it has them, else the copies installed with kdflow)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run")
     p.set_defaults(fn=cmd_demo)
     return parser

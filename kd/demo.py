@@ -29,6 +29,19 @@ def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+PACKAGED = Path(__file__).resolve().parent / "configs"
+DEMO_FILES = ("digits-teacher.yaml", "digits-kd.yaml")
+
+
+def demo_configs(given: str | None) -> Path:
+    """The folder the demo reads: ``given``; else ``./configs`` when it holds the demo's
+    files (a checkout); else the copies installed with the package (`PACKAGED`)."""
+    if given:
+        return Path(given)
+    here = Path("configs")
+    return here if all((here / f).is_file() for f in DEMO_FILES) else PACKAGED
+
+
 def run_demo(configs: Path, overrides: list[str] | None = None) -> list[tuple[str, RunOutcome]]:
     """Teacher from ``digits-teacher.yaml``, then scratch and KD from ``digits-kd.yaml``."""
     overrides = overrides or []

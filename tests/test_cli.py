@@ -149,3 +149,25 @@ def test_failure_line_names_the_worker_error_not_rays_wrapper() -> None:
             raise RuntimeError() from inner
     except RuntimeError as outer:
         assert one_line(outer) == "KeyError: 'weight'"
+
+
+def test_packaged_demo_configs_match_the_repository() -> None:
+    """`kd demo` outside a checkout reads the copies installed in kd/configs; they must
+    be the files configs/ documents, not a drifting second version."""
+    from kd.demo import DEMO_FILES, PACKAGED
+
+    for name in DEMO_FILES:
+        assert (PACKAGED / name).read_text() == (CONFIGS / name).read_text(), name
+
+
+@pytest.mark.slow
+def test_demo_runs_from_an_empty_folder(ray_session: None, workdir: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """The embedded default: no configs folder, no data, no servers; three real runs
+    and a table of the three models, with the SQLite MLflow store in this folder."""
+    assert cli.run(["demo", "trainer.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    for row in ("teacher", "student (scratch)", "student (KD)"):
+        assert any(line.startswith(row) for line in out.splitlines()), row
+    assert f"MLflow records: sqlite:///{workdir / 'mlflow.db'}" in out
+    assert (workdir / "kdflow-runs" / "digits-kd" / "model.safetensors").is_file()
