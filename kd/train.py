@@ -39,6 +39,7 @@ from kd.models.weights import save_weights
 from kd.semisup import check_label_use
 
 CKPT_MODEL = "model.safetensors"
+WEIGHTS_FILE = "model.safetensors"  # a finished run's weights, see final_weights_uri
 CKPT_LOSS = "loss.safetensors"
 CKPT_STATE = "train_state.pt"
 CKPT_MANIFEST = "manifest.json"
@@ -627,9 +628,6 @@ def prepare(model: nn.Module, exp: Experiment, device: torch.device) -> nn.Modul
     if exp.scaling.strategy == "fsdp":
         return _shard(model, exp, device)
     return ray.train.torch.prepare_model(model, move_to_device=device)
-
-
-WEIGHTS_FILE = "model.safetensors"
 
 
 def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
