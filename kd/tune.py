@@ -294,8 +294,8 @@ def _finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str
 
     ``row["epochs"]`` is what Tune saw when it decided; ``row["epochs_trained"]`` is read
     back from the child run's ``epoch`` metric, because a stop reaches the workers
-    asynchronously: Ray Train's controller drains one report per poll (2 s by default) from
-    a one-slot queue, so workers may finish up to about two more epochs before they stop."""
+    asynchronously (Ray Train's controller drains one report per poll from a one-slot queue,
+    and Tune then kills the trial), so on short epochs workers train past the decision."""
     children = _child_runs(uri, exp, parent)
     c = tracking.client(uri)
     for row in rows:
@@ -303,7 +303,6 @@ def _finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str
         if run is not None:
             logged = [m.value for m in c.get_metric_history(run.info.run_id, "epoch")]
             row["epochs_trained"] = int(max(logged, default=row["epochs"]))
-        run = children.get(row["trial_id"])
         if run is None and row["status"] == "ERROR":
             values = {p: row[p] for p in exp.tune.space}
             try:
@@ -331,10 +330,11 @@ def _finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str
         elif run.info.status == "RUNNING":
             c.set_tag(run.info.run_id, "kd.stopped", "interrupted")
             c.set_terminated(run.info.run_id, status="KILLED")
-        if row["status"] == "DONE":  # an earlier attempt's marks, if it was interrupted
+        if row["status"] == "DONE":  # an earlier, interrupted or failed attempt's marks
             if run.data.tags.get("kd.stopped") == "interrupted":
-                _clear_tag(uri, run.info.run_id, "kd.stopped")
-            _clear_tag(uri, run.info.run_id, "kd.error")
+                c.delete_tag(run.info.run_id, "kd.stopped")
+            if "kd.error" in run.data.tags:
+                c.delete_tag(run.info.run_id, "kd.error")
         if row["status"] == "ERROR" and run.info.status != "FAILED":
             c.set_tag(run.info.run_id, "kd.error", row["error"])
             c.set_terminated(run.info.run_id, status="FAILED")
