@@ -123,6 +123,47 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return EXIT_OK if outcome.chosen is not None else EXIT_FAILED
 
 
+CLUSTER_FLAGS = ("image", "ray_version", "workers", "gpus_per_worker", "gpu_type", "mlflow_uri",
+                 "s3_endpoint", "s3_secret", "service_account")
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit a workflow to a Ray cluster (Jobs API) or to Kubernetes (a KubeRay RayJob)."""
+    if args.k8s == bool(args.address):
+        raise InputError("kd submit: give exactly one of --address URL (Ray Jobs API) or --k8s")
+    if args.k8s:
+        from kd.deploy.k8s import submit_k8s
+        from kd.deploy.render import ClusterOptions
+
+        opts = ClusterOptions(**{k: getattr(args, k) for k in CLUSTER_FLAGS
+                                 if getattr(args, k) is not None})
+        return submit_k8s(args.config, args.overrides, args.workflow, args.namespace, opts,
+                          name=args.name, dry_run=args.dry_run, timeout_s=args.timeout)
+    from kd.deploy.submit import submit_ray_job
+
+    return submit_ray_job(args.address, args.workflow, args.config, args.overrides,
+                          run_name=args.run_name)
+
+
+def _submit_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p)
+    p.add_argument("--workflow", default="distill",
+                   choices=["teacher", "distill", "tune", "retrain"], help="default distill")
+    p.add_argument("--address", help="Ray Jobs API of a running cluster, http://HEAD:8265 "
+                   "(token auth: set RAY_AUTH_TOKEN)")
+    p.add_argument("--run-name", help="(--address) Ray run name; an existing one resumes")
+    p.add_argument("--k8s", action="store_true", help="create a KubeRay RayJob instead")
+    p.add_argument("--namespace", default="default", help="(--k8s) namespace")
+    p.add_argument("--name", help="(--k8s) RayJob name, at most 47 characters "
+                   "(default <experiment>-<workflow>-<UTC time>); a name that ran resumes")
+    p.add_argument("--dry-run", action="store_true", help="(--k8s) print the manifests only")
+    p.add_argument("--timeout", type=float, help="(--k8s) seconds to follow the RayJob")
+    for flag in CLUSTER_FLAGS:
+        kind = int if flag in ("workers", "gpus_per_worker") else str
+        p.add_argument("--" + flag.replace("_", "-"), type=kind,
+                       help="(--k8s) default: helm/kdflow/values.yaml's")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `kd` argument parser with one sub-command per workflow step."""
     parser = argparse.ArgumentParser(prog="kd", description="kdflow: distil PyTorch teachers "
@@ -184,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue the latest interrupted sweep of this config")
     p.set_defaults(fn=cmd_tune)
+
+    p = sub.add_parser("submit", help="run a workflow on a Ray cluster (--address) or as a "
+                       "KubeRay RayJob (--k8s); follows it, exits with the job's code")
+    _submit_args(p)
+    p.set_defaults(fn=cmd_submit)
 
     p = sub.add_parser("demo", help="the embedded demo: teacher, scratch and KD on digits")
     p.add_argument("--configs", default=None,

@@ -24,7 +24,7 @@ from kd.errors import InputError
 from kd.evaluate import evaluate
 from kd.models import build_model
 from kd.models.weights import freeze, load_into, load_state_dict, save_weights
-from kd.runtime import ensure_ray
+from kd.runtime import ensure_ray, run_name_from_env
 from kd.semisup import balance_by_teacher
 from kd.train import CKPT_MODEL, WEIGHTS_FILE, final_weights_uri, fit, preflight
 
@@ -91,7 +91,10 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
               callbacks: list[Any] | None = None) -> RunOutcome:
     """One `kd teacher` / `kd distill` run, end to end (see the module docstring).
     With ``teacher.cache`` the teacher outputs come from `kd.teacher.ensure_cache`
-    (computed once, then reused); ``parent_run_id`` makes the MLflow run a child."""
+    (computed once, then reused); ``parent_run_id`` makes the MLflow run a child.
+    Without ``run_name``, under a KubeRay RayJob the name is `run_name_from_env` (so a
+    retry resumes), else a fresh `default_run_name`."""
+    run_name = run_name or run_name_from_env(role)  # under a RayJob: stable across retries
     splits = load_splits(exp.data, exp.storage.endpoint_url)
     preflight(exp, role, splits)
     splits = balance_by_teacher(exp, role, splits)

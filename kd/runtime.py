@@ -20,6 +20,18 @@ import os
 
 POLL_INTERVAL_S = "0.25"
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+OWNER_ENV = "OWNER_NAME"  # KubeRay sets it in every Ray container: the RayJob's name
+
+
+def run_name_from_env(role: str) -> str | None:
+    """``<RayJob name>-<role>`` when running under a KubeRay RayJob, else None.
+
+    Each RayJob retry builds a new RayCluster (and a new Ray job id), but KubeRay gives
+    every Ray container ``OWNER_NAME`` = the RayJob's name, which stays the same across
+    retries. A run named from it therefore resumes its checkpoints (and its MLflow run)
+    on the retry. The role keeps a teacher and a student run of one job apart."""
+    owner = os.environ.get(OWNER_ENV, "").strip()
+    return f"{owner}-{role}" if owner else None
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
