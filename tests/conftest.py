@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.ray_head"]  # the ray_head fixture (a token-auth Ray head)
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 

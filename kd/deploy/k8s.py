@@ -130,9 +130,10 @@ def print_logs(core: Any, namespace: str, name: str, out: TextIO) -> None:
 def submit_k8s(config: str, overrides: list[str], workflow: str, namespace: str,
                opts: ClusterOptions, name: str | None = None, dry_run: bool = False,
                timeout_s: float | None = None, poll_s: float = 10.0,
-               api: tuple[Any, Any] | None = None, out: TextIO = sys.stdout) -> int:
+               api: tuple[Any, Any] | None = None, out: TextIO | None = None) -> int:
     """`kd submit --k8s`; ``api`` = (CustomObjectsApi, CoreV1Api) to use instead of the
     configured cluster's. Returns 0 when the job succeeded, 1 otherwise."""
+    out = out or sys.stdout
     cm, job = manifests(config, overrides, workflow, name, namespace, opts)
     if dry_run:
         out.write(yaml.safe_dump_all([cm, job], sort_keys=False))

@@ -77,11 +77,12 @@ def follow(client: Any, job_id: str, out: TextIO, poll_s: float = 0.5) -> Any:
 
 def submit_ray_job(address: str, workflow: str, config: str, overrides: list[str],
                    run_name: str | None = None, env_vars: dict[str, str] | None = None,
-                   out: TextIO = sys.stdout) -> int:
+                   out: TextIO | None = None) -> int:
     """Submit ``kd WORKFLOW`` through the Ray Jobs API, stream its logs, return its
     exit code (see the module docstring)."""
     from ray.job_submission import JobSubmissionClient
 
+    out = out or sys.stdout
     _, text = experiment_doc(config, overrides)
     entry = job_entrypoint(workflow, run_name)
     try:
