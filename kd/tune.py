@@ -390,6 +390,21 @@ def _interrupted(uri: str, parent: str, exp: Experiment, sweep: str, ended: int)
     raise KeyboardInterrupt(msg)
 
 
+def owner_sweep(exp: Experiment) -> tuple[str | None, bool]:
+    """Under a KubeRay RayJob: (the sweep name ``<RayJob name>-sweep``, whether this
+    sweep already started). A RayJob retry (a new RayCluster, same OWNER_NAME) then
+    resumes the sweep instead of starting a new one. Outside a RayJob: (None, False)."""
+    from kd.runtime import run_name_from_env
+
+    name = run_name_from_env("sweep")
+    if name is None:
+        return None, False
+    try:
+        return name, _load_state(exp).get("sweep") == name
+    except InputError:
+        return name, False
+
+
 def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> SweepOutcome:
     """`kd tune` (see the module docstring); prints the top trials and the choice."""
     from kd.data import load_splits
@@ -407,6 +422,8 @@ def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> Swe
         print(f"[kd] warning: {warning}", flush=True)
     uri = tracking.tracking_uri(exp)
     root = storage.join(exp.storage.path, "tune")
+    owner, started = owner_sweep(exp)
+    resume = resume or started
     if resume:
         state = _load_state(exp)
         sweep, parent = state["sweep"], state["parent_run_id"]
@@ -417,7 +434,7 @@ def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> Swe
             teacher_mode(exp, splits)  # recomputes if the teacher or data changed meanwhile
     else:
         mode, tags = teacher_mode(exp, splits)
-        sweep = f"{exp.name}-sweep-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+        sweep = owner or f"{exp.name}-sweep-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
         base = _base_doc(exp, uri)
         parent = tracking.start_run(exp, "sweep", {**tags, "kd.sweep": sweep,
                                                    "kd.data_hash": splits.data_hash})

@@ -221,3 +221,19 @@ def test_kd_submit_ray_jobs_api(ray_head: tuple[str, dict[str, str]], tmp_path: 
     noauth = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
     code, out = _ray_submit(address, noauth, tmp_path)
     assert code == 2 and "kd: error: --address" in out, out[-2000:]
+
+
+def test_tune_sweep_name_is_stable_under_a_rayjob(monkeypatch: pytest.MonkeyPatch,
+                                                  tmp_path: Path) -> None:
+    from kd.config import load_experiment
+    from kd.tune import _save_state, owner_sweep
+
+    exp = load_experiment(CONFIGS / "digits-kd.yaml", [f"storage.path={tmp_path}"])
+    monkeypatch.delenv("OWNER_NAME", raising=False)
+    assert owner_sweep(exp) == (None, False)
+    monkeypatch.setenv("OWNER_NAME", "digits-kd-tune-2411")
+    assert owner_sweep(exp) == ("digits-kd-tune-2411-sweep", False)  # first attempt: new sweep
+    _save_state(exp, {"sweep": "digits-kd-tune-2411-sweep", "parent_run_id": "p", "base": {}})
+    assert owner_sweep(exp) == ("digits-kd-tune-2411-sweep", True)  # a retry: resume it
+    monkeypatch.setenv("OWNER_NAME", "digits-kd-tune-2412")  # next week's job: a new sweep
+    assert owner_sweep(exp) == ("digits-kd-tune-2412-sweep", False)
