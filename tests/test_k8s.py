@@ -94,6 +94,21 @@ def test_value_sets_render_what_they_choose(tools: Path) -> None:
     assert "--workflow=retrain" in cmd and "--gpu-type=NVIDIA-L4" in cmd
 
 
+def test_cronjob_command_is_a_valid_kd_submit(tools: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The CronJob pod's command, run here with --dry-run (the config from configs/)."""
+    plain = _by_kind(V.helm_template(str(CHART / "ci" / "cronjob-retrain-values.yaml")), "CronJob")
+    cmd = plain["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    argv = [str(CONFIGS / "digits-kd.yaml") if a == "/etc/kdflow/experiment.yaml" else a
+            for a in cmd[1:]]
+    assert run([*argv, "--dry-run", "--name", "kdflow-retrain-1"]) == 0
+    cm, job = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert job["metadata"]["namespace"] == "kdflow"
+    assert job["spec"]["entrypoint"] == "kd retrain /etc/kdflow/experiment.yaml"
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert worker["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    assert V.validate([cm, job]) == []
+
+
 def test_every_container_is_locked_down(tools: Path) -> None:
     docs = [d for v in [None, *CI_VALUES] for d in V.helm_template(*([str(v)] if v else []))]
     docs += V.load_all(V.run_tool("kubectl", "kustomize", "k8s/overlays/prod"))

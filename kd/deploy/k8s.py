@@ -26,6 +26,14 @@ GROUP, VERSION, PLURAL = "ray.io", "v1", "rayjobs"
 DONE = ("Complete", "Failed", "ValidationFailed")
 
 
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the experiment file) as literal blocks."""
+
+
+_Dumper.add_representer(str, lambda d, s: d.represent_scalar(
+    "tag:yaml.org,2002:str", s, style="|" if "\n" in s else None))
+
+
 def manifests(config: str, overrides: list[str], workflow: str, name: str | None,
               namespace: str, opts: ClusterOptions) -> tuple[dict[str, Any], dict[str, Any]]:
     """(ConfigMap, RayJob) for ``kd WORKFLOW CONFIG overrides`` on the cluster."""
@@ -136,7 +144,7 @@ def submit_k8s(config: str, overrides: list[str], workflow: str, namespace: str,
     out = out or sys.stdout
     cm, job = manifests(config, overrides, workflow, name, namespace, opts)
     if dry_run:
-        out.write(yaml.safe_dump_all([cm, job], sort_keys=False))
+        out.write(yaml.dump_all([cm, job], Dumper=_Dumper, sort_keys=False))
         return 0
     custom, core = api or clients()
     create(custom, core, cm, job)
