@@ -162,12 +162,27 @@ def check_k8s(doc: dict[str, Any]) -> list[str]:
     return errs
 
 
+def embedded_cluster(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The RayCluster a RayJob / RayCronJob makes (its rayClusterSpec as a RayCluster)."""
+    spec = doc.get("spec") or {}
+    spec = spec.get("jobTemplate", spec)
+    if doc.get("kind") not in ("RayJob", "RayCronJob") or "rayClusterSpec" not in spec:
+        return None
+    name = f"{(doc.get('metadata') or {}).get('name')}-cluster"
+    return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": name},
+            "spec": spec["rayClusterSpec"]}
+
+
 def validate(docs: list[dict[str, Any]]) -> list[str]:
-    """Every error of every object (empty list: all valid)."""
+    """Every error of every object (empty list: all valid); a RayJob's / RayCronJob's
+    cluster is also checked as the RayCluster KubeRay will create from it."""
     errs: list[str] = []
     for doc in docs:
         if doc.get("kind") in RAY_KINDS:
             errs += check_kuberay(doc) + cross_field(doc)
+            cluster = embedded_cluster(doc)
+            if cluster is not None:
+                errs += check_kuberay(cluster)
         errs += check_k8s(doc)
     return errs
 

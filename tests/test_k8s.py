@@ -186,6 +186,10 @@ def test_misspelled_rayjob_fields_are_caught(tools: Path) -> None:
     head = bad["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     head["resource"] = head.pop("resources")
     assert V.validate([bad]) and any("'resource' was unexpected" in e for e in V.validate([bad]))
+    cluster = V.embedded_cluster(good)
+    assert cluster["kind"] == "RayCluster" and V.check_kuberay(cluster) == []
+    cluster["spec"]["headGroupSpec"]["rayStartParam"] = {}
+    assert any("'rayStartParam' was unexpected" in e for e in V.check_kuberay(cluster))
     bad = copy.deepcopy(good)
     bad["spec"]["backoffLimit"] = "2"  # a string where the CRD wants an integer
     assert any("spec.backoffLimit" in e for e in V.check_kuberay(bad))
