@@ -270,3 +270,14 @@ def test_train_image_matches_ray_version() -> None:
     assert chart["rayVersion"] == ray.__version__ == "2.60.0"
     lock = (REPO / "docker" / "requirements.lock").read_text().splitlines()
     assert "ray==2.60.0" in lock and all("==" in ln for ln in lock if ln and not ln.startswith("#"))
+
+
+def test_shipped_experiments_are_valid_kdflow_configs() -> None:
+    """The chart's default experiment and k8s/base's ConfigMap load as kdflow experiments."""
+    from kd.config import experiment_from_dict
+
+    chart = yaml.safe_load((CHART / "values.yaml").read_text())["experiment"]["config"]
+    base = yaml.safe_load((REPO / "k8s" / "base" / "experiment.yaml").read_text())
+    for source, text in (("values.yaml", chart), ("k8s/base", base["data"]["experiment.yaml"])):
+        exp = experiment_from_dict(yaml.safe_load(text), source)
+        assert exp.storage.path.startswith("s3://") and exp.scaling.use_gpu
