@@ -1,7 +1,7 @@
 """Models registered by earlier kdflow versions still load.
 
 ``tests/fixtures/model_v0`` was saved by kdflow at commit fc95d12 (``loader_module:
-kd.serving``, ``code/kd/...``; the pt2 part dropped to keep it small). It is loaded
+kd.registry.loader``, ``code/kd/...``; the pt2 part dropped to keep it small). It is loaded
 with ``mlflow.pyfunc.load_model`` in a fresh interpreter, once with kdflow not yet
 imported and once after ``import kd`` (the shipped ``code/kd`` must then not matter).
 """

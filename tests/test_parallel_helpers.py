@@ -36,7 +36,7 @@ def _worker(rank: int, world: int, port: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from kd.config import experiment_from_dict
-    from kd.train import (
+    from kd.train.loop import (
         _average_grads,
         _grad_sync,
         _is_fsdp,

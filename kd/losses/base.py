@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from kd.registry import Registry
+from kd.plugins import Registry
 
 LOSSES = Registry("loss")
 

@@ -6,7 +6,7 @@ Every registered factory is called as
 one sample's shape without the batch dimension: ``(C, H, W)`` for images, ``(L,)``
 for token ids. ``width`` multiplies every hidden width / channel count.
 
-A name of the form ``package.module:Class`` (see `kd.registry.Registry`) names a
+A name of the form ``package.module:Class`` (see `kd.plugins.Registry`) names a
 user's own model: it is called with ``**args`` only, plus ``num_classes`` when its
 signature has a parameter of that name (and ``args`` does not set it).
 """
@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from kd.errors import InputError
-from kd.registry import Registry
+from kd.plugins import Registry
 
 MODELS = Registry("model")
 

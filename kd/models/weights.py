@@ -103,7 +103,7 @@ def resolve(uri: str) -> Path:
     """A local file for ``uri``: a path, ``s3://``, ``runs:/`` or ``models:/`` URI."""
     uri = str(uri)
     if uri.startswith("models:/"):
-        from kd.modelstore import fetch_verified  # a registered model: sha256 checked
+        from kd.registry.store import fetch_verified  # a registered model: sha256 checked
 
         local = fetch_verified(uri, allow_foreign=True)
     elif uri.startswith(MLFLOW_SCHEMES):

@@ -2,9 +2,9 @@
 
 The logged model directory (see docs/registry.md)::
 
-    MLmodel             flavors: python_function (loader_module kd.serving), pytorch (pt2)
+    MLmodel             flavors: python_function (loader_module kd.registry.loader), pytorch (pt2)
     data/student/{model.safetensors,kd_model.json}  the weights of record + architecture
-    code/kd/...         kd.serving and the model families (torch only)
+    code/kd/...         kd.registry.loader and the model families (torch only)
     pt2/model.pt2       torch.export program, only for ``mlflow.pytorch.load_model``
     model_card.md       teacher vs student, recipe, lineage; plots/curves.png
 
@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 
 import kd
-from kd import model_card, serving
 from kd.config import Experiment, load_experiment
 from kd.errors import InputError
-from kd.modelstore import SHA_TAG, explain, registry_client
+from kd.registry import card as model_card
+from kd.registry import loader as serving
+from kd.registry.store import SHA_TAG, explain, registry_client
 from kd.storage import sha256_file
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -52,7 +53,7 @@ def git_commit() -> str:
 
 
 def stage_code(dest: Path) -> Path:
-    """Copy what a registered model's loader needs (kd.serving + kd.models, torch only)
+    """Copy what a registered model's loader needs (kd.registry.loader + kd.models, torch only)
     to ``dest/kd``."""
     src = Path(kd.__file__).parent
     pkg = dest / "kd"
@@ -87,7 +88,7 @@ def _save_flavors(path: str, mlflow_model: Any, data_dir: str, code_dir: str, ca
                          Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
     reqs = [f"mlflow>={mlflow.__version__.rsplit('.', 1)[0]}",
             f"torch>={'.'.join(torch.__version__.split('+')[0].split('.')[:2])}", "numpy"]
-    mlflow.pyfunc.save_model(path, loader_module="kd.serving", data_path=data_dir,
+    mlflow.pyfunc.save_model(path, loader_module="kd.registry.loader", data_path=data_dir,
                              code_paths=[code_dir], mlflow_model=mlflow_model, signature=sig,
                              input_example=flat, pip_requirements=reqs)
     Path(path, "model_card.md").write_text(card)
@@ -123,9 +124,9 @@ def run_config(c: Any, run_id: str) -> Experiment:
 
 def teacher_and_holdout(exp: Experiment) -> tuple[Any, np.ndarray, np.ndarray]:
     """The frozen primary teacher (None without weights) and the holdout split of ``exp``."""
-    from kd.assemble import build_spec
     from kd.data import load_splits
     from kd.models.weights import freeze
+    from kd.train.assemble import build_spec
 
     splits = load_splits(exp.data, exp.storage.endpoint_url)
     teacher = None
@@ -183,7 +184,7 @@ def register_run(run_id: str, model_name: str | None = None,
                  exp: Experiment | None = None) -> tuple[str, str]:
     """Register run ``run_id``'s student weights under ``model_name`` (default the config's
     ``registry.model_name``), tag lineage, alias it ``challenger``; returns (name, version)."""
-    from kd.evaluate import evaluate
+    from kd.train.evaluate import evaluate
 
     c = registry_client()
     try:

@@ -4,7 +4,7 @@ A registered model directory holds ``data/student/model.safetensors`` (the weigh
 ``data/student/kd_model.json`` (architecture: model name, args, width, num_classes,
 input_shape, input dtype, and the weights' sha256) and ``code/kd/`` (this module
 plus the model families). ``mlflow.pyfunc.load_model`` puts ``code/`` on
-``sys.path``, imports ``kd.serving`` and calls `_load_pyfunc`, which rebuilds
+``sys.path``, imports ``kd.registry.loader`` and calls `_load_pyfunc`, which rebuilds
 the architecture, checks the sha256 and reads the safetensors file with the
 tiny reader below: nothing is unpickled and only torch + numpy are needed.
 

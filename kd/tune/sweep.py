@@ -1,8 +1,8 @@
 """`kd tune`: Ray Tune over the one training loop, with MLflow parent/child runs.
 
 The Ray Train V2 pattern: `Tuner` runs the function trainable `trial`, which
-applies the trial's sampled values (dotted config paths, `kd.tune_space`) to the
-base config and calls `kd.pipeline.train_run` - the same TorchTrainer as
+applies the trial's sampled values (dotted config paths, `kd.tune.space`) to the
+base config and calls `kd.train.run.train_run` - the same TorchTrainer as
 `kd distill` - as a child MLflow run of the sweep's parent run. Per-epoch metrics
 reach Tune through `ray.tune.integration.ray_train.TuneReportCallback` (Ray Train
 workers) or, for ``num_workers: 0`` trials, straight from the loop, so ASHA
@@ -13,7 +13,7 @@ teacher-output cache before the first trial and every trial reads it. The
 driver owns the parent run: it ends pruned / interrupted children as KILLED,
 records failed trials as FAILED children with their error, logs the best
 trial's params and metrics, ``trials.csv`` and plots, and picks the best trial
-meeting ``tune.constraints`` (`kd.tune_report.choose`).
+meeting ``tune.constraints`` (`kd.tune.report.choose`).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 from kd import storage, tracking
 from kd.config import Experiment, experiment_from_dict, flatten
 from kd.errors import InputError, one_line
-from kd.tune_report import choose, plots, rank, table, write_csv
-from kd.tune_space import Dist, apply_values, parse_space
+from kd.tune.report import choose, plots, rank, table, write_csv
+from kd.tune.space import Dist, apply_values, parse_space
 
 STATE_SUFFIX = ".latest.json"
 TRIAL_CPU = 0.01
@@ -77,7 +77,7 @@ def trial(config: dict[str, Any], base: dict[str, Any], parent_run_id: str, swee
     """The function trainable: one trial = one `train_run` (child MLflow run)."""
     from ray import tune
 
-    from kd.pipeline import train_run
+    from kd.train.run import train_run
 
     trial_id = tune.get_context().get_trial_id()
     exp = experiment_from_dict(trial_doc(base, config, trial_id), f"trial {trial_id}")
@@ -121,7 +121,7 @@ def teacher_mode(exp: Experiment, splits: Any) -> tuple[str, dict[str, str]]:
     if exp.teacher is None or not exp.distill.losses:
         return "none", {"kd.teacher_mode": "none"}
     if exp.teacher.cache:
-        from kd.teacher import ensure_cache
+        from kd.train.cache import ensure_cache
 
         cache = ensure_cache(exp, splits)
         print(f"[kd] sweep: teacher outputs cached once at {cache.uri} "
@@ -205,10 +205,10 @@ def model_cost(doc: dict[str, Any], input_shape: tuple[int, ...], num_classes: i
                sample: Any) -> tuple[float, float]:
     """(parameters, latency ms of one batch) of a trial's student, measured in the driver
     so every trial is timed on the same quiet process."""
-    from kd.assemble import build_spec
     from kd.config import StudentConfig
-    from kd.evaluate import latency_ms
     from kd.models import count_params
+    from kd.train.assemble import build_spec
+    from kd.train.evaluate import latency_ms
 
     spec = StudentConfig.model_validate(doc["student"])
     key = json.dumps([spec.model, spec.args, spec.width], sort_keys=True)
@@ -394,7 +394,7 @@ def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> Swe
     """`kd tune` (see the module docstring); prints the top trials and the choice."""
     from kd.data import load_splits
     from kd.runtime import ensure_ray
-    from kd.train import preflight
+    from kd.train.loop import preflight
 
     if exp.student is None:
         raise InputError("student: section is required for `kd tune`")

@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from kd import storage, tracking
-from kd.assemble import Role, build_spec, trainee_spec
 from kd.config import Experiment, ModelSpec
 from kd.data import Splits, load_splits
 from kd.errors import InputError
-from kd.evaluate import evaluate
 from kd.models import build_model
 from kd.models.weights import freeze, load_into, load_state_dict, save_weights
 from kd.runtime import ensure_ray
-from kd.semisup import balance_by_teacher
-from kd.train import CKPT_MODEL, WEIGHTS_FILE, final_weights_uri, fit, preflight
+from kd.train.assemble import Role, build_spec, trainee_spec
+from kd.train.evaluate import evaluate
+from kd.train.loop import CKPT_MODEL, WEIGHTS_FILE, final_weights_uri, fit, preflight
+from kd.train.semisup import balance_by_teacher
 
 
 @dataclass
@@ -90,7 +90,7 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
               extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None,
               callbacks: list[Any] | None = None) -> RunOutcome:
     """One `kd teacher` / `kd distill` run, end to end (see the module docstring).
-    With ``teacher.cache`` the teacher outputs come from `kd.teacher.ensure_cache`
+    With ``teacher.cache`` the teacher outputs come from `kd.train.cache.ensure_cache`
     (computed once, then reused); ``parent_run_id`` makes the MLflow run a child."""
     splits = load_splits(exp.data, exp.storage.endpoint_url)
     preflight(exp, role, splits)
@@ -102,7 +102,7 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
         tags["kd.teacher_uri"] = exp.teacher.weights
     columns = None
     if uses_cache(exp, role):
-        from kd.teacher import ensure_cache, load_columns
+        from kd.train.cache import ensure_cache, load_columns
 
         cache = ensure_cache(exp, splits)
         columns = load_columns(cache, len(splits.train))

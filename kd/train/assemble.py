@@ -15,11 +15,11 @@ from torch import nn
 
 from kd.config import Experiment, ModelSpec
 from kd.errors import InputError
-from kd.hooks import check_paths, feature_shapes
 from kd.losses import CompositeLoss, LossContext, build_composite
 from kd.losses.base import feature_paths
 from kd.models import build_model
 from kd.models.weights import freeze, load_into, load_state_dict
+from kd.train.capture import check_paths, feature_shapes
 
 Role = Literal["teacher", "student"]
 
@@ -82,8 +82,8 @@ def trainee_spec(exp: Experiment, role: Role) -> ModelSpec:
 def init_from_teacher(exp: Experiment, student: nn.Module, input_shape: tuple[int, ...],
                       num_classes: int) -> None:
     """``student.init: teacher_pruned``: fill the student with the teacher's most
-    important channels (`kd.prune.prune_into`)."""
-    from kd.prune import prune_into
+    important channels (`kd.train.prune.prune_into`)."""
+    from kd.train.prune import prune_into
 
     if exp.teacher is None or not exp.teacher.weights:
         raise InputError("student.init: teacher_pruned needs teacher.weights")

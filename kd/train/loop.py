@@ -27,16 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd.assemble import Role, assemble
 from kd.config import Experiment
 from kd.data import Splits, to_ray
 from kd.data.transforms import Transform, build_transforms
 from kd.data.transforms import apply as apply_transforms
 from kd.errors import InputError, TrainingDiverged
-from kd.hooks import FeatureCapture
 from kd.losses import DistillBatch
 from kd.models.weights import save_weights
-from kd.semisup import check_label_use
+from kd.train.assemble import Role, assemble
+from kd.train.capture import FeatureCapture
+from kd.train.semisup import check_label_use
 
 CKPT_MODEL = "model.safetensors"
 WEIGHTS_FILE = "model.safetensors"  # a finished run's weights, see final_weights_uri
