@@ -115,7 +115,7 @@ def test_top_k_cache_trains_without_teacher(workdir: Path, digits_teacher: str) 
     """``teacher.cache_top_k``: only k logits per row are stored (another key); the
     loop rebuilds dense logits whose softmax is the teacher's renormalised top k."""
     from kd.train.cache import load_columns
-    from kd.train.loop import dense_from_topk
+    from kd.train.columns import dense_from_topk
 
     exp = _exp(workdir, digits_teacher, "teacher.cache_top_k=3")
     splits = load_splits(exp.data)

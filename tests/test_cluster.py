@@ -19,7 +19,7 @@ from kd import storage
 from kd.cli import run as kd_run
 from kd.config import experiment_from_dict, resolve_paths
 from kd.errors import InputError
-from kd.train.loop import checkpoint_candidates, load_latest_good
+from kd.train.checkpoint import checkpoint_candidates, load_latest_good
 from tests.conftest import CONFIGS, free_port
 
 
@@ -135,7 +135,7 @@ def test_arrow_fs_carries_endpoint_and_credentials(s3_server: str, bucket: str) 
 def test_prune_keeps_the_newest_checkpoints(tmp_path: Path) -> None:
     """checkpoint.keep holds even for a checkpoint Ray never registered (saved just
     before a worker died): the finished run's folder keeps only the newest `keep`."""
-    from kd.train.loop import prune_checkpoints
+    from kd.train.checkpoint import prune_checkpoints
 
     for e in range(1, 6):
         (tmp_path / "run" / f"epoch_{e:05d}").mkdir(parents=True)

@@ -23,8 +23,9 @@ from kd.errors import InputError
 from kd.losses import DistillBatch, LossContext, build_composite, kd_loss
 from kd.losses.composite import teacher_confidence
 from kd.train.assemble import assemble
-from kd.train.loop import Step, _sample
+from kd.train.driver import sample_batch as _sample
 from kd.train.semisup import balance_by_teacher, balanced_indices
+from kd.train.step import Step
 
 SYNTH = {"source": "synthetic", "args": {"n": 400, "num_classes": 4, "noise": 1.0}}
 

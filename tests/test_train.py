@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from kd import cli
 from kd.config import load_experiment
 from kd.models.weights import read_metadata
-from kd.train.loop import lr_factor
+from kd.train.optim import lr_factor
 from kd.train.run import train_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -25,6 +25,9 @@ MLFLOW_SCHEMES = ("runs:/", "models:/")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+WEIGHTS_FILE = "model.safetensors"  # a run's weights, a checkpoint's model, a registered model's data
+
+
 def _state_dict(obj: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
     if isinstance(obj, nn.Module):
         return obj.state_dict()
@@ -87,7 +90,7 @@ def _download_mlflow(uri: str) -> Path:
 
 def _pick_file(uri: str, folder: Path) -> Path:
     """The weights file inside a downloaded artifact folder."""
-    named = sorted(folder.rglob("model.safetensors"))
+    named = sorted(folder.rglob(WEIGHTS_FILE))
     if named:
         return min(named, key=lambda p: len(p.parts))
     found = sorted(folder.rglob("*.safetensors"))

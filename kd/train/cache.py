@@ -32,7 +32,7 @@ from kd import storage
 from kd.config import Experiment
 from kd.data import Splits, to_ray
 from kd.errors import InputError
-from kd.train.loop import TEACHER_FEATURE, TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
+from kd.train.columns import TEACHER_FEATURE, TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
 
 CACHE_DIR = "teacher-cache"
 MARKER = "_SUCCESS"
@@ -243,7 +243,7 @@ def ensure_cache(exp: Experiment, splits: Splits, force: bool = False) -> Teache
 
 def load_columns(cache: TeacherCache, train_rows: int) -> dict[str, np.ndarray]:
     """The cached outputs as arrays in train-row order (``idx`` 0..N-1), ready for
-    `kd.train.loop.fit`'s ``extra_train_columns``; a row count that does not match is an error."""
+    `kd.train.driver.fit`'s ``extra_train_columns``; a row count that does not match is an error."""
     import pyarrow.parquet as pq
     import ray.data  # noqa: F401  (registers Ray's tensor extension types with pyarrow)
 

@@ -21,11 +21,11 @@ from kd.config import Experiment, ModelSpec
 from kd.data import Splits, load_splits
 from kd.errors import InputError
 from kd.models import build_model
-from kd.models.weights import freeze, load_into, load_state_dict, save_weights
+from kd.models.weights import WEIGHTS_FILE, freeze, load_into, load_state_dict, save_weights
 from kd.runtime import ensure_ray
 from kd.train.assemble import Role, build_spec, trainee_spec
+from kd.train.driver import final_weights_uri, fit, preflight
 from kd.train.evaluate import evaluate
-from kd.train.loop import CKPT_MODEL, WEIGHTS_FILE, final_weights_uri, fit, preflight
 from kd.train.semisup import balance_by_teacher
 
 
@@ -123,7 +123,7 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
             import ray.train
 
             ckpt = result.checkpoint or ray.train.Checkpoint(result.checkpoint_dir)
-            local = Path(ckpt.to_directory(d)) / CKPT_MODEL
+            local = Path(ckpt.to_directory(d)) / WEIGHTS_FILE
             state, _ = load_state_dict(str(local))
             model = build_spec(spec, role, splits.input_shape, splits.num_classes, False)
             load_into(model, state, what=f"{role} checkpoint")

@@ -394,7 +394,7 @@ def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> Swe
     """`kd tune` (see the module docstring); prints the top trials and the choice."""
     from kd.data import load_splits
     from kd.runtime import ensure_ray
-    from kd.train.loop import preflight
+    from kd.train.driver import preflight
 
     if exp.student is None:
         raise InputError("student: section is required for `kd tune`")
