@@ -12,7 +12,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from kd.errors import InputError
+from .errors import InputError  # relative: ships inside registered models
 
 
 class Registry:

@@ -1,4 +1,8 @@
-"""Model registry and builders.
+"""Model families and builders.
+
+This package, `kd.errors` and `kd.plugins` import each other relatively and nothing else
+of kdflow: they ship inside every registered model under the loader's own name
+(`kd.registry.register.stage_code`).
 
 Every registered factory is called as
 ``factory(input_shape=..., num_classes=..., width=..., **args)`` and returns an
@@ -20,8 +24,8 @@ from typing import Any
 
 from torch import nn
 
-from kd.errors import InputError
-from kd.plugins import Registry
+from ..errors import InputError
+from ..plugins import Registry
 
 MODELS = Registry("model")
 
@@ -160,6 +164,6 @@ def int_list(name: str, arg: str, value: Any) -> list[int]:
 
 
 # Importing the families registers them.
-from kd.models import cnn, mlp, resnet_cifar, text, wrn  # noqa: E402, F401
+from . import cnn, mlp, resnet_cifar, text, wrn  # noqa: E402, F401
 
 __all__ = ["MODELS", "build_model", "count_params", "model_size_bytes", "scaled"]

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-WEIGHTS = "model.safetensors"
+LOADER_MODULE = "kdflow_model_loader"  # the top-level name this module ships under
+WEIGHTS = "model.safetensors"  # = kd.models.weights.WEIGHTS_FILE; this module imports nothing of kdflow
 DATA_DIR = "data/student"  # where pyfunc copies the staged folder inside the model
 CONFIG = "kd_model.json"
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -74,7 +75,7 @@ def build_module(data_dir: str | Path, verify: bool = True) -> tuple[nn.Module, 
 
     Raises `ChecksumError` when ``verify`` and the weights' sha256 differs from the config's.
     """
-    from kd.models import build_model  # the model families shipped beside this module
+    build_model = _families()
 
     data_dir = Path(data_dir)
     cfg = json.loads((data_dir / CONFIG).read_text())
@@ -91,6 +92,16 @@ def build_module(data_dir: str | Path, verify: bool = True) -> tuple[nn.Module, 
     for p in model.parameters():
         p.requires_grad_(False)
     return model, cfg
+
+
+def _families():  # noqa: ANN202
+    """``build_model`` of the model families: shipped beside this module inside a model
+    (``kdflow_model_loader.models``), else kdflow's own (this module as `kd.registry.loader`)."""
+    if __package__ == LOADER_MODULE:
+        from .models import build_model
+    else:
+        from kd.models import build_model
+    return build_model
 
 
 def to_batch(data: Any, input_shape: tuple[int, ...], integer: bool) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 The logged model directory (see docs/registry.md)::
 
-    MLmodel             flavors: python_function (loader_module kd.registry.loader), pytorch (pt2)
+    MLmodel             flavors: python_function (loader_module kdflow_model_loader), pytorch (pt2)
     data/student/{model.safetensors,kd_model.json}  the weights of record + architecture
-    code/kd/...         kd.registry.loader and the model families (torch only)
+    code/kdflow_model_loader/...  kd.registry.loader and the model families (torch only)
     pt2/model.pt2       torch.export program, only for ``mlflow.pytorch.load_model``
     model_card.md       teacher vs student, recipe, lineage; plots/curves.png
 
@@ -28,6 +28,7 @@ import numpy as np
 import kd
 from kd.config import Experiment, load_experiment
 from kd.errors import InputError
+from kd.models.weights import WEIGHTS_FILE
 from kd.registry import card as model_card
 from kd.registry import loader as serving
 from kd.registry.store import SHA_TAG, explain, registry_client
@@ -36,7 +37,7 @@ from kd.storage import sha256_file
 CHALLENGER, CHAMPION = "challenger", "champion"
 LINEAGE_KEYS = ("kd.teacher_uri", "kd.teacher_sha256", "kd.data_hash", "kd.config_hash",
                 "kd.git_commit", "kd.kdflow_version", "kd.source_run_id", SHA_TAG)
-MODEL_FILES = ("__init__.py", "errors.py", "registry.py", "serving.py")
+SHIPPED = ("errors.py", "plugins.py")  # beside the loader; the families follow in models/
 RECORD = "registration.json"
 
 
@@ -53,12 +54,15 @@ def git_commit() -> str:
 
 
 def stage_code(dest: Path) -> Path:
-    """Copy what a registered model's loader needs (kd.registry.loader + kd.models, torch only)
-    to ``dest/kd``."""
+    """Copy what a registered model's loader needs to ``dest/kdflow_model_loader``:
+    `kd.registry.loader` as its ``__init__.py``, `kd.errors`, `kd.plugins` and the model
+    families (torch only; they import each other relatively). Nothing named ``kd`` is
+    shipped, so the model's ``code/`` cannot shadow an installed kdflow."""
     src = Path(kd.__file__).parent
-    pkg = dest / "kd"
+    pkg = dest / serving.LOADER_MODULE
     (pkg / "models").mkdir(parents=True)
-    for name in MODEL_FILES:
+    shutil.copy2(src / "registry" / "loader.py", pkg / "__init__.py")
+    for name in SHIPPED:
         shutil.copy2(src / name, pkg / name)
     for f in (src / "models").glob("*.py"):
         if f.name != "weights.py":  # weights.py needs safetensors + storage; the loader does not
@@ -88,7 +92,7 @@ def _save_flavors(path: str, mlflow_model: Any, data_dir: str, code_dir: str, ca
                          Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
     reqs = [f"mlflow>={mlflow.__version__.rsplit('.', 1)[0]}",
             f"torch>={'.'.join(torch.__version__.split('+')[0].split('.')[:2])}", "numpy"]
-    mlflow.pyfunc.save_model(path, loader_module="kd.registry.loader", data_path=data_dir,
+    mlflow.pyfunc.save_model(path, loader_module=serving.LOADER_MODULE, data_path=data_dir,
                              code_paths=[code_dir], mlflow_model=mlflow_model, signature=sig,
                              input_example=flat, pip_requirements=reqs)
     Path(path, "model_card.md").write_text(card)
@@ -201,9 +205,9 @@ def register_run(run_id: str, model_name: str | None = None,
         raise InputError(f"run {run_id}: has no {SHA_TAG} tag (not a finished kdflow run)")
     work = Path(tempfile.mkdtemp(prefix="kd-register-"))
     try:
-        local = c.download_artifacts(run_id, "weights/model.safetensors", str(work))
+        local = c.download_artifacts(run_id, f"weights/{WEIGHTS_FILE}", str(work))
     except Exception as e:
-        raise explain(e, f"run {run_id}: weights/model.safetensors") from None
+        raise explain(e, f"run {run_id}: weights/{WEIGHTS_FILE}") from None
     sha = sha256_file(local)
     if sha != want:
         raise InputError(f"run {run_id}: weights checksum mismatch ({sha[:16]}... != "

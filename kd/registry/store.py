@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from kd.errors import InputError
+from kd.models.weights import WEIGHTS_FILE
+from kd.registry.loader import DATA_DIR
 from kd.storage import sha256_file
 
 # MLflow's REST client retries with exponential backoff; its defaults (7 retries,
@@ -23,7 +25,7 @@ from kd.storage import sha256_file
 RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
              "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 SHA_TAG = "kd.weights_sha256"
-WEIGHTS_PATH = "data/student/model.safetensors"
+WEIGHTS_PATH = f"{DATA_DIR}/{WEIGHTS_FILE}"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))/?$")
 
 
