@@ -226,6 +226,9 @@ def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn
     try:
+        from kd.registry.store import install_resolver
+
+        install_resolver()  # models:/ weights URIs are read with verification
         return fn(args)
     except InputError as e:
         print(f"kd: error: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,13 +103,31 @@ def _pick_file(uri: str, folder: Path) -> Path:
     raise InputError(f"{uri}: folder holds several .safetensors files ({names}); name one")
 
 
-def resolve(uri: str) -> Path:
-    """A local file for ``uri``: a path, ``s3://``, ``runs:/`` or ``models:/`` URI."""
-    uri = str(uri)
-    if uri.startswith("models:/"):
-        from kd.registry.store import fetch_verified  # a registered model: sha256 checked
+_RESOLVERS: dict[str, Callable[[str], Path]] = {}
 
-        local = fetch_verified(uri, allow_foreign=True)
+
+def register_resolver(prefix: str, fn: Callable[[str], Path]) -> None:
+    """Make `resolve` hand URIs starting with ``prefix`` to ``fn`` (a local file or folder).
+
+    The layers above register here (`kd.registry.store.install_resolver` verifies
+    ``models:/`` downloads); this module imports nothing above it. `kd.train.driver.fit`
+    passes the registered resolvers on to the Ray workers."""
+    _RESOLVERS[prefix] = fn
+
+
+def resolvers() -> dict[str, Callable[[str], Path]]:
+    """The resolvers registered so far (prefix -> function)."""
+    return dict(_RESOLVERS)
+
+
+def resolve(uri: str) -> Path:
+    """A local file for ``uri``: a path, ``s3://``, ``runs:/`` or ``models:/`` URI. A
+    registered resolver (`register_resolver`) takes precedence; without one a
+    ``models:/`` URI is downloaded as MLflow gives it, unverified."""
+    uri = str(uri)
+    fn = next((f for p, f in _RESOLVERS.items() if uri.startswith(p)), None)
+    if fn is not None:
+        local = fn(uri)
     elif uri.startswith(MLFLOW_SCHEMES):
         local = _download_mlflow(uri)
     else:

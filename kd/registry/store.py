@@ -175,3 +175,17 @@ def fetch_verified(uri: str, allow_foreign: bool = False) -> Path:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as e:
         raise explain(e, f"{uri}: download") from None
+
+
+def fetch_weights(uri: str) -> Path:
+    """The resolver for ``models:/`` weights URIs: verified when kdflow registered the
+    version, else downloaded whole (see `fetch_verified`)."""
+    return fetch_verified(uri, allow_foreign=True)
+
+
+def install_resolver() -> None:
+    """Let `kd.models.weights.resolve` (teacher and init weights) read ``models:/`` URIs
+    through `fetch_weights`. Called by the layers above train/ (cli, tune)."""
+    from kd.models.weights import register_resolver
+
+    register_resolver("models:/", fetch_weights)

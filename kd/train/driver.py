@@ -15,7 +15,7 @@ from kd.config import Experiment
 from kd.data import Splits, to_ray
 from kd.data.transforms import build_transforms
 from kd.errors import InputError
-from kd.models.weights import WEIGHTS_FILE
+from kd.models.weights import WEIGHTS_FILE, resolvers
 from kd.train.assemble import Role, assemble
 from kd.train.checkpoint import prune_checkpoints
 from kd.train.loop import train_loop_per_worker
@@ -113,6 +113,7 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
         "train_rows": len(splits.train), "run_dir": run_dir(exp, run_name),
         "storage_fs": fs, "run_path": f"{storage_path}/{run_name}",
         "steps_per_epoch": math.ceil(len(splits.train) / max(1, exp.trainer.batch_size)),
+        "resolvers": resolvers(),  # URI resolvers registered above train/ (models:/), for the workers
     }
     resources = dict(exp.scaling.resources_per_worker) or None
     trainer = TorchTrainer(

@@ -24,6 +24,7 @@ import torch
 from kd.config import Experiment
 from kd.data.transforms import build_transforms
 from kd.errors import TrainingDiverged
+from kd.models.weights import register_resolver
 from kd.train.assemble import assemble
 from kd.train.checkpoint import (
     checkpoint_candidates,
@@ -92,6 +93,8 @@ def _setup(spec: dict[str, Any]) -> Worker:
     from kd.config import experiment_from_dict
 
     exp = experiment_from_dict(spec["exp"])
+    for prefix, fn in spec.get("resolvers", {}).items():
+        register_resolver(prefix, fn)
     rank, world = world_info()
     torch.manual_seed(exp.seed + rank)
     np.random.seed(exp.seed + rank)

@@ -77,7 +77,10 @@ def trial(config: dict[str, Any], base: dict[str, Any], parent_run_id: str, swee
     """The function trainable: one trial = one `train_run` (child MLflow run)."""
     from ray import tune
 
+    from kd.registry.store import install_resolver
     from kd.train.run import train_run
+
+    install_resolver()  # a trial runs in its own process: models:/ teachers read verified
 
     trial_id = tune.get_context().get_trial_id()
     exp = experiment_from_dict(trial_doc(base, config, trial_id), f"trial {trial_id}")
