@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kd.dotted import set_in
 from kd.errors import InputError
 
 
@@ -53,10 +54,19 @@ class DataConfig(Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     transforms: list[str] = Field(default_factory=list, description="training-time random "
                                   "augmentations: random_flip, random_crop, gaussian_noise")
-    labels: Literal["all", "partial", "none"] = "all"
+    labels: Literal["all", "none"] = Field("all", description="all: labels as given (nulls are "
+                                           "unlabeled); none: drop the train split's labels")
     labeled_fraction: float | None = Field(None, gt=0, le=1)
     transfer: str | None = None
     balance_by_teacher: bool = False
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _no_partial(cls, v: Any) -> Any:
+        if v == "partial":
+            raise ValueError("'partial' was removed (it did the same as 'all'); use 'all' (nulls "
+                             "in the label column are unlabeled) or data.labeled_fraction")
+        return v
 
 
 class ModelSpec(Strict):
@@ -95,10 +105,6 @@ class LossTerm(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
     weight: float = Field(1.0, ge=0)
-
-    def params(self) -> dict[str, Any]:
-        """The term's own parameters (everything but name and weight)."""
-        return dict(self.model_extra or {})
 
 
 class DistillConfig(Strict):
@@ -289,32 +295,6 @@ class Experiment(Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _set_dotted(doc: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.0.c = value`` in a nested dict/list document, creating dicts as needed."""
-    parts = dotted.split(".")
-    node: Any = doc
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise InputError(f"override {dotted}: {where}: no list item {part} "
-                                 f"(the list has {len(node)})")
-            if last:
-                node[int(part)] = value
-            else:
-                node = node[int(part)]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-        else:
-            raise InputError(f"override {dotted}: {'.'.join(parts[:i])} is a value, not a section")
-
-
 def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """A copy of ``doc`` with each ``dotted.path=value`` applied (value parsed as YAML)."""
     out = copy.deepcopy(doc)
@@ -326,7 +306,7 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        _set_dotted(out, key.strip(), value)
+        set_in(out, key.strip(), value, f"override {key.strip()}")
     return out
 
 
@@ -401,17 +381,3 @@ def resolve_paths(exp: Experiment) -> Experiment:
     if exp.student is not None:
         exp.student.weights = _abs(exp.student.weights)
     return exp
-
-
-def flatten(doc: Any, prefix: str = "") -> dict[str, str]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists index by position."""
-    out: dict[str, str] = {}
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-    elif isinstance(doc, list) and doc:
-        for i, v in enumerate(doc):
-            out.update(flatten(v, f"{prefix}{i}."))
-    else:
-        out[prefix.rstrip(".")] = json.dumps(doc) if isinstance(doc, (list, dict)) else str(doc)
-    return out

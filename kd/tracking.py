@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kd.config import Experiment, flatten
+from kd.config import Experiment
+from kd.dotted import flatten
 from kd.errors import InputError
 
 PARAM_CHUNK = 100

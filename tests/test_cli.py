@@ -188,3 +188,20 @@ def test_unknown_option_still_rejected(capsys: pytest.CaptureFixture[str]) -> No
     with pytest.raises(SystemExit) as e:
         cli.parse_args(["distill", "C", "--bogus", "a=1"])
     assert e.value.code == 2 and "--bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,argv,flags,want", [
+    ("distill", ["--config", "C", "--run-name", "N", "a=1"], (), ["distill", "C", "a=1", "--run-name", "N"]),
+    ("distill", ["a=1", "--config", "C"], (), ["distill", "C", "a=1"]),
+    ("tune", ["--config", "C", "--resume", "a=1"], ("--resume",), ["tune", "C", "a=1", "--resume"]),
+])
+def test_workflow_entrypoints_share_one_parser(command: str, argv: list[str], flags: tuple[str, ...],
+                                               want: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflows"))
+    import _entry
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(cli, "run", lambda a: seen.append(a) or 0)
+    assert _entry.main(command, argv, flags) == 0 and seen == [want]

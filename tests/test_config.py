@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd.config import apply_overrides, experiment_from_dict, flatten, load_experiment
+from kd.config import apply_overrides, experiment_from_dict, load_experiment
+from kd.dotted import flatten
 from kd.errors import InputError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -23,7 +24,7 @@ def test_example_configs_load() -> None:
     kd = load_experiment(CONFIGS / "digits-kd.yaml")
     assert kd.student is not None and kd.student.model == "mlp"
     assert kd.distill.losses[0].name == "kd" and kd.distill.losses[0].weight == 0.9
-    assert Path(kd.train.cache.weights).is_absolute()  # resolved for Ray workers
+    assert Path(kd.teacher.weights).is_absolute()  # resolved for Ray workers
     assert Path(kd.storage.path).is_absolute()
     teacher = load_experiment(CONFIGS / "digits-teacher.yaml")
     assert teacher.student is None and teacher.teacher.model == "cnn_small"

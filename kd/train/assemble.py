@@ -16,7 +16,7 @@ from torch import nn
 from kd.config import Experiment, ModelSpec
 from kd.errors import InputError
 from kd.losses import CompositeLoss, LossContext, build_composite
-from kd.losses.base import feature_paths
+from kd.losses.base import required_paths
 from kd.models import build_model
 from kd.models.weights import freeze, load_into, load_state_dict
 from kd.train.capture import check_paths, feature_shapes
@@ -58,17 +58,6 @@ def _check_classes(model: nn.Module, sample: torch.Tensor, num_classes: int, wha
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise InputError(f"{what} outputs shape {tuple(out.shape)} but the data has "
                          f"{num_classes} classes (expected [batch, {num_classes}])")
-
-
-def required_paths(terms: list[dict]) -> tuple[list[str], list[str]]:
-    """Union (in order) of the student and teacher module paths the loss terms name."""
-    s_paths: list[str] = []
-    t_paths: list[str] = []
-    for term in terms:
-        s, t = feature_paths(term)
-        s_paths += [p for p in s if p not in s_paths]
-        t_paths += [p for p in t if p not in t_paths]
-    return s_paths, t_paths
 
 
 def trainee_spec(exp: Experiment, role: Role) -> ModelSpec:

@@ -58,7 +58,7 @@ class TeacherCache:
 
 def requested_outputs(exp: Experiment) -> list[str]:
     """``logits`` plus the teacher module paths the configured loss terms read."""
-    from kd.train.assemble import required_paths
+    from kd.losses.base import required_paths
 
     _, t_paths = required_paths([t.model_dump() for t in exp.distill.losses])
     k = exp.teacher.cache_top_k if exp.teacher is not None else None

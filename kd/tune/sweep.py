@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from kd import storage, tracking
-from kd.config import Experiment, experiment_from_dict, flatten
+from kd.config import Experiment, experiment_from_dict
+from kd.dotted import flatten
 from kd.errors import InputError, one_line
 from kd.tune.report import choose, plots, rank, table, write_csv
 from kd.tune.space import Dist, apply_values, parse_space
