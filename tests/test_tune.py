@@ -278,7 +278,7 @@ def test_failed_and_pruned_trials_in_the_run_tree(workdir: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     from kd import tracking
-    from kd.tune.sweep import _finish_children
+    from kd.tune.runs import finish_children
 
     exp = load_experiment(TUNE)
     uri = tracking.tracking_uri(exp)
@@ -291,7 +291,7 @@ def test_failed_and_pruned_trials_in_the_run_tree(workdir: Path) -> None:
          "distill.temperature": 3.0, "distill.losses.0.weight": 0.5},
         {"trial_id": "t2", "status": "PRUNED", "epochs": 1, "error": ""},
     ]
-    _finish_children(uri, exp, parent, rows, base, "sweep-x")
+    finish_children(uri, exp, parent, rows, base, "sweep-x")
     c = MlflowClient(uri)
     failed = c.get_run(rows[0]["run_id"])
     assert failed.info.status == "FAILED" and failed.data.tags["kd.error"] == "ValueError: boom"

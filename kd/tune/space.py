@@ -116,3 +116,12 @@ def parse_space(exp: Experiment) -> dict[str, Dist]:
                     pass
         space[path] = dist
     return space
+
+
+def trial_doc(base: dict[str, Any], values: dict[str, Any], trial_id: str) -> dict[str, Any]:
+    """The config of one trial: base + sampled values; its own name (so weights of
+    concurrent trials never collide)."""
+    doc = apply_values(base, values)
+    doc["name"] = f"{base['name']}-{trial_id}"[:100]
+    doc["tracking"]["run_name"] = f"{base['name']}-trial-{trial_id}"
+    return doc
