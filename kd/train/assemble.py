@@ -8,7 +8,7 @@ one line), and each worker calls it again to build its own copy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -58,6 +58,13 @@ def _check_classes(model: nn.Module, sample: torch.Tensor, num_classes: int, wha
     if out.ndim != 2 or out.shape[1] != num_classes:
         raise InputError(f"{what} outputs shape {tuple(out.shape)} but the data has "
                          f"{num_classes} classes (expected [batch, {num_classes}])")
+
+
+def primary_teacher(exp: Experiment, splits: Any) -> nn.Module | None:
+    """The frozen primary teacher with its weights, or None if the config has none."""
+    if exp.teacher is None or not exp.teacher.weights:
+        return None
+    return freeze(build_spec(exp.teacher, "teacher", splits.input_shape, splits.num_classes, True))
 
 
 def trainee_spec(exp: Experiment, role: Role) -> ModelSpec:

@@ -23,7 +23,7 @@ from kd.errors import InputError
 from kd.models import build_model
 from kd.models.weights import WEIGHTS_FILE, freeze, load_into, load_state_dict, save_weights
 from kd.runtime import ensure_ray
-from kd.train.assemble import Role, build_spec, trainee_spec
+from kd.train.assemble import Role, build_spec, primary_teacher, trainee_spec
 from kd.train.driver import final_weights_uri, fit, preflight
 from kd.train.evaluate import evaluate
 from kd.train.semisup import balance_by_teacher
@@ -72,18 +72,25 @@ def model_from_weights(uri: str) -> tuple[Any, dict[str, str]]:
     return freeze(model), meta
 
 
-def primary_teacher(exp: Experiment, splits: Splits) -> Any | None:
-    """The frozen primary teacher with its weights, or None if the config has none."""
-    if exp.teacher is None or not exp.teacher.weights:
-        return None
-    return freeze(build_spec(exp.teacher, "teacher", splits.input_shape, splits.num_classes, True))
-
-
 def uses_cache(exp: Experiment, role: Role) -> bool:
     """True when this run reads teacher outputs from the cache (``teacher.cache`` on,
     a student run with loss terms that need the teacher)."""
     return (role == "student" and exp.teacher is not None and exp.teacher.cache
             and bool(exp.distill.losses))
+
+
+def _cached_columns(exp: Experiment, role: Role, splits: Splits,
+                    tags: dict[str, str]) -> dict[str, Any] | None:
+    """The teacher-output cache's columns for the train split (None without the cache);
+    adds the cache's tags to ``tags``."""
+    if not uses_cache(exp, role):
+        return None
+    from kd.train.cache import ensure_cache, load_columns
+
+    cache = ensure_cache(exp, splits)
+    tags.update({"kd.teacher_cache": cache.uri, "kd.teacher_cache.key": cache.key,
+                 "kd.teacher_cache.computed": str(cache.computed).lower()})
+    return load_columns(cache, len(splits.train))
 
 
 def train_run(exp: Experiment, role: Role, run_name: str | None = None,
@@ -100,14 +107,7 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
     tags = {"kd.data_hash": splits.data_hash, **(extra_tags or {})}
     if role == "student" and exp.teacher is not None and exp.teacher.weights:
         tags["kd.teacher_uri"] = exp.teacher.weights
-    columns = None
-    if uses_cache(exp, role):
-        from kd.train.cache import ensure_cache, load_columns
-
-        cache = ensure_cache(exp, splits)
-        columns = load_columns(cache, len(splits.train))
-        tags.update({"kd.teacher_cache": cache.uri, "kd.teacher_cache.key": cache.key,
-                     "kd.teacher_cache.computed": str(cache.computed).lower()})
+    columns = _cached_columns(exp, role, splits, tags)
     name = run_name or default_run_name(exp, role)
     tags["kd.ray_run_name"] = name
     # A given run name that already ran resumes its Ray checkpoints and its MLflow run.
