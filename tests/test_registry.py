@@ -37,7 +37,8 @@ with torch.no_grad():
     q = net(torch.as_tensor(x).reshape(len(x), 1, 8, 8)).softmax(-1).numpy()
 print(json.dumps({"probs": probs.tolist(), "torch": q.tolist(),
                   "is_module": isinstance(net, torch.nn.Module),
-                  "kd_file": sys.modules["kd"].__file__}))
+                  "loader_file": sys.modules["kdflow_model_loader"].__file__,
+                  "kd_imported": "kd" in sys.modules}))
 """
 
 
@@ -177,7 +178,8 @@ def test_register_promote_and_consume(trained: SimpleNamespace, champion: str,
     np.testing.assert_allclose(probs, want, atol=1e-5)
     np.testing.assert_allclose(np.array(got["torch"]), want, atol=1e-5)
     assert got["is_module"]
-    assert "/code/kd/" in got["kd_file"]  # the loader came with the model, not an install
+    # the loader came with the model, under its own name: no `kd` package shadows kdflow
+    assert "/code/kdflow_model_loader/" in got["loader_file"] and not got["kd_imported"]
 
     import pandas as pd
 
