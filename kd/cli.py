@@ -123,6 +123,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return EXIT_OK if outcome.chosen is not None else EXIT_FAILED
 
 
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """The scheduled pipeline: snapshot -> ... -> promoted champion (docs/retrain.md)."""
+    from kd.retrain import run_pipeline
+
+    run_pipeline(_load(args))  # promoted / nothing to do / skipped; else an error below
+    return EXIT_OK
+
+
 RUN_NAME_HELP = "Ray run name; an existing one resumes from its checkpoint"
 
 
@@ -154,6 +162,12 @@ def _run_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the latest interrupted sweep of this config")
     p.set_defaults(fn=cmd_tune)
+
+    p = sub.add_parser("retrain", help="scheduled retraining: validate the data snapshot, "
+                       "[teacher], cache, [tune], distil, evaluate, register, gate, promote; "
+                       "resumable (docs/retrain.md)")
+    _config_args(p)
+    p.set_defaults(fn=cmd_retrain)
 
 
 def _registry_commands(sub: argparse._SubParsersAction) -> None:

@@ -18,12 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kd.dotted import set_in
 from kd.errors import InputError
-
-
-class Strict(BaseModel):
-    """Base for every section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
+from kd.sections import (  # noqa: F401  (re-exported: kd.config is where sections are looked up)
+    RetrainConfig,
+    SnapshotChecks,
+    Strict,
+    TuneConfig,
+    TuneConstraints,
+    TuneResources,
+    TuneSchedulerConfig,
+    TuneSearchConfig,
+)
 
 
 class SplitConfig(Strict):
@@ -188,55 +192,6 @@ class RegistryConfig(Strict):
     gate: GateConfig = Field(default_factory=GateConfig)
 
 
-class TuneSchedulerConfig(Strict):
-    """Trial scheduler: ASHA stops weak trials at rungs ``grace_period * rf^k`` epochs."""
-
-    name: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2.0, gt=1)
-
-
-class TuneSearchConfig(Strict):
-    """Search algorithm: random sampling or Optuna's TPE."""
-
-    name: Literal["random", "optuna"] = "random"
-
-
-class TuneConstraints(Strict):
-    """Limits the chosen trial must meet; a missing limit is not checked."""
-
-    max_params: int | None = Field(None, ge=1)
-    max_latency_ms: float | None = Field(None, gt=0)
-    min_teacher_agreement: float | None = Field(None, ge=0, le=1)
-
-
-class TuneResources(Strict):
-    """What one trial gets: Ray Train workers (None = ``scaling.num_workers``) and
-    CPUs / GPUs per worker (a 0-worker trial runs the loop in the trial process)."""
-
-    workers: int | None = Field(None, ge=0)
-    cpus_per_worker: float = Field(1.0, ge=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
-
-
-class TuneConfig(Strict):
-    """`kd tune`: the search space by dotted config path (``loguniform(a, b)``,
-    ``uniform(a, b)``, ``randint(a, b)``, ``choice([...])``), budget, scheduler,
-    search algorithm, concurrency, retries, per-trial resources, constraints."""
-
-    metric: str = "val/accuracy"
-    mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(8, ge=1)
-    max_concurrent_trials: int = Field(2, ge=1)
-    max_failures: int = Field(0, ge=0)
-    seed: int | None = None
-    scheduler: TuneSchedulerConfig = Field(default_factory=TuneSchedulerConfig)
-    search: TuneSearchConfig = Field(default_factory=TuneSearchConfig)
-    space: dict[str, str] = Field(default_factory=dict)
-    constraints: TuneConstraints = Field(default_factory=TuneConstraints)
-    resources: TuneResources = Field(default_factory=TuneResources)
-
-
 class StorageConfig(Strict):
     """Where checkpoints, caches and results go: a local path or an s3:// URI."""
 
@@ -261,6 +216,7 @@ class Experiment(Strict):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    retrain: RetrainConfig | None = None
 
     @model_validator(mode="after")
     def _cache_needs_fixed_inputs(self) -> Experiment:
@@ -287,7 +243,10 @@ class Experiment(Strict):
 
     def hash(self) -> str:
         """sha256 (16 hex) of the canonical JSON of this config: the config's lineage id."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        doc = self.model_dump(mode="json")
+        if doc.get("retrain") is None:  # configs without a retrain: section keep their hash
+            doc.pop("retrain", None)
+        blob = json.dumps(doc, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_yaml(self) -> str:
