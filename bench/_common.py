@@ -24,7 +24,7 @@ def enter_work_dir(given: str | None, name: str) -> Path:
 def teacher_weights(work: Path, epochs: int = 8) -> str:
     """Train (once per work folder) the digits cnn_small teacher; its weights path."""
     from kd.config import load_experiment
-    from kd.pipeline import train_run
+    from kd.train.run import train_run
 
     path = work / "runs" / "digits-teacher" / "model.safetensors"
     if path.exists():

@@ -18,7 +18,7 @@ import time
 from _common import CONFIGS, enter_work_dir, teacher_weights, write_section
 
 from kd.config import load_experiment
-from kd.pipeline import train_run
+from kd.train.run import train_run
 
 
 def main() -> None:

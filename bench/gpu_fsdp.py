@@ -2,7 +2,7 @@
 
 Needs CUDA: without a GPU it prints one 'no GPU' line and exits 0. With N GPUs it
 trains a wide ResNet student (``wrn``, depth 16, widen 4) on synthetic 3x32x32
-data through THE loop (`kd.pipeline.train_run`) on N workers, once per row:
+data through THE loop (`kd.train.run.train_run`) on N workers, once per row:
 DDP fp32, DDP bf16, FSDP fp32, FSDP bf16 (grad_accum 2, grad_clip 1.0), and
 records the loop's ``samples_per_s`` (epochs 2..E) and ``gpu/max_mem_gb`` (peak
 ``torch.cuda.max_memory_allocated`` of rank 0) into bench/RESULTS.md.
@@ -38,8 +38,8 @@ def main() -> int:
     from _results import write_section
 
     from kd.config import experiment_from_dict, resolve_paths
-    from kd.pipeline import train_run
     from kd.runtime import ensure_ray
+    from kd.train.run import train_run
 
     gpus = torch.cuda.device_count()
     work = enter_work_dir(None, "fsdp")

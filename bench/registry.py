@@ -40,7 +40,7 @@ print(t1 - t0, t2 - t1, t3 - t2)
 def train(d: Path) -> str:
     """A 2-epoch MLP teacher and student on digits; the student's run id."""
     from kd.config import load_experiment
-    from kd.pipeline import train_run
+    from kd.train.run import train_run
 
     common = ["scaling.num_workers=0", "trainer.epochs=2", f"storage.path={d}",
               "teacher.model=mlp", "teacher.args={hidden: [64]}"]
@@ -58,8 +58,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="kd-bench-registry-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     run_id = args.run_id or train(work)
-    from kd.promote import promote
-    from kd.register import register_run
+    from kd.registry.promote import promote
+    from kd.registry.register import register_run
 
     name = f"bench-{int(time.time())}"
     rows: dict[str, list[float]] = {"register (log + tag + alias)": [], "promote (gate)": [],

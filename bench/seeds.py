@@ -1,4 +1,4 @@
-"""Accuracy over seeds on digits, every run through `kd.pipeline.train_run` (the one loop,
+"""Accuracy over seeds on digits, every run through `kd.train.run.train_run` (the one loop,
 ``scaling.num_workers=0``: in-process, no worker actors).
 
 Per seed: the digits teacher (configs/digits-teacher.yaml) is trained once, then every
@@ -86,7 +86,7 @@ def run_seed(seed: int, names: list[str], work: Path, common: list[str],
              extra: dict[str, list[str]], results: dict[str, Scores]) -> None:
     """Train this seed's teacher, then each student scenario from it."""
     from kd.config import load_experiment
-    from kd.pipeline import train_run
+    from kd.train.run import train_run
 
     base = [*common, f"seed={seed}", "scaling.num_workers=0", f"storage.path={work / 'runs'}",
             f"tracking.uri=sqlite:///{work / 'mlflow.db'}", "tracking.experiment=bench-seeds"]

@@ -22,8 +22,8 @@ from pathlib import Path
 from _common import CONFIGS, enter_work_dir, teacher_weights, write_section
 
 from kd.config import load_experiment
-from kd.pipeline import train_run
-from kd.tune import run_sweep
+from kd.train.run import train_run
+from kd.tune.sweep import run_sweep
 
 
 def sweep(work: Path, teacher: str, args: argparse.Namespace, *extra: str) -> tuple[float, list]:

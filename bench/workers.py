@@ -28,8 +28,8 @@ from _common import enter_work_dir  # noqa: E402
 from _results import write_section  # noqa: E402
 
 from kd.config import load_experiment  # noqa: E402
-from kd.pipeline import train_run  # noqa: E402
 from kd.runtime import ensure_ray  # noqa: E402
+from kd.train.run import train_run  # noqa: E402
 
 
 def _run(cfg: str, role: str, overrides: list[str]) -> tuple[float, float, float]:

@@ -30,7 +30,7 @@ def _load(args: argparse.Namespace):  # noqa: ANN202
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     """Train a teacher with CE only (same loop), save its weights."""
-    from kd.pipeline import train_run
+    from kd.train.run import train_run
 
     train_run(_load(args), "teacher", run_name=args.run_name)
     return EXIT_OK
@@ -38,19 +38,19 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distil the configured teacher(s) into the student."""
-    from kd.pipeline import train_run
+    from kd.train.run import train_run
 
     if args.from_run:
-        from kd.reproduce import config_from_run
+        from kd.tracking import config_from_run
 
-        args.config = str(config_from_run(args.from_run, args.config))
+        args.config = str(config_from_run(args.from_run))
     exp = _load(args)
     if args.register and not exp.registry.model_name:
         raise InputError("registry.model_name: required by --register (set it in the config "
                          "or as an override registry.model_name=NAME)")
     outcome = train_run(exp, "student", run_name=args.run_name)
     if args.register:
-        from kd.register import register_outcome
+        from kd.registry.register import register_outcome
         from kd.storage import join
 
         register_outcome(outcome.run_id, outcome.weights, outcome.weights_sha256, exp,
@@ -60,7 +60,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_register(args: argparse.Namespace) -> int:
     """Register a finished run's student (alias challenger)."""
-    from kd.register import register_run
+    from kd.registry.register import register_run
 
     exp = _load(args) if args.config else None
     register_run(args.run_id, args.name, exp)
@@ -69,7 +69,7 @@ def cmd_register(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     """Gate challenger vs champion and promote, or roll champion back."""
-    from kd import promote
+    from kd.registry import promote
 
     if args.rollback:
         promote.rollback(args.name)
@@ -81,7 +81,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Predict class probabilities of a registered model for a file."""
-    from kd.predict import predict_file
+    from kd.registry.predict import predict_file
 
     predict_file(args.model, args.input, args.output)
     return EXIT_OK
@@ -90,7 +90,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a weights file / URI on the holdout split."""
     from kd.config import load_experiment
-    from kd.pipeline import evaluate_weights
+    from kd.train.run import evaluate_weights
 
     exp = load_experiment(args.config, args.overrides) if args.config else None
     metrics = evaluate_weights(exp, args.weights)
@@ -109,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
     """Compute (or find) the teacher-output cache for the config."""
-    from kd.teacher import cache_teacher
+    from kd.train.cache import cache_teacher
 
     cache_teacher(_load(args), force=args.force)
     return EXIT_OK
@@ -117,7 +117,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Ray Tune sweep over the config's tune.space; print top trials and the chosen one."""
-    from kd.tune import run_sweep
+    from kd.tune.sweep import run_sweep
 
     outcome = run_sweep(_load(args), resume=args.resume)
     return EXIT_OK if outcome.chosen is not None else EXIT_FAILED
@@ -164,26 +164,60 @@ def _submit_args(p: argparse.ArgumentParser) -> None:
                        help="(--k8s) default: helm/kdflow/values.yaml's")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `kd` argument parser with one sub-command per workflow step."""
-    parser = argparse.ArgumentParser(prog="kd", description="kdflow: distil PyTorch teachers "
-                                     "into small students on Ray, tracked in MLflow.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_retrain(args: argparse.Namespace) -> int:
+    """The scheduled pipeline: snapshot -> ... -> promoted champion (docs/retrain.md)."""
+    from kd.retrain import run_pipeline
 
+    run_pipeline(_load(args))  # promoted / nothing to do / skipped; else an error below
+    return EXIT_OK
+
+
+RUN_NAME_HELP = "Ray run name; an existing one resumes from its checkpoint"
+
+
+def _run_commands(sub: argparse._SubParsersAction) -> None:
+    """teacher, distill, cache-teacher, tune: a config and overrides each."""
     p = sub.add_parser("teacher", help="train a teacher (CE only) with the kdflow loop")
     _config_args(p)
-    p.add_argument("--run-name", help="Ray run name; an existing one resumes from its checkpoint")
+    p.add_argument("--run-name", help=RUN_NAME_HELP)
     p.set_defaults(fn=cmd_teacher)
 
     p = sub.add_parser("distill", help="distil the teacher into the student")
     _config_args(p)
-    p.add_argument("--run-name", help="Ray run name; an existing one resumes from its checkpoint")
+    p.add_argument("--run-name", help=RUN_NAME_HELP)
     p.add_argument("--from-run", help="reproduce an MLflow run: take its logged config "
-                   "(CONFIG is then only a fallback path and may be '-')")
+                   "(CONFIG is then ignored; write '-')")
     p.add_argument("--register", action="store_true",
                    help="register the student under registry.model_name (alias challenger)")
     p.set_defaults(fn=cmd_distill)
 
+    p = sub.add_parser("cache-teacher", help="run the teacher once over the train data and "
+                       "store its outputs (teacher-output cache)")
+    _config_args(p)
+    p.add_argument("--force", action="store_true", help="recompute even if a valid cache exists")
+    p.set_defaults(fn=cmd_cache_teacher)
+
+    p = sub.add_parser("tune", help="Ray Tune sweep over tune.space (ASHA / Optuna, MLflow "
+                       "parent + child runs)")
+    _config_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the latest interrupted sweep of this config")
+    p.set_defaults(fn=cmd_tune)
+
+    p = sub.add_parser("retrain", help="scheduled retraining: validate the data snapshot, "
+                       "[teacher], cache, [tune], distil, evaluate, register, gate, promote; "
+                       "resumable (docs/retrain.md)")
+    _config_args(p)
+    p.set_defaults(fn=cmd_retrain)
+
+    p = sub.add_parser("submit", help="run a workflow on a Ray cluster (--address) or as a "
+                       "KubeRay RayJob (--k8s); follows it, exits with the job's code")
+    _submit_args(p)
+    p.set_defaults(fn=cmd_submit)
+
+
+def _registry_commands(sub: argparse._SubParsersAction) -> None:
+    """register, promote, predict, evaluate."""
     p = sub.add_parser("register", help="register a finished run's student (alias challenger)")
     p.add_argument("run_id", help="MLflow run id of a kd distill run")
     p.add_argument("config", nargs="?", help="experiment YAML (default: the run's logged config)")
@@ -213,24 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides for --config")
     p.set_defaults(fn=cmd_evaluate)
 
-    p = sub.add_parser("cache-teacher", help="run the teacher once over the train data and "
-                       "store its outputs (teacher-output cache)")
-    _config_args(p)
-    p.add_argument("--force", action="store_true", help="recompute even if a valid cache exists")
-    p.set_defaults(fn=cmd_cache_teacher)
 
-    p = sub.add_parser("tune", help="Ray Tune sweep over tune.space (ASHA / Optuna, MLflow "
-                       "parent + child runs)")
-    _config_args(p)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the latest interrupted sweep of this config")
-    p.set_defaults(fn=cmd_tune)
-
-    p = sub.add_parser("submit", help="run a workflow on a Ray cluster (--address) or as a "
-                       "KubeRay RayJob (--k8s); follows it, exits with the job's code")
-    _submit_args(p)
-    p.set_defaults(fn=cmd_submit)
-
+def build_parser() -> argparse.ArgumentParser:
+    """The `kd` argument parser with one sub-command per workflow step."""
+    parser = argparse.ArgumentParser(prog="kd", description="kdflow: distil PyTorch teachers "
+                                     "into small students on Ray, tracked in MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _run_commands(sub)
+    _registry_commands(sub)
     p = sub.add_parser("demo", help="the embedded demo: teacher, scratch and KD on digits")
     p.add_argument("--configs", default=None,
                    help="folder with digits-teacher.yaml and digits-kd.yaml (default: ./configs "
@@ -240,11 +264,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; options and dotted overrides may come in any order
+    (``kd distill C --run-name N k=v`` as well as ``kd distill C k=v --run-name N``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides"):
+        if getattr(args, "config", "") is None and "=" not in extra[0] and not extra[0].startswith("-"):
+            args.config = extra.pop(0)  # an optional CONFIG positional written after an option
+        bad = [a for a in extra if a.startswith("-") or "=" not in a]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run one command; return its exit code (errors printed as one line)."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn
     try:
+        from kd.registry.store import install_resolver
+
+        install_resolver()  # models:/ weights URIs are read with verification
         return fn(args)
     except InputError as e:
         print(f"kd: error: {e}", file=sys.stderr)

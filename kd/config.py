@@ -16,13 +16,18 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kd.dotted import set_in
 from kd.errors import InputError
-
-
-class Strict(BaseModel):
-    """Base for every section: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
+from kd.sections import (  # noqa: F401  (re-exported: kd.config is where sections are looked up)
+    RetrainConfig,
+    SnapshotChecks,
+    Strict,
+    TuneConfig,
+    TuneConstraints,
+    TuneResources,
+    TuneSchedulerConfig,
+    TuneSearchConfig,
+)
 
 
 class SplitConfig(Strict):
@@ -53,10 +58,19 @@ class DataConfig(Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     transforms: list[str] = Field(default_factory=list, description="training-time random "
                                   "augmentations: random_flip, random_crop, gaussian_noise")
-    labels: Literal["all", "partial", "none"] = "all"
+    labels: Literal["all", "none"] = Field("all", description="all: labels as given (nulls are "
+                                           "unlabeled); none: drop the train split's labels")
     labeled_fraction: float | None = Field(None, gt=0, le=1)
     transfer: str | None = None
     balance_by_teacher: bool = False
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _no_partial(cls, v: Any) -> Any:
+        if v == "partial":
+            raise ValueError("'partial' was removed (it did the same as 'all'); use 'all' (nulls "
+                             "in the label column are unlabeled) or data.labeled_fraction")
+        return v
 
 
 class ModelSpec(Strict):
@@ -95,10 +109,6 @@ class LossTerm(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str
     weight: float = Field(1.0, ge=0)
-
-    def params(self) -> dict[str, Any]:
-        """The term's own parameters (everything but name and weight)."""
-        return dict(self.model_extra or {})
 
 
 class DistillConfig(Strict):
@@ -182,55 +192,6 @@ class RegistryConfig(Strict):
     gate: GateConfig = Field(default_factory=GateConfig)
 
 
-class TuneSchedulerConfig(Strict):
-    """Trial scheduler: ASHA stops weak trials at rungs ``grace_period * rf^k`` epochs."""
-
-    name: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2.0, gt=1)
-
-
-class TuneSearchConfig(Strict):
-    """Search algorithm: random sampling or Optuna's TPE."""
-
-    name: Literal["random", "optuna"] = "random"
-
-
-class TuneConstraints(Strict):
-    """Limits the chosen trial must meet; a missing limit is not checked."""
-
-    max_params: int | None = Field(None, ge=1)
-    max_latency_ms: float | None = Field(None, gt=0)
-    min_teacher_agreement: float | None = Field(None, ge=0, le=1)
-
-
-class TuneResources(Strict):
-    """What one trial gets: Ray Train workers (None = ``scaling.num_workers``) and
-    CPUs / GPUs per worker (a 0-worker trial runs the loop in the trial process)."""
-
-    workers: int | None = Field(None, ge=0)
-    cpus_per_worker: float = Field(1.0, ge=0)
-    gpus_per_worker: float = Field(0.0, ge=0)
-
-
-class TuneConfig(Strict):
-    """`kd tune`: the search space by dotted config path (``loguniform(a, b)``,
-    ``uniform(a, b)``, ``randint(a, b)``, ``choice([...])``), budget, scheduler,
-    search algorithm, concurrency, retries, per-trial resources, constraints."""
-
-    metric: str = "val/accuracy"
-    mode: Literal["max", "min"] = "max"
-    num_samples: int = Field(8, ge=1)
-    max_concurrent_trials: int = Field(2, ge=1)
-    max_failures: int = Field(0, ge=0)
-    seed: int | None = None
-    scheduler: TuneSchedulerConfig = Field(default_factory=TuneSchedulerConfig)
-    search: TuneSearchConfig = Field(default_factory=TuneSearchConfig)
-    space: dict[str, str] = Field(default_factory=dict)
-    constraints: TuneConstraints = Field(default_factory=TuneConstraints)
-    resources: TuneResources = Field(default_factory=TuneResources)
-
-
 class StorageConfig(Strict):
     """Where checkpoints, caches and results go: a local path or an s3:// URI."""
 
@@ -255,6 +216,7 @@ class Experiment(Strict):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    retrain: RetrainConfig | None = None
 
     @model_validator(mode="after")
     def _cache_needs_fixed_inputs(self) -> Experiment:
@@ -281,38 +243,15 @@ class Experiment(Strict):
 
     def hash(self) -> str:
         """sha256 (16 hex) of the canonical JSON of this config: the config's lineage id."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        doc = self.model_dump(mode="json")
+        if doc.get("retrain") is None:  # configs without a retrain: section keep their hash
+            doc.pop("retrain", None)
+        blob = json.dumps(doc, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_yaml(self) -> str:
         """The resolved config as YAML, loadable again by `load_experiment`."""
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def _set_dotted(doc: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.0.c = value`` in a nested dict/list document, creating dicts as needed."""
-    parts = dotted.split(".")
-    node: Any = doc
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise InputError(f"override {dotted}: {where}: no list item {part} "
-                                 f"(the list has {len(node)})")
-            if last:
-                node[int(part)] = value
-            else:
-                node = node[int(part)]
-        elif isinstance(node, dict):
-            if last:
-                node[part] = value
-            else:
-                if node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
-        else:
-            raise InputError(f"override {dotted}: {'.'.join(parts[:i])} is a value, not a section")
 
 
 def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -326,7 +265,7 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        _set_dotted(out, key.strip(), value)
+        set_in(out, key.strip(), value, f"override {key.strip()}")
     return out
 
 
@@ -401,17 +340,3 @@ def resolve_paths(exp: Experiment) -> Experiment:
     if exp.student is not None:
         exp.student.weights = _abs(exp.student.weights)
     return exp
-
-
-def flatten(doc: Any, prefix: str = "") -> dict[str, str]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``; lists index by position."""
-    out: dict[str, str] = {}
-    if isinstance(doc, dict):
-        for k, v in doc.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-    elif isinstance(doc, list) and doc:
-        for i, v in enumerate(doc):
-            out.update(flatten(v, f"{prefix}{i}."))
-    else:
-        out[prefix.rstrip(".")] = json.dumps(doc) if isinstance(doc, (list, dict)) else str(doc)
-    return out

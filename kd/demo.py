@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from kd.config import load_experiment
-from kd.pipeline import RunOutcome, train_run
 from kd.tracking import tracking_uri
+from kd.train.run import RunOutcome, train_run
 
 COLUMNS = ("accuracy", "teacher_agreement", "params", "latency_ms")
 

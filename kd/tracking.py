@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kd.config import Experiment, flatten
+from kd.config import Experiment
+from kd.dotted import flatten
+from kd.errors import InputError
 
 PARAM_CHUNK = 100
 
@@ -116,3 +118,17 @@ def resume_run(exp: Experiment, ray_run_name: str) -> str | None:
     run_id = runs[0].info.run_id
     c.update_run(run_id, status="RUNNING")
     return run_id
+
+
+def config_from_run(run_id: str) -> Path:
+    """`kd distill --from-run RUN_ID`: download ``config.yaml`` from the MLflow run ``run_id``
+    (tracking URI from the environment, else the local SQLite default); its local path."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="config.yaml", dst_path=tempfile.mkdtemp(prefix="kd-run-"))
+    except Exception as e:
+        raise InputError(f"--from-run {run_id}: cannot fetch its config.yaml ({e})") from None
+    return Path(path)

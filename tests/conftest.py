@@ -160,7 +160,7 @@ def digits_teacher(tmp_path_factory: pytest.TempPathFactory, ray_session: None) 
     """Weights of a cnn_small teacher trained 3 epochs on digits (in-process loop);
     returns the safetensors path."""
     from kd.config import load_experiment
-    from kd.pipeline import train_run
+    from kd.train.run import train_run
 
     d = tmp_path_factory.mktemp("teacher")
     old = Path.cwd()

@@ -15,8 +15,8 @@ from kd.config import load_experiment
 from kd.data import load_splits
 from kd.errors import InputError
 from kd.models.weights import load_state_dict, save_weights
-from kd.pipeline import train_run
-from kd.teacher import MARKER, ensure_cache, find_cache
+from kd.train.cache import MARKER, ensure_cache, find_cache
+from kd.train.run import train_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -98,11 +98,11 @@ def test_feature_outputs_are_cached(workdir: Path, digits_teacher: str) -> None:
                "student: block2, teacher: block2}]")
     splits = load_splits(exp.data)
     cache = ensure_cache(exp, splits)
-    from kd.teacher import load_columns
+    from kd.train.cache import load_columns
 
     cols = load_columns(cache, len(splits.train))
     assert set(cols) == {"teacher_logits", "teacher_feature:block2"}
-    from kd.pipeline import primary_teacher
+    from kd.train.run import primary_teacher
 
     teacher = primary_teacher(exp, splits)
     with torch.no_grad():
@@ -114,8 +114,8 @@ def test_feature_outputs_are_cached(workdir: Path, digits_teacher: str) -> None:
 def test_top_k_cache_trains_without_teacher(workdir: Path, digits_teacher: str) -> None:
     """``teacher.cache_top_k``: only k logits per row are stored (another key); the
     loop rebuilds dense logits whose softmax is the teacher's renormalised top k."""
-    from kd.teacher import load_columns
-    from kd.train import dense_from_topk
+    from kd.train.cache import load_columns
+    from kd.train.columns import dense_from_topk
 
     exp = _exp(workdir, digits_teacher, "teacher.cache_top_k=3")
     splits = load_splits(exp.data)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from kd import cli, pipeline
+from kd import cli
 from kd.models import build_model
 from kd.models.weights import save_weights
+from kd.train import run as pipeline
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -171,3 +172,36 @@ def test_demo_runs_from_an_empty_folder(ray_session: None, workdir: Path,
         assert any(line.startswith(row) for line in out.splitlines()), row
     assert f"MLflow records: sqlite:///{workdir / 'mlflow.db'}" in out
     assert (workdir / "kdflow-runs" / "digits-kd" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("argv,config,overrides", [
+    (["distill", "C", "--run-name", "N", "trainer.epochs=1"], "C", ["trainer.epochs=1"]),
+    (["distill", "C", "a=1", "--run-name", "N", "b=2"], "C", ["a=1", "b=2"]),
+    (["evaluate", "W", "--config", "C", "trainer.epochs=1"], "C", ["trainer.epochs=1"]),
+])
+def test_options_and_overrides_in_any_order(argv: list[str], config: str, overrides: list[str]) -> None:
+    args = cli.parse_args(argv)
+    assert (args.config, args.overrides) == (config, overrides)
+
+
+def test_unknown_option_still_rejected(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["distill", "C", "--bogus", "a=1"])
+    assert e.value.code == 2 and "--bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command,argv,flags,want", [
+    ("distill", ["--config", "C", "--run-name", "N", "a=1"], (), ["distill", "C", "a=1", "--run-name", "N"]),
+    ("distill", ["a=1", "--config", "C"], (), ["distill", "C", "a=1"]),
+    ("tune", ["--config", "C", "--resume", "a=1"], ("--resume",), ["tune", "C", "a=1", "--resume"]),
+])
+def test_workflow_entrypoints_share_one_parser(command: str, argv: list[str], flags: tuple[str, ...],
+                                               want: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflows"))
+    import _entry
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(cli, "run", lambda a: seen.append(a) or 0)
+    assert _entry.main(command, argv, flags) == 0 and seen == [want]

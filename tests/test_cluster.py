@@ -19,7 +19,7 @@ from kd import storage
 from kd.cli import run as kd_run
 from kd.config import experiment_from_dict, resolve_paths
 from kd.errors import InputError
-from kd.train import checkpoint_candidates, load_latest_good
+from kd.train.checkpoint import checkpoint_candidates, load_latest_good
 from tests.conftest import CONFIGS, free_port
 
 
@@ -56,7 +56,7 @@ def _mlflow_runs(exp):
 def test_two_workers_s3_fault_resume_fallback(ray_session: None, s3_server: str, bucket: str,
                                               workdir: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from kd.pipeline import train_run
+    from kd.train.run import train_run
 
     s3 = boto3.client("s3", endpoint_url=s3_server)
     # Fit 1: 2 DDP workers, grad_accum 2, the last worker killed in epoch 2.
@@ -135,7 +135,7 @@ def test_arrow_fs_carries_endpoint_and_credentials(s3_server: str, bucket: str) 
 def test_prune_keeps_the_newest_checkpoints(tmp_path: Path) -> None:
     """checkpoint.keep holds even for a checkpoint Ray never registered (saved just
     before a worker died): the finished run's folder keeps only the newest `keep`."""
-    from kd.train import prune_checkpoints
+    from kd.train.checkpoint import prune_checkpoints
 
     for e in range(1, 6):
         (tmp_path / "run" / f"epoch_{e:05d}").mkdir(parents=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd.config import apply_overrides, experiment_from_dict, flatten, load_experiment
+from kd.config import apply_overrides, experiment_from_dict, load_experiment
+from kd.dotted import flatten
 from kd.errors import InputError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -43,7 +44,7 @@ def test_dotted_overrides_reach_nested_fields_and_list_items() -> None:
 def test_loss_term_params_are_kept() -> None:
     exp = experiment_from_dict({"name": "x", "distill": {"losses": [
         {"name": "dkd", "weight": 1.0, "alpha": 1.0, "beta": 8.0}]}})
-    assert exp.distill.losses[0].params() == {"alpha": 1.0, "beta": 8.0}
+    assert exp.distill.losses[0].model_extra == {"alpha": 1.0, "beta": 8.0}  # LossTerm.params() was dead code
 
 
 @pytest.mark.parametrize(("override", "expected"), [

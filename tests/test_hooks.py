@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from kd.errors import InputError
-from kd.hooks import FeatureCapture, check_paths, feature_shapes
 from kd.models import build_model
+from kd.train.capture import FeatureCapture, check_paths, feature_shapes
 
 
 class Wrapper(nn.Module):

@@ -36,15 +36,12 @@ def _worker(rank: int, world: int, port: int) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from kd.config import experiment_from_dict
-    from kd.train import (
-        _average_grads,
-        _grad_sync,
-        _is_fsdp,
-        _restore_optimizer,
-        checkpoint_state,
-        place_teacher,
-        prepare,
-    )
+    from kd.train.checkpoint import checkpoint_state
+    from kd.train.checkpoint import restore_optimizer as _restore_optimizer
+    from kd.train.parallel import average_grads as _average_grads
+    from kd.train.parallel import grad_sync as _grad_sync
+    from kd.train.parallel import is_fsdp as _is_fsdp
+    from kd.train.parallel import place_teacher, prepare
 
     def same_on_all_ranks(t: torch.Tensor) -> bool:
         parts = [torch.zeros_like(t) for _ in range(world)]

@@ -18,8 +18,8 @@ from conftest import CONFIGS, REPO, free_port, launch_mlflow_server
 
 from kd.cli import run as kd_run
 from kd.config import load_experiment
-from kd.promote import HISTORY_TAG, LOCK_SUFFIX, LOG_TAG, gate_check
-from kd.register import LINEAGE_KEYS, register_outcome, register_run
+from kd.registry.promote import HISTORY_TAG, LOCK_SUFFIX, LOG_TAG, gate_check
+from kd.registry.register import LINEAGE_KEYS, register_outcome, register_run
 
 pytestmark = pytest.mark.slow
 
@@ -37,13 +37,14 @@ with torch.no_grad():
     q = net(torch.as_tensor(x).reshape(len(x), 1, 8, 8)).softmax(-1).numpy()
 print(json.dumps({"probs": probs.tolist(), "torch": q.tolist(),
                   "is_module": isinstance(net, torch.nn.Module),
-                  "kd_file": sys.modules["kd"].__file__}))
+                  "loader_file": sys.modules["kdflow_model_loader"].__file__,
+                  "kd_imported": "kd" in sys.modules}))
 """
 
 
 def train_pair(d: Path, teacher_weights: str | None = None, epochs: int = 2) -> SimpleNamespace:
     """Train (or reuse) a tiny MLP teacher and distil an MLP student; returns paths and ids."""
-    from kd.pipeline import train_run
+    from kd.train.run import train_run
 
     common = ["scaling.num_workers=0", f"trainer.epochs={epochs}", "checkpoint.every_epochs=1",
               f"storage.path={d / 'runs'}", "teacher.model=mlp", "teacher.args={hidden: [64]}"]
@@ -60,7 +61,7 @@ def train_pair(d: Path, teacher_weights: str | None = None, epochs: int = 2) -> 
 
 
 def client():  # noqa: ANN201
-    from kd.modelstore import registry_client
+    from kd.registry.store import registry_client
 
     return registry_client()
 
@@ -164,7 +165,7 @@ def test_register_promote_and_consume(trained: SimpleNamespace, champion: str,
     assert "![plots/curves.png](plots/curves.png)" in card
 
     got = consume(f"models:/{champion}@champion", holdout, tmp_path)
-    from kd.pipeline import model_from_weights
+    from kd.train.run import model_from_weights
 
     model, _ = model_from_weights(trained.outcome.weights)
     import torch
@@ -177,7 +178,8 @@ def test_register_promote_and_consume(trained: SimpleNamespace, champion: str,
     np.testing.assert_allclose(probs, want, atol=1e-5)
     np.testing.assert_allclose(np.array(got["torch"]), want, atol=1e-5)
     assert got["is_module"]
-    assert "/code/kd/" in got["kd_file"]  # the loader came with the model, not an install
+    # the loader came with the model, under its own name: no `kd` package shadows kdflow
+    assert "/code/kdflow_model_loader/" in got["loader_file"] and not got["kd_imported"]
 
     import pandas as pd
 

@@ -16,15 +16,16 @@ import torch
 import yaml
 
 from kd import cli
-from kd.assemble import assemble
 from kd.config import experiment_from_dict, resolve_paths
 from kd.data import load_splits
 from kd.data.builtin import synthetic
 from kd.errors import InputError
 from kd.losses import DistillBatch, LossContext, build_composite, kd_loss
 from kd.losses.composite import teacher_confidence
-from kd.semisup import balance_by_teacher, balanced_indices
-from kd.train import Step, _sample
+from kd.train.assemble import assemble
+from kd.train.driver import sample_batch as _sample
+from kd.train.semisup import balance_by_teacher, balanced_indices
+from kd.train.step import Step
 
 SYNTH = {"source": "synthetic", "args": {"n": 400, "num_classes": 4, "noise": 1.0}}
 
@@ -63,12 +64,12 @@ def teacher_weights(ray_session: None, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture
 def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if a run gets as far as starting (or joining) Ray."""
-    import kd.pipeline
+    import kd.train.run
 
     def boom(*_: object, **__: object) -> None:
         raise AssertionError("Ray was started before the bad input was reported")
 
-    monkeypatch.setattr(kd.pipeline, "ensure_ray", boom)
+    monkeypatch.setattr(kd.train.run, "ensure_ray", boom)
 
 
 # -- the confidence filter and class balancing --------------------------------------
@@ -134,8 +135,8 @@ def test_balance_by_teacher_resamples_only_unlabeled_rows(teacher_weights: str,
     lab = splits.train.y >= 0
     assert out.train.labeled == splits.train.labeled
     assert np.array_equal(out.train.y[: lab.sum()], splits.train.y[lab])
-    from kd.evaluate import predict_logits
-    from kd.pipeline import primary_teacher
+    from kd.train.evaluate import predict_logits
+    from kd.train.run import primary_teacher
 
     unl = out.train.x[out.train.y < 0]
     counts = np.bincount(predict_logits(primary_teacher(exp, splits), unl).argmax(1).numpy())
@@ -164,7 +165,7 @@ def test_loop_step_on_a_batch_without_labels(teacher_weights: str, tmp_path: Pat
 # -- end to end, in-process -------------------------------------------------------
 
 def test_pure_distillation_on_data_without_labels(teacher_weights: str, workdir: Path) -> None:
-    from kd.pipeline import train_run
+    from kd.train.run import train_run
 
     doc = experiment(workdir, "pure", data={"labels": "none"},
                      teacher={"model": "mlp", "args": {"hidden": [32]}, "weights": teacher_weights},
@@ -182,7 +183,7 @@ def test_partly_labeled_parquet_is_read_and_trained(workdir: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kd.pipeline import train_run
+    from kd.train.run import train_run
 
     x, y = synthetic(n=400, num_classes=4, shape=(16,), noise=1.0, seed=3)
     labels = pa.array([int(v) if i % 3 == 0 else None for i, v in enumerate(y)], pa.int64())
@@ -202,7 +203,7 @@ def test_transfer_set_from_s3(teacher_weights: str, workdir: Path, bucket: str,
                               s3_server: str) -> None:
     import boto3
 
-    from kd.pipeline import train_run
+    from kd.train.run import train_run
 
     tx, _ = synthetic(n=200, num_classes=4, noise=1.0, seed=0)
     np.savez(workdir / "transfer.npz", x=tx)

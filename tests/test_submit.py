@@ -226,7 +226,7 @@ def test_kd_submit_ray_jobs_api(ray_head: tuple[str, dict[str, str]], tmp_path: 
 def test_tune_sweep_name_is_stable_under_a_rayjob(monkeypatch: pytest.MonkeyPatch,
                                                   tmp_path: Path) -> None:
     from kd.config import load_experiment
-    from kd.tune import _save_state, owner_sweep
+    from kd.tune.sweep import _save_state, owner_sweep
 
     exp = load_experiment(CONFIGS / "digits-kd.yaml", [f"storage.path={tmp_path}"])
     monkeypatch.delenv("OWNER_NAME", raising=False)

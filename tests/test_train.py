@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 from kd import cli
 from kd.config import load_experiment
 from kd.models.weights import read_metadata
-from kd.pipeline import train_run
-from kd.train import lr_factor
+from kd.train.optim import lr_factor
+from kd.train.run import train_run
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FAST = ["scaling.num_workers=0", "trainer.epochs=3", "checkpoint.every_epochs=1"]
@@ -96,7 +96,7 @@ def test_evaluate_runs_uri(trained: dict, capsys: pytest.CaptureFixture[str], mo
 
 
 def test_from_run_reproduces_the_config(trained: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    from kd.reproduce import config_from_run
+    from kd.tracking import config_from_run
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained["uri"])
     _, student = _runs(trained["uri"])

@@ -62,7 +62,7 @@ def test_the_loop_augments_training_batches_only() -> None:
     """The student (and an online teacher) see the augmented view in training; eval
     sees the raw input."""
     from kd.losses import LossContext, build_composite
-    from kd.train import Step
+    from kd.train.step import Step
 
     seen: list[torch.Tensor] = []
 

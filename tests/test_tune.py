@@ -13,8 +13,8 @@ import torch
 from kd import cli
 from kd.config import TuneConstraints, load_experiment
 from kd.errors import InputError
-from kd.tune_report import choose, pareto_front
-from kd.tune_space import parse_dist, parse_space
+from kd.tune.report import choose, pareto_front
+from kd.tune.space import parse_dist, parse_space
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TUNE = CONFIGS / "digits-tune.yaml"
@@ -68,8 +68,8 @@ def test_choose_respects_constraints() -> None:
 
 
 def test_teacher_pruned_init_keeps_important_channels(digits_teacher: str) -> None:
-    from kd.assemble import assemble
-    from kd.pipeline import primary_teacher
+    from kd.train.assemble import assemble
+    from kd.train.run import primary_teacher
 
     exp = load_experiment(CONFIGS / "digits-kd.yaml", [
         f"teacher.weights={digits_teacher}", "student.model=cnn_small",
@@ -97,7 +97,7 @@ def test_teacher_pruned_init_keeps_important_channels(digits_teacher: str) -> No
 def test_sweep_mlflow_tree_asha_and_one_teacher_pass(workdir: Path, digits_teacher: str) -> None:
     from mlflow.tracking import MlflowClient
 
-    from kd.tune import run_sweep
+    from kd.tune.sweep import run_sweep
 
     exp = load_experiment(TUNE, [
         f"teacher.weights={digits_teacher}", f"storage.path={workdir / 'runs'}",
@@ -176,7 +176,7 @@ def test_a_diverging_trial_fails_alone_and_is_retried(workdir: Path, digits_teac
     run, and the sweep goes on to finish and choose among the healthy trials."""
     from mlflow.tracking import MlflowClient
 
-    from kd.tune import run_sweep
+    from kd.tune.sweep import run_sweep
 
     exp = load_experiment(TUNE, [
         f"teacher.weights={digits_teacher}", f"storage.path={workdir / 'runs'}",
@@ -214,7 +214,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(
 
     from mlflow.tracking import MlflowClient
 
-    from kd.tune import run_sweep
+    from kd.tune.sweep import run_sweep
     from tests.conftest import REPO
 
     overrides = [
@@ -278,7 +278,7 @@ def test_failed_and_pruned_trials_in_the_run_tree(workdir: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     from kd import tracking
-    from kd.tune import _finish_children
+    from kd.tune.runs import finish_children
 
     exp = load_experiment(TUNE)
     uri = tracking.tracking_uri(exp)
@@ -291,7 +291,7 @@ def test_failed_and_pruned_trials_in_the_run_tree(workdir: Path) -> None:
          "distill.temperature": 3.0, "distill.losses.0.weight": 0.5},
         {"trial_id": "t2", "status": "PRUNED", "epochs": 1, "error": ""},
     ]
-    _finish_children(uri, exp, parent, rows, base, "sweep-x")
+    finish_children(uri, exp, parent, rows, base, "sweep-x")
     c = MlflowClient(uri)
     failed = c.get_run(rows[0]["run_id"])
     assert failed.info.status == "FAILED" and failed.data.tags["kd.error"] == "ValueError: boom"

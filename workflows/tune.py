@@ -12,21 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kd.cli import run  # noqa: E402
-
-
-def main(argv: list[str]) -> int:
-    """Map ``--config FILE [overrides] [--resume]`` onto `kd tune`."""
-    args = list(argv)
-    if "--config" in args:
-        i = args.index("--config")
-        config = args[i + 1]
-        del args[i:i + 2]
-        args = [config, *args]
-    return run(["tune", *args])
-
+from _entry import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main("tune", flags=("--resume",)))

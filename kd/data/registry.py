@@ -1,5 +1,5 @@
 """The registry of built-in data sets (name -> factory returning ``(x, y)``)."""
 
-from kd.registry import Registry
+from kd.plugins import Registry
 
 DATASETS = Registry("dataset")

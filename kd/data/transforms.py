@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kd.errors import InputError
-from kd.registry import Registry
+from kd.plugins import Registry
 
 TRANSFORMS = Registry("transform")
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from kd.registry import Registry
+from kd.plugins import Registry
 
 LOSSES = Registry("loss")
 
@@ -90,3 +90,14 @@ def feature_paths(params: dict) -> tuple[list[str], list[str]]:
         else:
             out.append([str(v) for v in value])
     return out[0], out[1]
+
+
+def required_paths(terms: list[dict]) -> tuple[list[str], list[str]]:
+    """Union (in order) of the student and teacher module paths the loss terms name."""
+    s_paths: list[str] = []
+    t_paths: list[str] = []
+    for term in terms:
+        s, t = feature_paths(term)
+        s_paths += [p for p in s if p not in s_paths]
+        t_paths += [p for p in t if p not in t_paths]
+    return s_paths, t_paths

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd.errors import InputError
-from kd.losses.base import LOSSES, DistillBatch, LossContext, feature_paths
+from kd.losses.base import LOSSES, DistillBatch, LossContext
 
 
 def hard_label_ce(logits: Tensor, labels: Tensor) -> Tensor:
@@ -114,21 +114,6 @@ class CompositeLoss(nn.Module):
         self.min_teacher_confidence = min_teacher_confidence
         counts = Counter(names)
         self.keys = [n if counts[n] == 1 else f"{n}.{i}" for i, n in enumerate(names)]
-
-    @property
-    def needs_teacher(self) -> bool:
-        """True if any term needs teacher outputs (a term may set ``needs_teacher = False``)."""
-        return any(getattr(m, "needs_teacher", True) for m in self.terms)
-
-    def required_features(self) -> tuple[list[str], list[str]]:
-        """Module paths to hook: (student paths, teacher paths), de-duplicated in order."""
-        student: list[str] = []
-        teacher: list[str] = []
-        for p in self.params:
-            s, t = feature_paths(p)
-            student += [x for x in s if x not in student]
-            teacher += [x for x in t if x not in teacher]
-        return student, teacher
 
     def forward(self, batch: DistillBatch) -> tuple[Tensor, dict[str, Tensor]]:
         parts: dict[str, Tensor] = {}

@@ -67,21 +67,35 @@ def _shape(shapes: dict, path: str, side: str, name: str) -> tuple[int, ...]:
     return tuple(int(d) for d in shapes[path])
 
 
-class FitNetLoss(nn.Module):
-    """``Σ_pairs MSE(adapter(f_s), f_t)`` (mean over all elements)."""
+class PairLoss(nn.Module):
+    """A loss summed over (student path, teacher path) pairs: ``Σ_i pair(f_s_i, f_t_i, i)``."""
 
-    def __init__(self, pairs: list[tuple[str, str]], adapters: list[nn.Module]) -> None:
+    def __init__(self, pairs: list[tuple[str, str]]) -> None:
         super().__init__()
         self.pairs = pairs
-        self.adapters = nn.ModuleList(adapters)
+
+    def pair(self, f_s: Tensor, f_t: Tensor, i: int) -> Tensor:
+        """The loss of pair ``i`` (student feature, detached teacher feature)."""
+        raise NotImplementedError
 
     def forward(self, batch: DistillBatch) -> Tensor:
         total = batch.student_logits.new_zeros(())
-        for (s_path, t_path), adapter in zip(self.pairs, self.adapters, strict=True):
+        for i, (s_path, t_path) in enumerate(self.pairs):
             f_s, f_t = _features(batch, s_path, t_path)
-            f_s, f_t = _pool_to_common(adapter(f_s), f_t)
-            total = total + F.mse_loss(f_s, f_t)
+            total = total + self.pair(f_s, f_t, i)
         return total
+
+
+class FitNetLoss(PairLoss):
+    """``Σ_pairs MSE(adapter(f_s), f_t)`` (mean over all elements)."""
+
+    def __init__(self, pairs: list[tuple[str, str]], adapters: list[nn.Module]) -> None:
+        super().__init__(pairs)
+        self.adapters = nn.ModuleList(adapters)
+
+    def pair(self, f_s: Tensor, f_t: Tensor, i: int) -> Tensor:
+        f_s, f_t = _pool_to_common(self.adapters[i](f_s), f_t)
+        return F.mse_loss(f_s, f_t)
 
 
 @LOSSES.register("fitnet")
@@ -112,23 +126,19 @@ def attention_map(f: Tensor, p: float = 2.0) -> Tensor:
     return F.normalize(f.pow(p).mean(dim=1).reshape(f.shape[0], -1), dim=1)
 
 
-class ATLoss(nn.Module):
+class ATLoss(PairLoss):
     """``Σ_pairs mean((a(f_s) − a(f_t))²)`` over batch and positions."""
 
     def __init__(self, pairs: list[tuple[str, str]], p: float) -> None:
-        super().__init__()
-        self.pairs, self.p = pairs, p
+        super().__init__(pairs)
+        self.p = p
 
-    def forward(self, batch: DistillBatch) -> Tensor:
-        total = batch.student_logits.new_zeros(())
-        for s_path, t_path in self.pairs:
-            f_s, f_t = _features(batch, s_path, t_path)
-            if f_s.dim() != 4 or f_t.dim() != 4:
-                raise InputError(f"at: features at {s_path!r} / {t_path!r} must be 4-D")
-            f_s, f_t = _pool_to_common(f_s, f_t)
-            diff = attention_map(f_s, self.p) - attention_map(f_t, self.p)
-            total = total + diff.pow(2).mean()
-        return total
+    def pair(self, f_s: Tensor, f_t: Tensor, i: int) -> Tensor:
+        if f_s.dim() != 4 or f_t.dim() != 4:
+            s_path, t_path = self.pairs[i]
+            raise InputError(f"at: features at {s_path!r} / {t_path!r} must be 4-D")
+        f_s, f_t = _pool_to_common(f_s, f_t)
+        return (attention_map(f_s, self.p) - attention_map(f_t, self.p)).pow(2).mean()
 
 
 @LOSSES.register("at")
@@ -163,26 +173,22 @@ def _angles(e: Tensor) -> Tensor:
     return torch.bmm(diff, diff.transpose(1, 2)).reshape(-1)
 
 
-class RKDLoss(nn.Module):
+class RKDLoss(PairLoss):
     """``w_d · smoothL1(ψ_D(f_s), ψ_D(f_t)) + w_a · smoothL1(ψ_A(f_s), ψ_A(f_t))``, summed
     over pairs."""
 
     def __init__(self, pairs: list[tuple[str, str]], w_d: float, w_a: float) -> None:
-        super().__init__()
-        self.pairs, self.w_d, self.w_a = pairs, w_d, w_a
+        super().__init__(pairs)
+        self.w_d, self.w_a = w_d, w_a
 
-    def forward(self, batch: DistillBatch) -> Tensor:
-        total = batch.student_logits.new_zeros(())
-        for s_path, t_path in self.pairs:
-            f_s, f_t = _features(batch, s_path, t_path)
-            s, t = f_s.reshape(f_s.shape[0], -1).float(), f_t.reshape(f_t.shape[0], -1).float()
-            if self.w_d:
-                total = total + self.w_d * F.smooth_l1_loss(
-                    _normalised_pdist(s), _normalised_pdist(t)
-                )
-            if self.w_a:
-                total = total + self.w_a * F.smooth_l1_loss(_angles(s), _angles(t))
-        return total
+    def pair(self, f_s: Tensor, f_t: Tensor, i: int) -> Tensor:
+        s, t = f_s.reshape(f_s.shape[0], -1).float(), f_t.reshape(f_t.shape[0], -1).float()
+        out = s.new_zeros(())
+        if self.w_d:
+            out = out + self.w_d * F.smooth_l1_loss(_normalised_pdist(s), _normalised_pdist(t))
+        if self.w_a:
+            out = out + self.w_a * F.smooth_l1_loss(_angles(s), _angles(t))
+        return out
 
 
 @LOSSES.register("rkd")
@@ -208,21 +214,17 @@ def _cosine_conditional(e: Tensor, eps: float) -> Tensor:
     return k / k.sum(dim=1, keepdim=True)
 
 
-class PKTLoss(nn.Module):
+class PKTLoss(PairLoss):
     """``mean_ij P^t_ij · log((P^t_ij + eps) / (P^s_ij + eps))``, summed over pairs."""
 
     def __init__(self, pairs: list[tuple[str, str]], eps: float = 1e-7) -> None:
-        super().__init__()
-        self.pairs, self.eps = pairs, eps
+        super().__init__(pairs)
+        self.eps = eps
 
-    def forward(self, batch: DistillBatch) -> Tensor:
-        total = batch.student_logits.new_zeros(())
-        for s_path, t_path in self.pairs:
-            f_s, f_t = _features(batch, s_path, t_path)
-            p_s = _cosine_conditional(f_s.reshape(f_s.shape[0], -1).float(), self.eps)
-            p_t = _cosine_conditional(f_t.reshape(f_t.shape[0], -1).float(), self.eps)
-            total = total + (p_t * torch.log((p_t + self.eps) / (p_s + self.eps))).mean()
-        return total
+    def pair(self, f_s: Tensor, f_t: Tensor, i: int) -> Tensor:
+        p_s = _cosine_conditional(f_s.reshape(f_s.shape[0], -1).float(), self.eps)
+        p_t = _cosine_conditional(f_t.reshape(f_t.shape[0], -1).float(), self.eps)
+        return (p_t * torch.log((p_t + self.eps) / (p_s + self.eps))).mean()
 
 
 @LOSSES.register("pkt")
@@ -240,20 +242,12 @@ def _similarity(f: Tensor) -> Tensor:
     return F.normalize(flat @ flat.t(), dim=1)
 
 
-class SPLoss(nn.Module):
+class SPLoss(PairLoss):
     """``Σ_pairs ‖G_s − G_t‖_F² / B²``."""
 
-    def __init__(self, pairs: list[tuple[str, str]]) -> None:
-        super().__init__()
-        self.pairs = pairs
-
-    def forward(self, batch: DistillBatch) -> Tensor:
-        total = batch.student_logits.new_zeros(())
-        for s_path, t_path in self.pairs:
-            f_s, f_t = _features(batch, s_path, t_path)
-            b = f_s.shape[0]
-            total = total + (_similarity(f_s) - _similarity(f_t)).pow(2).sum() / (b * b)
-        return total
+    def pair(self, f_s: Tensor, f_t: Tensor, i: int) -> Tensor:
+        b = f_s.shape[0]
+        return (_similarity(f_s) - _similarity(f_t)).pow(2).sum() / (b * b)
 
 
 @LOSSES.register("sp")

@@ -1,4 +1,8 @@
-"""Model registry and builders.
+"""Model families and builders.
+
+This package, `kd.errors` and `kd.plugins` import each other relatively and nothing else
+of kdflow: they ship inside every registered model under the loader's own name
+(`kd.registry.register.stage_code`).
 
 Every registered factory is called as
 ``factory(input_shape=..., num_classes=..., width=..., **args)`` and returns an
@@ -6,7 +10,7 @@ Every registered factory is called as
 one sample's shape without the batch dimension: ``(C, H, W)`` for images, ``(L,)``
 for token ids. ``width`` multiplies every hidden width / channel count.
 
-A name of the form ``package.module:Class`` (see `kd.registry.Registry`) names a
+A name of the form ``package.module:Class`` (see `kd.plugins.Registry`) names a
 user's own model: it is called with ``**args`` only, plus ``num_classes`` when its
 signature has a parameter of that name (and ``args`` does not set it).
 """
@@ -20,8 +24,8 @@ from typing import Any
 
 from torch import nn
 
-from kd.errors import InputError
-from kd.registry import Registry
+from ..errors import InputError
+from ..plugins import Registry
 
 MODELS = Registry("model")
 
@@ -160,6 +164,6 @@ def int_list(name: str, arg: str, value: Any) -> list[int]:
 
 
 # Importing the families registers them.
-from kd.models import cnn, mlp, resnet_cifar, text, wrn  # noqa: E402, F401
+from . import cnn, mlp, resnet_cifar, text, wrn  # noqa: E402, F401
 
 __all__ = ["MODELS", "build_model", "count_params", "model_size_bytes", "scaled"]

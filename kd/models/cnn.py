@@ -6,8 +6,8 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from kd.errors import InputError
-from kd.models import MODELS, image_shape, int_list, scaled
+from ..errors import InputError
+from . import MODELS, image_shape, int_list, scaled
 
 
 class SmallCNN(nn.Module):

@@ -7,8 +7,8 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 
-from kd.errors import InputError
-from kd.models import MODELS, int_list, scaled
+from ..errors import InputError
+from . import MODELS, int_list, scaled
 
 
 class MLP(nn.Module):

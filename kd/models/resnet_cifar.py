@@ -12,8 +12,8 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from kd.errors import InputError
-from kd.models import MODELS, image_shape, init_conv_bn, int_list, scaled
+from ..errors import InputError
+from . import MODELS, image_shape, init_conv_bn, int_list, scaled
 
 
 class BasicBlock(nn.Module):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kd.errors import InputError
-from kd.models import MODELS
+from ..errors import InputError
+from . import MODELS
 
 
 class TextEncoder(nn.Module):

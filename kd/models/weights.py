@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from kd.storage import fetch, sha256_file
 TORCH_EXTS = (".pt", ".pth", ".bin", ".ckpt")
 MLFLOW_SCHEMES = ("runs:/", "models:/")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+WEIGHTS_FILE = "model.safetensors"  # a run's weights, a checkpoint's model, a registered model's data
 
 
 def _state_dict(obj: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
@@ -87,7 +91,7 @@ def _download_mlflow(uri: str) -> Path:
 
 def _pick_file(uri: str, folder: Path) -> Path:
     """The weights file inside a downloaded artifact folder."""
-    named = sorted(folder.rglob("model.safetensors"))
+    named = sorted(folder.rglob(WEIGHTS_FILE))
     if named:
         return min(named, key=lambda p: len(p.parts))
     found = sorted(folder.rglob("*.safetensors"))
@@ -99,13 +103,31 @@ def _pick_file(uri: str, folder: Path) -> Path:
     raise InputError(f"{uri}: folder holds several .safetensors files ({names}); name one")
 
 
-def resolve(uri: str) -> Path:
-    """A local file for ``uri``: a path, ``s3://``, ``runs:/`` or ``models:/`` URI."""
-    uri = str(uri)
-    if uri.startswith("models:/"):
-        from kd.modelstore import fetch_verified  # a registered model: sha256 checked
+_RESOLVERS: dict[str, Callable[[str], Path]] = {}
 
-        local = fetch_verified(uri, allow_foreign=True)
+
+def register_resolver(prefix: str, fn: Callable[[str], Path]) -> None:
+    """Make `resolve` hand URIs starting with ``prefix`` to ``fn`` (a local file or folder).
+
+    The layers above register here (`kd.registry.store.install_resolver` verifies
+    ``models:/`` downloads); this module imports nothing above it. `kd.train.driver.fit`
+    passes the registered resolvers on to the Ray workers."""
+    _RESOLVERS[prefix] = fn
+
+
+def resolvers() -> dict[str, Callable[[str], Path]]:
+    """The resolvers registered so far (prefix -> function)."""
+    return dict(_RESOLVERS)
+
+
+def resolve(uri: str) -> Path:
+    """A local file for ``uri``: a path, ``s3://``, ``runs:/`` or ``models:/`` URI. A
+    registered resolver (`register_resolver`) takes precedence; without one a
+    ``models:/`` URI is downloaded as MLflow gives it, unverified."""
+    uri = str(uri)
+    fn = next((f for p, f in _RESOLVERS.items() if uri.startswith(p)), None)
+    if fn is not None:
+        local = fn(uri)
     elif uri.startswith(MLFLOW_SCHEMES):
         local = _download_mlflow(uri)
     else:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from kd.errors import InputError
-from kd.models import MODELS, image_shape, init_conv_bn, scaled
+from ..errors import InputError
+from . import MODELS, image_shape, init_conv_bn, scaled
 
 
 class WideBasic(nn.Module):

@@ -24,7 +24,8 @@ from typing import Any
 
 from kd.config import Experiment, GateConfig
 from kd.errors import GateRejected, InputError
-from kd.modelstore import (
+from kd.registry.register import CHALLENGER, CHAMPION, run_config, teacher_and_holdout
+from kd.registry.store import (
     AliasNotSet,
     ModelRef,
     download_version,
@@ -32,7 +33,6 @@ from kd.modelstore import (
     get_version,
     registry_client,
 )
-from kd.register import CHALLENGER, CHAMPION, run_config, teacher_and_holdout
 
 HISTORY_TAG, LOG_TAG = "kd.champion_history", "kd.alias_log"
 LOG_KEEP = 50
@@ -184,8 +184,8 @@ def _alias_version(c: Any, name: str, alias: str) -> Any | None:
 def score_version(c: Any, mv: Any, exp: Experiment, teacher: Any, x: Any,
                   y: Any) -> dict[str, float]:
     """Holdout metrics of a registered version (downloaded, sha256-verified, rebuilt)."""
-    from kd.evaluate import evaluate
-    from kd.serving import DATA_DIR, build_module
+    from kd.registry.loader import DATA_DIR, build_module
+    from kd.train.evaluate import evaluate
 
     folder = download_version(c, mv, weights_only=True)  # sha256-verified here
     module, _ = build_module(folder / DATA_DIR, verify=False)

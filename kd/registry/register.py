@@ -2,9 +2,9 @@
 
 The logged model directory (see docs/registry.md)::
 
-    MLmodel             flavors: python_function (loader_module kd.serving), pytorch (pt2)
+    MLmodel             flavors: python_function (loader_module kdflow_model_loader), pytorch (pt2)
     data/student/{model.safetensors,kd_model.json}  the weights of record + architecture
-    code/kd/...         kd.serving and the model families (torch only)
+    code/kdflow_model_loader/...  kd.registry.loader and the model families (torch only)
     pt2/model.pt2       torch.export program, only for ``mlflow.pytorch.load_model``
     model_card.md       teacher vs student, recipe, lineage; plots/curves.png
 
@@ -26,16 +26,18 @@ from typing import Any
 import numpy as np
 
 import kd
-from kd import model_card, serving
 from kd.config import Experiment, load_experiment
 from kd.errors import InputError
-from kd.modelstore import SHA_TAG, explain, registry_client
+from kd.models.weights import WEIGHTS_FILE
+from kd.registry import card as model_card
+from kd.registry import loader as serving
+from kd.registry.store import SHA_TAG, explain, registry_client
 from kd.storage import sha256_file
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 LINEAGE_KEYS = ("kd.teacher_uri", "kd.teacher_sha256", "kd.data_hash", "kd.config_hash",
                 "kd.git_commit", "kd.kdflow_version", "kd.source_run_id", SHA_TAG)
-MODEL_FILES = ("__init__.py", "errors.py", "registry.py", "serving.py")
+SHIPPED = ("errors.py", "plugins.py")  # beside the loader; the families follow in models/
 RECORD = "registration.json"
 
 
@@ -52,12 +54,15 @@ def git_commit() -> str:
 
 
 def stage_code(dest: Path) -> Path:
-    """Copy what a registered model's loader needs (kd.serving + kd.models, torch only)
-    to ``dest/kd``."""
+    """Copy what a registered model's loader needs to ``dest/kdflow_model_loader``:
+    `kd.registry.loader` as its ``__init__.py``, `kd.errors`, `kd.plugins` and the model
+    families (torch only; they import each other relatively). Nothing named ``kd`` is
+    shipped, so the model's ``code/`` cannot shadow an installed kdflow."""
     src = Path(kd.__file__).parent
-    pkg = dest / "kd"
+    pkg = dest / serving.LOADER_MODULE
     (pkg / "models").mkdir(parents=True)
-    for name in MODEL_FILES:
+    shutil.copy2(src / "registry" / "loader.py", pkg / "__init__.py")
+    for name in SHIPPED:
         shutil.copy2(src / name, pkg / name)
     for f in (src / "models").glob("*.py"):
         if f.name != "weights.py":  # weights.py needs safetensors + storage; the loader does not
@@ -87,7 +92,7 @@ def _save_flavors(path: str, mlflow_model: Any, data_dir: str, code_dir: str, ca
                          Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
     reqs = [f"mlflow>={mlflow.__version__.rsplit('.', 1)[0]}",
             f"torch>={'.'.join(torch.__version__.split('+')[0].split('.')[:2])}", "numpy"]
-    mlflow.pyfunc.save_model(path, loader_module="kd.serving", data_path=data_dir,
+    mlflow.pyfunc.save_model(path, loader_module=serving.LOADER_MODULE, data_path=data_dir,
                              code_paths=[code_dir], mlflow_model=mlflow_model, signature=sig,
                              input_example=flat, pip_requirements=reqs)
     Path(path, "model_card.md").write_text(card)
@@ -123,16 +128,11 @@ def run_config(c: Any, run_id: str) -> Experiment:
 
 def teacher_and_holdout(exp: Experiment) -> tuple[Any, np.ndarray, np.ndarray]:
     """The frozen primary teacher (None without weights) and the holdout split of ``exp``."""
-    from kd.assemble import build_spec
     from kd.data import load_splits
-    from kd.models.weights import freeze
+    from kd.train.assemble import primary_teacher
 
     splits = load_splits(exp.data, exp.storage.endpoint_url)
-    teacher = None
-    if exp.teacher is not None and exp.teacher.weights:
-        teacher = freeze(build_spec(exp.teacher, "teacher", splits.input_shape,
-                                    splits.num_classes, True))
-    return teacher, splits.holdout.x, splits.holdout.y
+    return primary_teacher(exp, splits), splits.holdout.x, splits.holdout.y
 
 
 def teacher_sha(exp: Experiment) -> str:
@@ -183,7 +183,7 @@ def register_run(run_id: str, model_name: str | None = None,
                  exp: Experiment | None = None) -> tuple[str, str]:
     """Register run ``run_id``'s student weights under ``model_name`` (default the config's
     ``registry.model_name``), tag lineage, alias it ``challenger``; returns (name, version)."""
-    from kd.evaluate import evaluate
+    from kd.train.evaluate import evaluate
 
     c = registry_client()
     try:
@@ -194,15 +194,50 @@ def register_run(run_id: str, model_name: str | None = None,
     name = model_name or exp.registry.model_name
     if not name:
         raise InputError("registry.model_name: not set; set it in the config or pass --name")
-    tags = run.data.tags
+    work = Path(tempfile.mkdtemp(prefix="kd-register-"))
+    local, sha, meta = _verified_weights(c, run_id, run.data.tags, work)
+    data, cfg, module = _stage_data(work, local, meta, sha)
+    teacher, hx, hy = teacher_and_holdout(exp)
+    student_m = evaluate(module, hx, hy, teacher)
+    teacher_m = evaluate(teacher, hx, hy) if teacher is not None else None
+    lineage = _lineage(exp, run.data.tags, meta, run_id, sha)
+    recipe = exp.model_dump(mode="json", include={"student", "teacher", "distill", "optim",
+                                                  "trainer", "data"})
+    card = model_card.render(name, student_m, teacher_m, recipe, lineage,
+                             write_curves(c, run_id, work / "plots"))
+    integer = np.issubdtype(hx.dtype, np.integer)
+    example = np.asarray(hx[:4]).astype(np.int64 if integer else np.float32)
+    from mlflow.models import Model
+
+    try:
+        info = Model.log(None, _FLAVOR, name="model", run_id=run_id, registered_model_name=name,
+                         await_registration_for=60, data_dir=str(data),
+                         code_dir=str(stage_code(work / "code")), card=card,
+                         plots_dir=str(work / "plots"), example=example,
+                         num_classes=cfg["num_classes"], metadata={SHA_TAG: sha})
+    except InputError:
+        raise
+    except Exception as e:
+        raise explain(e, f"register run {run_id} as {name!r}") from None
+    version = str(info.registered_model_version)
+    _tag_version(c, name, version, {**lineage, "kd.model_card": "model_card.md",
+                                    "kd.holdout": json.dumps(student_m, sort_keys=True)}, card)
+    print(f"[kd] registered {name} version {version} (alias {CHALLENGER}); "
+          f"holdout accuracy {student_m['accuracy']:.4f}", flush=True)
+    return name, version
+
+
+def _verified_weights(c: Any, run_id: str, tags: dict[str, str],
+                      work: Path) -> tuple[str, str, dict[str, str]]:
+    """(local weights file, its sha256, its metadata) of a finished run, checked against
+    the run's sha256 tag."""
     want = tags.get(SHA_TAG)
     if not want:
         raise InputError(f"run {run_id}: has no {SHA_TAG} tag (not a finished kdflow run)")
-    work = Path(tempfile.mkdtemp(prefix="kd-register-"))
     try:
-        local = c.download_artifacts(run_id, "weights/model.safetensors", str(work))
+        local = c.download_artifacts(run_id, f"weights/{WEIGHTS_FILE}", str(work))
     except Exception as e:
-        raise explain(e, f"run {run_id}: weights/model.safetensors") from None
+        raise explain(e, f"run {run_id}: weights/{WEIGHTS_FILE}") from None
     sha = sha256_file(local)
     if sha != want:
         raise InputError(f"run {run_id}: weights checksum mismatch ({sha[:16]}... != "
@@ -212,52 +247,41 @@ def register_run(run_id: str, model_name: str | None = None,
     meta = read_metadata(local)
     if "kd.model" not in meta:
         raise InputError(f"run {run_id}: weights carry no kd.model metadata")
+    return local, sha, meta
+
+
+def _stage_data(work: Path, local: str, meta: dict[str, str], sha: str) -> tuple[Path, dict[str, Any], Any]:
+    """``work/student`` with the weights and ``kd_model.json``; its config and the module
+    rebuilt from it by the loader (so a model that will not load is never registered)."""
     data = work / "student"
     data.mkdir()
     shutil.copy2(local, data / serving.WEIGHTS)
     cfg = arch_config(meta, sha)
     (data / serving.CONFIG).write_text(json.dumps(cfg, indent=1))
-    code = stage_code(work / "code")
     module, _ = serving.build_module(data)
+    return data, cfg, module
 
-    teacher, hx, hy = teacher_and_holdout(exp)
-    student_m = evaluate(module, hx, hy, teacher)
-    teacher_m = evaluate(teacher, hx, hy) if teacher is not None else None
-    lineage = {"kd.teacher_uri": tags.get("kd.teacher_uri", ""),
-               "kd.teacher_sha256": teacher_sha(exp),
-               "kd.data_hash": meta.get("kd.data_hash", tags.get("kd.data_hash", "")),
-               "kd.config_hash": meta.get("kd.config_hash", tags.get("kd.config_hash", "")),
-               "kd.git_commit": git_commit(), "kd.kdflow_version": kd.__version__,
-               "kd.source_run_id": run_id, SHA_TAG: sha}
-    recipe = exp.model_dump(mode="json", include={"student", "teacher", "distill", "optim",
-                                                  "trainer", "data"})
-    plots = write_curves(c, run_id, work / "plots")
-    card = model_card.render(name, student_m, teacher_m, recipe, lineage, plots)
-    integer = np.issubdtype(hx.dtype, np.integer)
-    example = np.asarray(hx[:4]).astype(np.int64 if integer else np.float32)
-    from mlflow.models import Model
 
+def _lineage(exp: Experiment, tags: dict[str, str], meta: dict[str, str], run_id: str,
+             sha: str) -> dict[str, str]:
+    """The `LINEAGE_KEYS` tags of a new version."""
+    return {"kd.teacher_uri": tags.get("kd.teacher_uri", ""),
+            "kd.teacher_sha256": teacher_sha(exp),
+            "kd.data_hash": meta.get("kd.data_hash", tags.get("kd.data_hash", "")),
+            "kd.config_hash": meta.get("kd.config_hash", tags.get("kd.config_hash", "")),
+            "kd.git_commit": git_commit(), "kd.kdflow_version": kd.__version__,
+            "kd.source_run_id": run_id, SHA_TAG: sha}
+
+
+def _tag_version(c: Any, name: str, version: str, tags: dict[str, str], card: str) -> None:
+    """Tags, description (the card) and the ``challenger`` alias of a new version."""
     try:
-        info = Model.log(None, _FLAVOR, name="model", run_id=run_id, registered_model_name=name,
-                         await_registration_for=60, data_dir=str(data), code_dir=str(code),
-                         card=card, plots_dir=str(work / "plots"), example=example,
-                         num_classes=cfg["num_classes"], metadata={SHA_TAG: sha})
-    except InputError:
-        raise
-    except Exception as e:
-        raise explain(e, f"register run {run_id} as {name!r}") from None
-    version = str(info.registered_model_version)
-    try:
-        for k, v in {**lineage, "kd.model_card": "model_card.md",
-                     "kd.holdout": json.dumps(student_m, sort_keys=True)}.items():
+        for k, v in tags.items():
             c.set_model_version_tag(name, version, k, v)
         c.update_model_version(name, version, description=card[:5000])
         c.set_registered_model_alias(name, CHALLENGER, version)
     except Exception as e:
         raise explain(e, f"tag {name} version {version}") from None
-    print(f"[kd] registered {name} version {version} (alias {CHALLENGER}); "
-          f"holdout accuracy {student_m['accuracy']:.4f}", flush=True)
-    return name, version
 
 
 def register_outcome(run_id: str, weights_uri: str, weights_sha256: str, exp: Experiment,

@@ -103,9 +103,9 @@ def balance_by_teacher(exp: Experiment, role: str, splits: Splits) -> Splits:
     covers the resampled train set."""
     if not exp.data.balance_by_teacher or role != "student" or exp.teacher is None:
         return splits
-    from kd.assemble import build_spec
-    from kd.evaluate import predict_logits
     from kd.models.weights import freeze
+    from kd.train.assemble import build_spec
+    from kd.train.evaluate import predict_logits
 
     train = splits.train
     unl = np.flatnonzero(train.y < 0)

@@ -8,18 +8,18 @@ one line), and each worker calls it again to build its own copy.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from kd.config import Experiment, ModelSpec
 from kd.errors import InputError
-from kd.hooks import check_paths, feature_shapes
 from kd.losses import CompositeLoss, LossContext, build_composite
-from kd.losses.base import feature_paths
+from kd.losses.base import required_paths
 from kd.models import build_model
 from kd.models.weights import freeze, load_into, load_state_dict
+from kd.train.capture import check_paths, feature_shapes
 
 Role = Literal["teacher", "student"]
 
@@ -60,15 +60,11 @@ def _check_classes(model: nn.Module, sample: torch.Tensor, num_classes: int, wha
                          f"{num_classes} classes (expected [batch, {num_classes}])")
 
 
-def required_paths(terms: list[dict]) -> tuple[list[str], list[str]]:
-    """Union (in order) of the student and teacher module paths the loss terms name."""
-    s_paths: list[str] = []
-    t_paths: list[str] = []
-    for term in terms:
-        s, t = feature_paths(term)
-        s_paths += [p for p in s if p not in s_paths]
-        t_paths += [p for p in t if p not in t_paths]
-    return s_paths, t_paths
+def primary_teacher(exp: Experiment, splits: Any) -> nn.Module | None:
+    """The frozen primary teacher with its weights, or None if the config has none."""
+    if exp.teacher is None or not exp.teacher.weights:
+        return None
+    return freeze(build_spec(exp.teacher, "teacher", splits.input_shape, splits.num_classes, True))
 
 
 def trainee_spec(exp: Experiment, role: Role) -> ModelSpec:
@@ -82,8 +78,8 @@ def trainee_spec(exp: Experiment, role: Role) -> ModelSpec:
 def init_from_teacher(exp: Experiment, student: nn.Module, input_shape: tuple[int, ...],
                       num_classes: int) -> None:
     """``student.init: teacher_pruned``: fill the student with the teacher's most
-    important channels (`kd.prune.prune_into`)."""
-    from kd.prune import prune_into
+    important channels (`kd.train.prune.prune_into`)."""
+    from kd.train.prune import prune_into
 
     if exp.teacher is None or not exp.teacher.weights:
         raise InputError("student.init: teacher_pruned needs teacher.weights")

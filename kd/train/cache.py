@@ -32,7 +32,7 @@ from kd import storage
 from kd.config import Experiment
 from kd.data import Splits, to_ray
 from kd.errors import InputError
-from kd.train import TEACHER_FEATURE, TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
+from kd.train.columns import TEACHER_FEATURE, TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
 
 CACHE_DIR = "teacher-cache"
 MARKER = "_SUCCESS"
@@ -58,7 +58,7 @@ class TeacherCache:
 
 def requested_outputs(exp: Experiment) -> list[str]:
     """``logits`` plus the teacher module paths the configured loss terms read."""
-    from kd.assemble import required_paths
+    from kd.losses.base import required_paths
 
     _, t_paths = required_paths([t.model_dump() for t in exp.distill.losses])
     k = exp.teacher.cache_top_k if exp.teacher is not None else None
@@ -150,10 +150,10 @@ class TeacherForward:
                  paths: list[str], top_k: int | None = None) -> None:
         import torch
 
-        from kd.assemble import build_spec
         from kd.config import experiment_from_dict
-        from kd.hooks import FeatureCapture
         from kd.models.weights import freeze
+        from kd.train.assemble import build_spec
+        from kd.train.capture import FeatureCapture
 
         exp = experiment_from_dict(exp_doc)
         assert exp.teacher is not None
@@ -243,7 +243,7 @@ def ensure_cache(exp: Experiment, splits: Splits, force: bool = False) -> Teache
 
 def load_columns(cache: TeacherCache, train_rows: int) -> dict[str, np.ndarray]:
     """The cached outputs as arrays in train-row order (``idx`` 0..N-1), ready for
-    `kd.train.fit`'s ``extra_train_columns``; a row count that does not match is an error."""
+    `kd.train.driver.fit`'s ``extra_train_columns``; a row count that does not match is an error."""
     import pyarrow.parquet as pq
     import ray.data  # noqa: F401  (registers Ray's tensor extension types with pyarrow)
 

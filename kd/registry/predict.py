@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from kd.errors import InputError
-from kd.serving import DATA_DIR, StudentModel, build_module
+from kd.registry.loader import DATA_DIR, StudentModel, build_module
 
 OUT_FORMATS = (".npz", ".csv", ".parquet")
 
@@ -22,7 +22,7 @@ OUT_FORMATS = (".npz", ".csv", ".parquet")
 def load_registered(uri: str) -> StudentModel:
     """The registered student behind ``uri`` (verified), wrapped for prediction."""
     if uri.startswith("models:/"):
-        from kd.modelstore import fetch_verified
+        from kd.registry.store import fetch_verified
 
         folder = fetch_verified(uri)
     else:

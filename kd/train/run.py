@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from kd import storage, tracking
-from kd.assemble import Role, build_spec, trainee_spec
 from kd.config import Experiment, ModelSpec
 from kd.data import Splits, load_splits
 from kd.errors import InputError
-from kd.evaluate import evaluate
 from kd.models import build_model
-from kd.models.weights import freeze, load_into, load_state_dict, save_weights
+from kd.models.weights import WEIGHTS_FILE, freeze, load_into, load_state_dict, save_weights
 from kd.runtime import ensure_ray, run_name_from_env
-from kd.semisup import balance_by_teacher
-from kd.train import CKPT_MODEL, WEIGHTS_FILE, final_weights_uri, fit, preflight
+from kd.train.assemble import Role, build_spec, primary_teacher, trainee_spec
+from kd.train.driver import final_weights_uri, fit, preflight
+from kd.train.evaluate import evaluate
+from kd.train.semisup import balance_by_teacher
 
 
 @dataclass
@@ -72,13 +72,6 @@ def model_from_weights(uri: str) -> tuple[Any, dict[str, str]]:
     return freeze(model), meta
 
 
-def primary_teacher(exp: Experiment, splits: Splits) -> Any | None:
-    """The frozen primary teacher with its weights, or None if the config has none."""
-    if exp.teacher is None or not exp.teacher.weights:
-        return None
-    return freeze(build_spec(exp.teacher, "teacher", splits.input_shape, splits.num_classes, True))
-
-
 def uses_cache(exp: Experiment, role: Role) -> bool:
     """True when this run reads teacher outputs from the cache (``teacher.cache`` on,
     a student run with loss terms that need the teacher)."""
@@ -86,11 +79,25 @@ def uses_cache(exp: Experiment, role: Role) -> bool:
             and bool(exp.distill.losses))
 
 
+def _cached_columns(exp: Experiment, role: Role, splits: Splits,
+                    tags: dict[str, str]) -> dict[str, Any] | None:
+    """The teacher-output cache's columns for the train split (None without the cache);
+    adds the cache's tags to ``tags``."""
+    if not uses_cache(exp, role):
+        return None
+    from kd.train.cache import ensure_cache, load_columns
+
+    cache = ensure_cache(exp, splits)
+    tags.update({"kd.teacher_cache": cache.uri, "kd.teacher_cache.key": cache.key,
+                 "kd.teacher_cache.computed": str(cache.computed).lower()})
+    return load_columns(cache, len(splits.train))
+
+
 def train_run(exp: Experiment, role: Role, run_name: str | None = None,
               extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None,
               callbacks: list[Any] | None = None) -> RunOutcome:
     """One `kd teacher` / `kd distill` run, end to end (see the module docstring).
-    With ``teacher.cache`` the teacher outputs come from `kd.teacher.ensure_cache`
+    With ``teacher.cache`` the teacher outputs come from `kd.train.cache.ensure_cache`
     (computed once, then reused); ``parent_run_id`` makes the MLflow run a child.
     Without ``run_name``, under a KubeRay RayJob the name is `run_name_from_env` (so a
     retry resumes), else a fresh `default_run_name`."""
@@ -103,14 +110,7 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
     tags = {"kd.data_hash": splits.data_hash, **(extra_tags or {})}
     if role == "student" and exp.teacher is not None and exp.teacher.weights:
         tags["kd.teacher_uri"] = exp.teacher.weights
-    columns = None
-    if uses_cache(exp, role):
-        from kd.teacher import ensure_cache, load_columns
-
-        cache = ensure_cache(exp, splits)
-        columns = load_columns(cache, len(splits.train))
-        tags.update({"kd.teacher_cache": cache.uri, "kd.teacher_cache.key": cache.key,
-                     "kd.teacher_cache.computed": str(cache.computed).lower()})
+    columns = _cached_columns(exp, role, splits, tags)
     name = run_name or default_run_name(exp, role)
     tags["kd.ray_run_name"] = name
     # A given run name that already ran resumes its Ray checkpoints and its MLflow run.
@@ -126,7 +126,7 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
             import ray.train
 
             ckpt = result.checkpoint or ray.train.Checkpoint(result.checkpoint_dir)
-            local = Path(ckpt.to_directory(d)) / CKPT_MODEL
+            local = Path(ckpt.to_directory(d)) / WEIGHTS_FILE
             state, _ = load_state_dict(str(local))
             model = build_spec(spec, role, splits.input_shape, splits.num_classes, False)
             load_into(model, state, what=f"{role} checkpoint")

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from kd.errors import InputError
+from kd.models.weights import WEIGHTS_FILE
+from kd.registry.loader import DATA_DIR
 from kd.storage import sha256_file
 
 # MLflow's REST client retries with exponential backoff; its defaults (7 retries,
@@ -23,7 +25,7 @@ from kd.storage import sha256_file
 RETRY_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
              "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 SHA_TAG = "kd.weights_sha256"
-WEIGHTS_PATH = "data/student/model.safetensors"
+WEIGHTS_PATH = f"{DATA_DIR}/{WEIGHTS_FILE}"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))/?$")
 
 
@@ -173,3 +175,17 @@ def fetch_verified(uri: str, allow_foreign: bool = False) -> Path:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
     except Exception as e:
         raise explain(e, f"{uri}: download") from None
+
+
+def fetch_weights(uri: str) -> Path:
+    """The resolver for ``models:/`` weights URIs: verified when kdflow registered the
+    version, else downloaded whole (see `fetch_verified`)."""
+    return fetch_verified(uri, allow_foreign=True)
+
+
+def install_resolver() -> None:
+    """Let `kd.models.weights.resolve` (teacher and init weights) read ``models:/`` URIs
+    through `fetch_weights`. Called by the layers above train/ (cli, tune)."""
+    from kd.models.weights import register_resolver
+
+    register_resolver("models:/", fetch_weights)

@@ -11,13 +11,12 @@ model's ``args`` may be new), and the distribution's extreme values must validat
 from __future__ import annotations
 
 import ast
-import copy
-import difflib
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from kd.config import Experiment, experiment_from_dict, flatten
+from kd.config import Experiment, experiment_from_dict
+from kd.dotted import check_exists, with_values
 from kd.errors import InputError
 
 KINDS = ("loguniform", "uniform", "randint", "choice")
@@ -78,48 +77,13 @@ def parse_dist(path: str, text: Any) -> Dist:
     return Dist(kind, (lo, hi))
 
 
-def set_path(doc: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    """A copy of ``doc`` with ``path`` (dots; list items by index) set to ``value``."""
-    out = copy.deepcopy(doc)
-    node: Any = out
-    parts = path.split(".")
-    for part in parts[:-1]:
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    last = parts[-1]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-    return out
-
-
 def apply_values(doc: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
-    """``doc`` with every ``{path: value}`` of a trial applied."""
-    for path, value in values.items():
-        doc = set_path(doc, path, value)
-    return doc
+    """A copy of ``doc`` with every ``{path: value}`` of a trial applied."""
+    return with_values(doc, values, "tune.space")
 
 
 def _check_path(doc: dict[str, Any], path: str) -> None:
-    node: Any = doc
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise InputError(f"tune.space.{path}: {'.'.join(parts[:i]) or '(top)'} is a list "
-                                 f"of {len(node)}; {part!r} is not an index in it")
-            node = node[int(part)]
-        elif isinstance(node, dict):
-            if part not in node:
-                if last and parts[i - 1:i] == ["args"]:
-                    return  # a model argument not set in the config: the model checks it
-                near = difflib.get_close_matches(path, list(flatten(doc)), n=2, cutoff=0.6)
-                hint = f" (did you mean {' or '.join(near)}?)" if near else ""
-                raise InputError(f"tune.space.{path}: no such config field{hint}")
-            node = node[part]
-        else:
-            raise InputError(f"tune.space.{path}: {'.'.join(parts[:i])} is a value, not a section")
+    check_exists(doc, path, f"tune.space.{path}", new_ok_under="args")
 
 
 def parse_space(exp: Experiment) -> dict[str, Dist]:
@@ -136,7 +100,7 @@ def parse_space(exp: Experiment) -> dict[str, Dist]:
         _check_path(doc, path)
         for value in dist.extremes():
             try:
-                trial = experiment_from_dict(set_path(doc, path, value), "trial")
+                trial = experiment_from_dict(with_values(doc, {path: value}), "trial")
             except InputError as e:
                 raise InputError(f"tune.space.{path}: value {value!r} is not valid here "
                                  f"({str(e).removeprefix('trial: ')})") from None
@@ -152,3 +116,12 @@ def parse_space(exp: Experiment) -> dict[str, Dist]:
                     pass
         space[path] = dist
     return space
+
+
+def trial_doc(base: dict[str, Any], values: dict[str, Any], trial_id: str) -> dict[str, Any]:
+    """The config of one trial: base + sampled values; its own name (so weights of
+    concurrent trials never collide)."""
+    doc = apply_values(base, values)
+    doc["name"] = f"{base['name']}-{trial_id}"[:100]
+    doc["tracking"]["run_name"] = f"{base['name']}-trial-{trial_id}"
+    return doc

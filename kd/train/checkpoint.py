@@ -1,0 +1,155 @@
+"""Checkpoint I/O: write a checkpoint with its manifest, find a run's checkpoints,
+load the newest readable one, prune old ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd.models.weights import WEIGHTS_FILE, save_weights
+from kd.storage import sha256_file
+from kd.train.parallel import is_fsdp, state_container, unwrap
+
+CKPT_LOSS = "loss.safetensors"
+CKPT_STATE = "train_state.pt"
+CKPT_MANIFEST = "manifest.json"
+
+
+def checkpoint_state(trainee: nn.Module, loss: nn.Module,
+                     opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], Any]:
+    """(full model state dict on CPU, optimizer state). For FSDP both are gathered
+    from the shards with ``torch.distributed.checkpoint.state_dict`` (a collective:
+    every rank must call it); for DDP / a plain module they are local copies."""
+    if is_fsdp(trainee):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return (get_model_state_dict(trainee, options=full),
+                get_optimizer_state_dict(state_container(trainee, loss), opt, options=full))
+    return {k: v.detach().cpu() for k, v in unwrap(trainee).state_dict().items()}, opt.state_dict()
+
+
+def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], loss: nn.Module,
+                     opt_state: Any, epoch: int, rngs: list[torch.Tensor]) -> None:
+    """Write model, loss adapters and train state, then ``manifest.json`` (size and
+    sha256 of each file) LAST: a folder without a matching manifest is incomplete.
+    The folder is a private temp dir; Ray copies it into storage and registers it
+    only after the copy finished, so a half-written checkpoint is never the latest."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model_state.items()}, str(path / WEIGHTS_FILE))
+    if any(True for _ in loss.state_dict()):
+        save_weights(loss, path / CKPT_LOSS)
+    torch.save({"optimizer": opt_state, "epoch": epoch, "torch_rng": rngs[0],
+                "torch_rng_per_rank": rngs}, path / CKPT_STATE)
+    files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
+             for f in sorted(path.iterdir()) if f.is_file()}
+    (path / CKPT_MANIFEST).write_text(json.dumps({"epoch": epoch + 1, "files": files}))
+
+
+def read_checkpoint(d: Path) -> dict[str, Any]:
+    """Verify the manifest (every file present, same size and sha256) and load the
+    tensors without unpickling code; raise ValueError naming what is wrong."""
+    from safetensors.torch import load_file
+
+    if not (d / CKPT_MANIFEST).exists():
+        raise ValueError("no manifest.json (incomplete checkpoint)")
+    manifest = json.loads((d / CKPT_MANIFEST).read_text())
+    for name, meta in manifest["files"].items():
+        f = d / name
+        if not f.exists():
+            raise ValueError(f"{name} missing")
+        if f.stat().st_size != meta["size"] or sha256_file(f) != meta["sha256"]:
+            raise ValueError(f"{name} does not match its manifest (truncated or corrupt)")
+    return {"model": load_file(d / WEIGHTS_FILE),
+            "loss": load_file(d / CKPT_LOSS) if (d / CKPT_LOSS).exists() else None,
+            "state": torch.load(d / CKPT_STATE, map_location="cpu", weights_only=True)}
+
+
+def checkpoint_candidates(fs: Any, run_path: str, registered: Any = None) -> list[Any]:
+    """Checkpoints of one run, newest first: every ``epoch_*`` folder in the run
+    folder, plus the one Ray registered (``ray.train.get_checkpoint()``) if it lies
+    elsewhere. The folder listing also finds a checkpoint whose report Ray had not
+    yet received when a worker died (the controller polls every ~2 s), so a
+    restart never repeats an epoch that was saved."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    infos = fs.get_file_info(pafs.FileSelector(run_path, allow_not_found=True))
+    names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("epoch_")), reverse=True)
+    out = [ray.train.Checkpoint(f"{run_path}/{n}", filesystem=fs) for n in names]
+    if registered is not None and registered.path.rstrip("/") not in {c.path for c in out}:
+        out.insert(0, registered)
+    return out
+
+
+def prune_checkpoints(fs: Any, run_path: str, keep: int, final: str) -> list[str]:
+    """Delete all but the ``keep`` newest ``epoch_*`` folders of a finished run (never
+    ``final``, the checkpoint the run returns). Ray's own ``num_to_keep`` only knows the
+    checkpoints whose report reached its controller; one saved just before a worker
+    died is found by the folder listing and would otherwise stay. Returns the removed."""
+    removed = []
+    for ckpt in checkpoint_candidates(fs, run_path)[keep:]:
+        if ckpt.path.rstrip("/") != final.rstrip("/"):
+            fs.delete_dir(ckpt.path)
+            removed.append(ckpt.path)
+    return removed
+
+
+def load_latest_good(candidates: list[Any], verbose: bool) -> dict[str, Any] | None:
+    """Load the newest readable checkpoint: one that is corrupt, truncated or
+    half-uploaded (its manifest does not match) is skipped, logged, and the
+    previous one tried. None when there are no candidates; RuntimeError when
+    there are some but none is readable."""
+    errors = []
+    for c in candidates:
+        try:
+            with c.as_directory() as d:
+                out = read_checkpoint(Path(d))
+        except Exception as e:
+            errors.append(f"{c.path}: {e}")
+            if verbose:
+                print(f"[kd] checkpoint {c.path} unreadable ({e}); trying the previous one",
+                      flush=True)
+            continue
+        if verbose and errors:
+            print(f"[kd] fell back to checkpoint {c.path}", flush=True)
+        return out
+    if errors:
+        raise RuntimeError("no readable checkpoint: " + "; ".join(errors))
+    return None
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, state: Any, trainee: nn.Module,
+                       loss: nn.Module) -> None:
+    if is_fsdp(trainee):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
+
+        set_optimizer_state_dict(state_container(trainee, loss), opt, state,
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state)
+
+
+def run_location(spec: dict[str, Any]) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of this run's folder: the filesystem the driver
+    built (``fit`` puts it in the spec, with resolved credentials), else one built
+    here from ``run_dir`` (for callers that assemble their own spec)."""
+    if spec.get("storage_fs") is not None and spec.get("run_path"):
+        return spec["storage_fs"], spec["run_path"]
+    from kd import storage
+
+    return storage.arrow_fs(spec["run_dir"], spec["exp"]["storage"].get("endpoint_url"))
+

@@ -1,0 +1,146 @@
+"""The driver side of a run: checks before any worker starts (`preflight`) and `fit`,
+which runs `kd.train.loop.train_loop_per_worker` under a Ray ``TorchTrainer``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd.config import Experiment
+from kd.data import Splits, to_ray
+from kd.data.transforms import build_transforms
+from kd.errors import InputError
+from kd.models.weights import WEIGHTS_FILE, resolvers
+from kd.train.assemble import Role, assemble
+from kd.train.checkpoint import prune_checkpoints
+from kd.train.loop import train_loop_per_worker
+from kd.train.semisup import check_label_use
+
+
+@dataclass
+class FitResult:
+    """What a finished run hands back: final metrics, per-epoch history, weights."""
+
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    checkpoint_dir: str
+    run_name: str
+    checkpoint: Any = None  # the ray.train.Checkpoint (carries the S3 filesystem)
+
+
+def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
+    """Everything that can be checked before a worker starts: names, weights that
+    fit, feature paths, class counts, strategy and precision on this hardware."""
+    if exp.scaling.strategy == "fsdp" and not exp.scaling.use_gpu:
+        raise InputError("scaling.strategy: fsdp shards students across GPUs; set "
+                         "scaling.use_gpu: true (on CPU use ddp)")
+    if exp.trainer.precision == "fp16" and not exp.scaling.use_gpu:
+        raise InputError("trainer.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if exp.scaling.use_gpu and not torch.cuda.is_available() and exp.scaling.num_workers == 0:
+        raise InputError("scaling.use_gpu: true but no GPU is visible to the driver")
+    if exp.teacher is not None and exp.teacher.shard and exp.scaling.strategy != "fsdp":
+        raise InputError("teacher.shard: sharding the teacher needs scaling.strategy: fsdp "
+                         "(with ddp every worker holds a replica)")
+    if exp.trainer.fail_at_step is not None and exp.trainer.max_failures < 1:
+        raise InputError("trainer.fail_at_step kills a worker: set trainer.max_failures >= 1")
+    check_label_use(exp, role, splits)
+    check_output_is_not_a_teacher(exp, role)
+    build_transforms(exp.data.transforms, splits.input_shape,
+                     bool(np.issubdtype(splits.train.x.dtype, np.integer)))
+    from kd import storage
+
+    storage.check_writable(exp.storage.path, exp.storage.endpoint_url)
+    assemble(exp, role, splits.input_shape, splits.num_classes, sample_batch(splits))
+
+
+def final_weights_uri(exp: Experiment) -> str:
+    """Where a finished run's weights go: ``<storage.path>/<name>/model.safetensors``."""
+    from kd import storage
+
+    return storage.join(exp.storage.path, exp.name, WEIGHTS_FILE)
+
+
+def check_output_is_not_a_teacher(exp: Experiment, role: Role) -> None:
+    """A student run writes ``<storage.path>/<name>/model.safetensors``; refuse a ``name``
+    whose file is one of this run's teacher weights, which the run would overwrite."""
+    from kd import storage
+
+    if role != "student" or exp.teacher is None:
+        return
+    out = final_weights_uri(exp)
+    norm = (lambda u: u if storage.is_s3(u) else str(Path(u).resolve()))  # noqa: E731
+    for i, t in enumerate(exp.teacher.all()):
+        if t.weights and norm(t.weights) == norm(out):
+            field = "teacher.weights" if i == 0 else f"teacher.teachers.{i - 1}.weights"
+            raise InputError(f"name: {exp.name!r} would write the student's weights to {out}, "
+                             f"which is {field}; give the student experiment its own name")
+
+
+def sample_batch(splits: Splits) -> torch.Tensor:
+    x = splits.train.x[:4]
+    integer = np.issubdtype(x.dtype, np.integer)
+    return torch.as_tensor(x, dtype=torch.int64 if integer else torch.float32)
+
+
+def run_dir(exp: Experiment, run_name: str) -> str:
+    """The folder of one Ray run: ``<storage.path>/<run_name>``."""
+    from kd import storage
+
+    return storage.join(exp.storage.path, run_name)
+
+
+def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: str,
+        run_name: str, extra_train_columns: dict[str, np.ndarray] | None = None,
+        callbacks: list[Any] | None = None) -> FitResult:
+    """Run the loop under a `TorchTrainer` and return the final metrics and checkpoint.
+    A ``run_name`` whose folder already holds checkpoints resumes from the latest."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from kd import storage
+
+    fs, storage_path = storage.arrow_fs(exp.storage.path, exp.storage.endpoint_url)
+    spec = {
+        "exp": exp.model_dump(mode="json"), "role": role, "run_id": run_id,
+        "tracking_uri": tracking_uri, "input_shape": list(splits.input_shape),
+        "num_classes": splits.num_classes, "sample": splits.train.x[:4].tolist(),
+        "input_integer": bool(np.issubdtype(splits.train.x.dtype, np.integer)),
+        "train_rows": len(splits.train), "run_dir": run_dir(exp, run_name),
+        "storage_fs": fs, "run_path": f"{storage_path}/{run_name}",
+        "steps_per_epoch": math.ceil(len(splits.train) / max(1, exp.trainer.batch_size)),
+        "resolvers": resolvers(),  # URI resolvers registered above train/ (models:/), for the workers
+    }
+    resources = dict(exp.scaling.resources_per_worker) or None
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=spec,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=exp.scaling.num_workers, use_gpu=exp.scaling.use_gpu,
+            resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=run_name, storage_path=storage_path,
+            storage_filesystem=fs if storage.is_s3(exp.storage.path) else None,
+            failure_config=ray.train.FailureConfig(max_failures=exp.trainer.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=exp.checkpoint.keep),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks),
+        datasets={"train": to_ray(splits.train, extra_train_columns), "val": to_ray(splits.val)},
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {run_name} finished without a checkpoint")
+    prune_checkpoints(fs, f"{storage_path}/{run_name}", exp.checkpoint.keep, result.checkpoint.path)
+    history = []
+    if result.metrics_dataframe is not None:
+        history = result.metrics_dataframe.to_dict("records")
+    return FitResult(dict(result.metrics or {}), history, result.checkpoint.path, run_name,
+                     result.checkpoint)
+

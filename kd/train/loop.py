@@ -1,0 +1,269 @@
+"""THE training loop: one Ray Train ``TorchTrainer`` train function for every run.
+
+`kd teacher` (CE only), `kd distill` (composite loss), Tune trials and the laptop
+default all run `train_loop_per_worker`; ``scaling.num_workers: 0`` runs it in the
+driver process, N > 0 on N Ray workers with DDP. Per epoch each worker trains on
+its shard of ``train``, all workers evaluate their slice of ``val`` (rows with
+``idx % world == rank``) and the sums are all-reduced, so metrics cover the whole
+validation set. Rank 0 logs to MLflow and writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd.config import Experiment
+from kd.data.transforms import build_transforms
+from kd.errors import TrainingDiverged
+from kd.models.weights import register_resolver
+from kd.train.assemble import assemble
+from kd.train.checkpoint import (
+    checkpoint_candidates,
+    checkpoint_state,
+    load_latest_good,
+    restore_optimizer,
+    run_location,
+    save_checkpoint,
+)
+from kd.train.faults import maybe_inject_fault
+from kd.train.optim import make_optimizer, set_epoch_lr
+from kd.train.parallel import all_reduce, average_grads, grad_sync, place_teacher, prepare, rng_states, world_info
+from kd.train.step import Step, autocast, evaluate_shard, input_dtype
+
+
+@dataclass
+class Worker:
+    """What `_setup` builds for one worker and the epochs use."""
+
+    exp: Experiment
+    spec: dict[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+    asm: Any
+    trainee: torch.nn.Module
+    opt: torch.optim.Optimizer
+    step: Step
+    base_lrs: list[float] = field(default_factory=list)
+    start_epoch: int = 0
+
+
+@dataclass
+class EpochSums:
+    """One worker's running sums over an epoch (before the all-reduce)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    seen: int = 0
+    labeled: int = 0
+    elapsed: float = 0.0
+    teacher_forwards: int = 0
+
+
+def train_loop_per_worker(spec: dict[str, Any]) -> None:
+    """The loop: setup -> per epoch (train, evaluate, report). ``spec`` holds the resolved
+    experiment (as a dict), the role, data facts (input shape, classes, sample), the
+    MLflow run id/URI and the run folder."""
+    import ray.train
+
+    w = _setup(spec)
+    train_ds = ray.train.get_dataset_shard("train")
+    val_ds = ray.train.get_dataset_shard("val")
+    global_step = w.start_epoch * spec["steps_per_epoch"]
+    for epoch in range(w.start_epoch, w.exp.trainer.epochs):
+        sums, global_step = _train_epoch(w, train_ds, epoch, global_step)
+        metrics = _epoch_metrics(w, sums, val_ds, epoch)
+        _report(w, metrics, epoch)
+
+
+def _setup(spec: dict[str, Any]) -> Worker:
+    """Seed, assemble trainee + teachers + loss, restore the newest good checkpoint,
+    wrap for data parallelism, build the optimizer and the `Step`."""
+    import ray.train
+    import ray.train.torch
+
+    from kd.config import experiment_from_dict
+
+    exp = experiment_from_dict(spec["exp"])
+    for prefix, fn in spec.get("resolvers", {}).items():
+        register_resolver(prefix, fn)
+    rank, world = world_info()
+    torch.manual_seed(exp.seed + rank)
+    np.random.seed(exp.seed + rank)
+    device = ray.train.torch.get_device() if exp.scaling.use_gpu else torch.device("cpu")
+    sample = torch.as_tensor(np.asarray(spec["sample"]), dtype=input_dtype(spec))
+    asm = assemble(exp, spec["role"], tuple(spec["input_shape"]), spec["num_classes"], sample)
+    asm.teachers = [place_teacher(t, exp, device) for t in asm.teachers]
+    asm.loss.to(device)
+    restored = load_latest_good(
+        checkpoint_candidates(*run_location(spec), ray.train.get_checkpoint()),
+        verbose=rank == 0)
+    if restored is not None:
+        asm.trainee.load_state_dict(restored["model"])
+        if restored["loss"] is not None:
+            asm.loss.load_state_dict(restored["loss"])
+    # The optimizer is built after wrapping: FSDP2 replaces parameters with DTensors.
+    trainee = prepare(asm.trainee, exp, device)
+    opt = make_optimizer(exp, list(trainee.parameters()) + list(asm.loss.parameters()))
+    step = Step(asm, trainee, device, input_dtype(spec),
+                build_transforms(exp.data.transforms, tuple(spec["input_shape"]), spec["input_integer"]),
+                seed=exp.seed * 1000 + rank)
+    w = Worker(exp, spec, rank, world, device, asm, trainee, opt, step,
+               base_lrs=[g["lr"] for g in opt.param_groups])  # before a restore overwrites them
+    if restored is not None:
+        _resume(w, restored)
+    return w
+
+
+def _resume(w: Worker, restored: dict[str, Any]) -> None:
+    """Optimizer state, RNG stream and start epoch from a restored checkpoint."""
+    restore_optimizer(w.opt, restored["state"]["optimizer"], w.trainee, w.asm.loss)
+    per_rank = restored["state"].get("torch_rng_per_rank") or []
+    if len(per_rank) == w.world:  # same world size: each worker continues its own stream
+        torch.set_rng_state(per_rank[w.rank])
+    elif w.rank == 0:
+        torch.set_rng_state(restored["state"]["torch_rng"])
+    w.start_epoch = int(restored["state"]["epoch"]) + 1
+    if w.rank == 0:
+        print(f"[kd] resumed from checkpoint at epoch {w.start_epoch}", flush=True)
+
+
+def _train_epoch(w: Worker, train_ds: Any, epoch: int, global_step: int) -> tuple[EpochSums, int]:
+    """One pass over this worker's shard of ``train``; returns its sums and the global step."""
+    exp, accum = w.exp, w.exp.trainer.grad_accum
+    loss_params = list(w.asm.loss.parameters())
+    params = list(w.trainee.parameters()) + loss_params
+    set_epoch_lr(w.opt, w.base_lrs, epoch, exp)
+    w.trainee.train()
+    acc = EpochSums()
+    t0 = time.perf_counter()
+    w.opt.zero_grad(set_to_none=True)
+    forwards_before = w.step.teacher_forwards
+    batches = train_ds.iter_torch_batches(
+        batch_size=max(1, exp.trainer.batch_size // w.world),
+        local_shuffle_buffer_size=min(w.spec["train_rows"], 4096),
+        local_shuffle_seed=exp.seed * 1000 + epoch * w.world + w.rank)
+    for i, (batch, is_last) in enumerate(_with_last(batches)):
+        maybe_inject_fault(w.spec, global_step, w.rank, w.world)
+        # Gradients are all-reduced on the last micro-step of each accumulation
+        # window (and of the epoch) only; the others skip the DDP/FSDP sync.
+        sync = (i + 1) % accum == 0 or is_last
+        with grad_sync(w.trainee, sync):
+            with autocast(exp.trainer.precision, w.device):
+                total, parts, db = w.step(batch)
+            (total / accum).backward()
+        if sync:
+            average_grads(loss_params, w.world)
+            if exp.trainer.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, exp.trainer.grad_clip)
+            w.opt.step()
+            w.opt.zero_grad(set_to_none=True)
+        _accumulate(acc, total, parts, db)
+        global_step += 1
+    acc.elapsed = time.perf_counter() - t0
+    acc.teacher_forwards = w.step.teacher_forwards - forwards_before
+    return acc, global_step
+
+
+def _accumulate(acc: EpochSums, total: torch.Tensor, parts: dict[str, torch.Tensor], db: Any) -> None:
+    """Add one batch's sample-weighted losses and counts to ``acc``."""
+    n = len(db.labels)
+    acc.seen += n
+    acc.labeled += int(db.label_mask.sum())
+    s = acc.sums
+    if db.distill_mask is not None:  # share of samples kept by the confidence filter
+        s["train/distilled_fraction"] = s.get("train/distilled_fraction", 0.0) + float(db.distill_mask.sum())
+    s["train/loss"] = s.get("train/loss", 0.0) + float(total.detach()) * n
+    for k, v in parts.items():
+        s[f"train/loss/{k}"] = s.get(f"train/loss/{k}", 0.0) + float(v) * n
+
+
+def _epoch_metrics(w: Worker, acc: EpochSums, val_ds: Any, epoch: int) -> dict[str, float]:
+    """All-reduced train metrics of the epoch plus the evaluation of ``val``."""
+    keys = sorted(acc.sums)
+    reduced = all_reduce([acc.sums[k] for k in keys] + [acc.seen, acc.labeled, acc.elapsed], w.device)
+    total_seen = max(reduced[-3], 1.0)
+    metrics: dict[str, float] = {k: v / total_seen for k, v in zip(keys, reduced, strict=False)}
+    t1 = time.perf_counter()
+    metrics.update(evaluate_shard(w.step, val_ds, w.spec, w.rank, w.world, w.device))
+    metrics["time/eval_s"] = time.perf_counter() - t1
+    metrics["time/train_s"] = acc.elapsed
+    metrics.update({
+        "epoch": epoch + 1, "samples_per_s": reduced[-3] / max(reduced[-1] / w.world, 1e-9),
+        "train/labeled_samples": reduced[-2],
+        "train/unlabeled_samples": reduced[-3] - reduced[-2],
+        "lr": w.opt.param_groups[0]["lr"],
+        "train/teacher_forward_batches": float(acc.teacher_forwards),
+    })
+    if w.device.type == "cuda":  # peak memory of this worker (rank 0's is logged)
+        metrics["gpu/max_mem_gb"] = torch.cuda.max_memory_allocated(w.device) / 1e9
+    return metrics
+
+
+def _report(w: Worker, metrics: dict[str, float], epoch: int) -> None:
+    """Log (rank 0), stop on a non-finite loss, checkpoint when due, ``ray.train.report``."""
+    import ray.train
+
+    from kd import tracking
+
+    exp = w.exp
+    save = epoch + 1 == exp.trainer.epochs or (epoch + 1) % exp.checkpoint.every_epochs == 0
+    if w.rank == 0:
+        tracking.log_metrics(w.spec["tracking_uri"], w.spec["run_id"], metrics, step=epoch + 1)
+        shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in
+                          ("train/loss", "val/accuracy", "val/teacher_agreement") if k in metrics)
+        print(f"[kd] epoch {epoch + 1}/{exp.trainer.epochs}  {shown}  "
+              f"{metrics['samples_per_s']:.0f} samples/s", flush=True)
+    check_finite(metrics, epoch + 1, exp)
+    # Gathering an FSDP state dict is a collective: every rank takes part.
+    state = checkpoint_state(w.trainee, w.asm.loss, w.opt) if save else None
+    rngs = rng_states(w.world) if save else []
+    if not (save and w.rank == 0):
+        ray.train.report(metrics)
+        return
+    # Ray uploads the folder into storage in the background and deletes it;
+    # in local mode (num_workers 0) it keeps a reference, so the folder stays.
+    d = tempfile.mkdtemp(prefix="kd-ckpt-")
+    save_checkpoint(Path(d), state[0], w.asm.loss, state[1], epoch, rngs)
+    local = exp.scaling.num_workers == 0
+    ray.train.report(
+        metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+        checkpoint_dir_name=f"epoch_{epoch + 1:05d}",
+        checkpoint_upload_mode=(ray.train.CheckpointUploadMode.SYNC if local
+                                else ray.train.CheckpointUploadMode.ASYNC),
+        delete_local_checkpoint_after_upload=not local)
+
+
+def check_finite(metrics: dict[str, float], epoch: int, exp: Experiment) -> None:
+    """Raise `TrainingDiverged` when the epoch's mean ``train/loss`` is nan or inf.
+
+    Every rank holds the same all-reduced value, so all ranks raise together (no
+    collective is left waiting); the epoch is already logged, no checkpoint is saved."""
+    loss = metrics["train/loss"]
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"train/loss is {loss} after epoch {epoch} (optim.lr {exp.optim.lr:g}): training "
+            "diverged; lower optim.lr, set trainer.grad_clip, or check the inputs for nan/inf")
+
+
+def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """Yield ``(item, is_last)``: one item of look-ahead, so a streaming iterator's
+    final batch is known before its backward pass."""
+    it = iter(items)
+    try:
+        prev = next(it)
+    except StopIteration:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
+

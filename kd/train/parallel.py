@@ -1,0 +1,123 @@
+"""Data-parallel helpers: the worker's rank and world, all-reduce, DDP / FSDP2 wrapping,
+gradient sync per accumulation window, averaging the gradients of parameters outside
+DDP/FSDP, every rank's RNG state."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd.config import Experiment
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def world_info() -> tuple[int, int]:
+    import ray.train
+
+    ctx = ray.train.get_context()
+    return ctx.get_world_rank(), ctx.get_world_size()
+
+
+def all_reduce(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    return hasattr(model, "set_requires_gradient_sync")
+
+
+def state_container(trainee: nn.Module, loss: nn.Module) -> nn.Module:
+    """Trainee and loss adapters under one root, so FSDP's state-dict helpers can
+    name every parameter the optimizer holds."""
+    return nn.ModuleDict({"trainee": trainee, "loss": loss})
+
+
+def rng_states(world: int) -> list[torch.Tensor]:
+    """Every worker's torch RNG state, rank order (a collective when world > 1)."""
+    mine = torch.get_rng_state()
+    if world <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [mine]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, mine)
+    return out
+
+
+def grad_sync(model: nn.Module, sync: bool) -> Any:
+    """Context for one micro-step: DDP ``no_sync()`` / FSDP2
+    ``set_requires_gradient_sync(False)`` when ``sync`` is False, else nothing."""
+    if sync:
+        if is_fsdp(model):
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if is_fsdp(model):
+        model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def average_grads(params: list[nn.Parameter], world: int) -> None:
+    """All-reduce mean of the gradients of parameters outside DDP/FSDP (the loss's
+    adapters, e.g. FitNets regressors), so every worker steps the same way."""
+    if world <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+
+
+def _fsdp_api() -> tuple[Any, Any]:
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:  # torch < 2.6 keeps FSDP2 under _composable
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return MixedPrecisionPolicy, fully_shard
+
+
+def _shard(model: nn.Module, exp: Experiment, device: torch.device) -> nn.Module:
+    """FSDP2: each child with parameters is a shard unit, then the root; with
+    ``precision: bf16`` parameters are cast to bf16 for compute, reductions in fp32."""
+    policy_cls, fully_shard = _fsdp_api()
+    model.to(device)
+    mp = (policy_cls(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if exp.trainer.precision == "bf16" else policy_cls())
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child, mp_policy=mp)
+    return fully_shard(model, mp_policy=mp)
+
+
+def place_teacher(teacher: nn.Module, exp: Experiment, device: torch.device) -> nn.Module:
+    """A frozen teacher on this worker: replicated (moved to the device) by default;
+    with ``teacher.shard`` and ``scaling.strategy: fsdp`` sharded by FSDP2 across the
+    workers (parameters all-gathered per unit in forward, freed after), for teachers
+    too large for one device. Teachers have no gradients, so nothing is synchronised."""
+    if exp.teacher is not None and exp.teacher.shard and exp.scaling.strategy == "fsdp":
+        return _shard(teacher, exp, device)
+    return teacher.to(device)
+
+
+def prepare(model: nn.Module, exp: Experiment, device: torch.device) -> nn.Module:
+    """Move to the device and wrap the trainee for data parallelism: DDP via Ray's
+    ``prepare_model``, or FSDP2 ``fully_shard`` for ``scaling.strategy: fsdp`` (each
+    child with parameters is a shard unit, then the root; with ``precision: bf16``
+    parameters are cast to bf16 for compute and gradients reduced in fp32).
+    Teachers never pass through here (see `place_teacher`): they are frozen and have
+    no gradients to synchronise."""
+    import ray.train.torch
+
+    if exp.scaling.strategy == "fsdp":
+        return _shard(model, exp, device)
+    return ray.train.torch.prepare_model(model, move_to_device=device)
+

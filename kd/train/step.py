@@ -1,0 +1,125 @@
+"""One training step (trainee + teachers forward, composite loss) and the sharded
+evaluation of ``val``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd.data.transforms import Transform
+from kd.data.transforms import apply as apply_transforms
+from kd.losses import DistillBatch
+from kd.train.capture import FeatureCapture
+from kd.train.columns import (
+    TEACHER_FEATURE,
+    TEACHER_LOGITS,
+    TEACHER_TOPK_INDICES,
+    TEACHER_TOPK_VALUES,
+    dense_from_topk,
+)
+from kd.train.parallel import all_reduce
+
+
+def input_dtype(spec: dict[str, Any]) -> torch.dtype:
+    return torch.int64 if spec["input_integer"] else torch.float32
+
+
+def autocast(precision: str, device: torch.device) -> Any:
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class Step:
+    """One forward of trainee (+ teachers) and the composite loss for a batch."""
+
+    def __init__(self, asm: Any, trainee: nn.Module, device: torch.device,
+                 input_dtype: torch.dtype, transforms: list[Transform] | None = None,
+                 seed: int = 0) -> None:
+        self.asm, self.trainee, self.device, self.input_dtype = asm, trainee, device, input_dtype
+        self.transforms = transforms or []
+        self.gen = torch.Generator().manual_seed(seed)
+        self.s_cap = FeatureCapture(trainee, asm.student_paths, "student")
+        self.t_cap = (FeatureCapture(asm.teachers[0], asm.teacher_paths, "teacher")
+                      if asm.teachers else None)
+        self.teacher_forwards = 0
+
+    def cached(self, batch: dict[str, torch.Tensor]) -> bool:
+        """True when the batch carries every teacher output the loss needs (the cache's
+        logits, plus ``teacher_feature:<path>`` for each hooked teacher path)."""
+        has_logits = TEACHER_LOGITS in batch or TEACHER_TOPK_VALUES in batch
+        return (has_logits and len(self.asm.teachers) == 1
+                and all(TEACHER_FEATURE + p in batch for p in self.asm.teacher_paths))
+
+    def teacher_logits(self, batch: dict[str, torch.Tensor], x: torch.Tensor) -> list[torch.Tensor]:
+        """Cached logits when the batch carries them (and no features are needed),
+        else a no-grad forward of every teacher."""
+        return self.teacher_outputs(batch, x)[0]
+
+    def teacher_outputs(self, batch: dict[str, torch.Tensor], x: torch.Tensor,
+                        num_classes: int = 0) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        """(logits per teacher, primary teacher features): read from the batch when it
+        carries the cached outputs, else a no-grad forward (counted in
+        ``teacher_forwards``) of every teacher."""
+        if self.cached(batch):
+            feats = {p: batch[TEACHER_FEATURE + p].to(self.device).float()
+                     for p in self.asm.teacher_paths}
+            if TEACHER_LOGITS in batch:
+                return [batch[TEACHER_LOGITS].to(self.device).float()], feats
+            dense = dense_from_topk(batch[TEACHER_TOPK_VALUES].to(self.device).float(),
+                                    batch[TEACHER_TOPK_INDICES].to(self.device), num_classes)
+            return [dense], feats
+        self.teacher_forwards += 1
+        with torch.no_grad():
+            logits = [t(x).float() for t in self.asm.teachers]
+        return logits, dict(self.t_cap.features) if self.t_cap else {}
+
+    def __call__(self, batch: dict[str, torch.Tensor]
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], DistillBatch]:
+        x = batch["x"].to(self.device, self.input_dtype)
+        y = batch["y"].to(self.device)
+        if self.transforms and self.trainee.training:  # the teacher sees the same view
+            x = apply_transforms(self.transforms, x, self.gen)
+        logits = self.trainee(x)
+        t_logits, t_feats = (self.teacher_outputs(batch, x, logits.shape[1])
+                             if self.asm.teachers else ([], {}))
+        db = DistillBatch(logits.float(), y, t_logits, dict(self.s_cap.features), t_feats)
+        total, parts = self.asm.loss(db)
+        return total, parts, db
+
+
+def evaluate_shard(step: Step, ds: Any, spec: dict[str, Any], rank: int, world: int,
+                   device: torch.device) -> dict[str, float]:
+    """Accuracy, teacher agreement and CE over this worker's slice of ``val``,
+    all-reduced so every worker returns metrics of the whole set."""
+    step.trainee.eval()
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # correct, agree, ce_sum, labeled, rows
+    with torch.no_grad():
+        for batch in ds.iter_torch_batches(batch_size=512):
+            keep = (batch["idx"] % world) == rank
+            if not keep.any():
+                continue
+            batch = {k: v[keep] for k, v in batch.items()}
+            x, y = batch["x"].to(device, step.input_dtype), batch["y"].to(device)
+            logits = step.trainee(x).float()
+            pred = logits.argmax(1)
+            lab = y >= 0
+            sums[0] += float((pred[lab] == y[lab]).sum())
+            if lab.any():
+                sums[2] += float(F.cross_entropy(logits[lab], y[lab], reduction="sum"))
+            sums[3] += float(lab.sum())
+            sums[4] += float(len(y))
+            if step.asm.teachers:
+                sums[1] += float((step.teacher_logits(batch, x)[0].argmax(1) == pred).sum())
+    correct, agree, ce, labeled, rows = all_reduce(sums, device)
+    out = {"val/accuracy": correct / max(labeled, 1), "val/loss": ce / max(labeled, 1),
+           "val/samples": rows}
+    if step.asm.teachers:
+        out["val/teacher_agreement"] = agree / max(rows, 1)
+    step.trainee.train()
+    return out
+
