@@ -11,6 +11,17 @@ kdflow reports every epoch, so it sets the poll to ``POLL_INTERVAL_S`` unless th
 variable is already set (measured in ``bench/report_poll.py``: a 20-epoch digits run
 takes about half the wall time). A slow poll is not a failure: Ray marks a worker dead
 only after ``RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S`` (10 min).
+
+The one ERROR line a normal run used to print, ``core_worker.cc: Actor with class name:
+'PreemptionWatcher' ... has constructor arguments in the object store and max_restarts >
+0`` (ray-project/ray#53727), comes from Ray Train V2's controller: it starts a
+``PreemptionWatcher`` actor (``ray/train/v2/_internal/callbacks/preemption_callback.py``)
+with ``max_restarts=-1`` and the worker actor handles as constructor arguments, and Ray's
+C++ core logs that combination at ERROR. The watcher polls for node drains (spot / preempted
+nodes); a local Ray that kdflow starts itself is one node that is never drained, so there
+kdflow sets ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`` (unless the variable is set) and the
+watcher, and its line, are gone. On a cluster (``RAY_ADDRESS`` / ``ray job submit``) the
+watcher stays; its line there is that warning, not a failure (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ import os
 
 POLL_INTERVAL_S = "0.25"
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 OWNER_ENV = "OWNER_NAME"  # KubeRay sets it in every Ray container: the RayJob's name
 
 
@@ -48,7 +60,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
            "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     env[POLL_ENV] = os.environ.setdefault(POLL_ENV, POLL_INTERVAL_S)
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, num_cpus=num_cpus,
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:  # a local one-node Ray is never drained: no preemption watcher
+        env[PREEMPTION_ENV] = os.environ.setdefault(PREEMPTION_ENV, "0")
+    elif PREEMPTION_ENV in os.environ:
+        env[PREEMPTION_ENV] = os.environ[PREEMPTION_ENV]
+    ray.init(address=address, num_cpus=num_cpus,
              include_dashboard=False, log_to_driver=True, logging_level="WARNING",
              runtime_env={"env_vars": env, "worker_process_setup_hook": "kd.runtime.quiet_logs"})
     quiet_logs()

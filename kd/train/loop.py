@@ -37,7 +37,9 @@ from kd.train.checkpoint import (
 from kd.train.faults import maybe_inject_fault
 from kd.train.optim import make_optimizer, set_epoch_lr
 from kd.train.parallel import all_reduce, average_grads, grad_sync, place_teacher, prepare, rng_states, world_info
+from kd.train.progress import EpochProgress
 from kd.train.step import Step, autocast, evaluate_shard, input_dtype
+from kd.train.threads import set_worker_threads
 
 
 @dataclass
@@ -96,6 +98,8 @@ def _setup(spec: dict[str, Any]) -> Worker:
     for prefix, fn in spec.get("resolvers", {}).items():
         register_resolver(prefix, fn)
     rank, world = world_info()
+    if exp.scaling.num_workers > 0:  # in the driver (0) torch keeps its own default
+        set_worker_threads(exp.scaling.resources_per_worker)
     torch.manual_seed(exp.seed + rank)
     np.random.seed(exp.seed + rank)
     device = ray.train.torch.get_device() if exp.scaling.use_gpu else torch.device("cpu")
@@ -151,6 +155,8 @@ def _train_epoch(w: Worker, train_ds: Any, epoch: int, global_step: int) -> tupl
         batch_size=max(1, exp.trainer.batch_size // w.world),
         local_shuffle_buffer_size=min(w.spec["train_rows"], 4096),
         local_shuffle_seed=exp.seed * 1000 + epoch * w.world + w.rank)
+    progress = EpochProgress(epoch + 1, exp.trainer.epochs, w.spec.get("steps_per_epoch"),
+                             w.world, enabled=w.rank == 0)
     for i, (batch, is_last) in enumerate(_with_last(batches)):
         maybe_inject_fault(w.spec, global_step, w.rank, w.world)
         # Gradients are all-reduced on the last micro-step of each accumulation
@@ -167,6 +173,7 @@ def _train_epoch(w: Worker, train_ds: Any, epoch: int, global_step: int) -> tupl
             w.opt.step()
             w.opt.zero_grad(set_to_none=True)
         _accumulate(acc, total, parts, db)
+        progress.step(len(db.labels))
         global_step += 1
     acc.elapsed = time.perf_counter() - t0
     acc.teacher_forwards = w.step.teacher_forwards - forwards_before
@@ -202,6 +209,7 @@ def _epoch_metrics(w: Worker, acc: EpochSums, val_ds: Any, epoch: int) -> dict[s
         "train/unlabeled_samples": reduced[-3] - reduced[-2],
         "lr": w.opt.param_groups[0]["lr"],
         "train/teacher_forward_batches": float(acc.teacher_forwards),
+        "worker/torch_threads": float(torch.get_num_threads()),
     })
     if w.device.type == "cuda":  # peak memory of this worker (rank 0's is logged)
         metrics["gpu/max_mem_gb"] = torch.cuda.max_memory_allocated(w.device) / 1e9

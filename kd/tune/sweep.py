@@ -138,6 +138,8 @@ def _tuner(exp: Experiment, space: dict[str, Dist], base: dict[str, Any], parent
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
+    from kd.tune.live import LiveTable  # imports ray.tune: only when a sweep runs
+
     t = exp.tune
     _, own, _ = trial_resources(exp)
     trainable = tune.with_resources(
@@ -168,6 +170,7 @@ def _tuner(exp: Experiment, space: dict[str, Dist], base: dict[str, Any], parent
                                     max_concurrent_trials=t.max_concurrent_trials,
                                     scheduler=scheduler, search_alg=search),
         run_config=tune.RunConfig(name=sweep, storage_path=root, verbose=0,
+                                  callbacks=[LiveTable(list(space), t.metric, t.mode)],
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures)),
     )
 

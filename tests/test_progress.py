@@ -1,0 +1,136 @@
+"""Progress a person can read and a worker that uses its cores: the throttled step line,
+the live sweep table, torch threads inside a real Ray Train worker, and a normal run
+without Ray's PreemptionWatcher ERROR line."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from kd.train.progress import EpochProgress, format_eta
+from kd.train.threads import worker_threads
+
+REPO = Path(__file__).resolve().parents[1]
+LINE = re.compile(r"^\[kd\] epoch 2/5  step \d+/100 \(\d+%\)  \d+ samples/s  ETA \d+:\d\d:\d\d$")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_step_line_is_throttled_and_formatted() -> None:
+    clock, out = Clock(), []
+    p = EpochProgress(2, 5, 100, world=2, every_s=10.0, clock=clock, out=out.append)
+    for _ in range(9):  # 9 steps in 9 s: under the interval, nothing printed
+        clock.t += 1.0
+        assert p.step(64) is None
+    clock.t += 1.0
+    line = p.step(64)  # step 10 at 10 s: due
+    assert line is not None and LINE.match(line), line
+    # 10 steps x 64 samples x 2 workers in 10 s; 90 steps left at 1 s each
+    assert "128 samples/s" in line and "ETA 0:01:30" in line and "step 10/100 (10%)" in line
+    clock.t += 5.0
+    assert p.step(64) is None  # 5 s after the last line
+    assert out == [line]
+
+
+def test_no_line_on_the_last_step_off_rank_or_when_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, out = Clock(), []
+    p = EpochProgress(1, 1, 3, every_s=1.0, clock=clock, out=out.append)
+    for _ in range(3):
+        clock.t += 5.0
+        p.step(1)
+    assert len(out) == 2  # steps 1 and 2; step 3 of 3 is followed by the epoch line
+    other = EpochProgress(1, 1, 100, every_s=1.0, enabled=False, clock=clock, out=out.append)
+    clock.t += 5.0
+    assert other.step(1) is None
+    monkeypatch.setenv("KD_PROGRESS_S", "0")
+    off = EpochProgress(1, 1, 100, clock=clock, out=out.append)
+    clock.t += 100.0
+    assert off.step(1) is None and len(out) == 2
+
+
+def test_unknown_total_has_no_eta_and_eta_format() -> None:
+    clock, out = Clock(), []
+    p = EpochProgress(1, 3, None, every_s=1.0, clock=clock, out=out.append)
+    clock.t = 2.0
+    assert p.step(10) == "[kd] epoch 1/3  step 1  5 samples/s"
+    assert format_eta(3725.4) == "1:02:05"
+
+
+def test_worker_threads_rule() -> None:
+    assert worker_threads(3, 3, 16, 1) == 3  # the user's reservation wins
+    assert worker_threads(None, 1, 16, 1) == 16  # one worker on a node: all its cores
+    assert worker_threads(None, 1, 16, 2) == 8  # two on a node: half each
+    assert worker_threads(None, 4, 2, 1) == 4  # never fewer than reserved
+    assert worker_threads(None, None, None, 1) == 1
+
+
+def test_live_sweep_table_prints_as_trials_report() -> None:
+    from kd.tune.live import LiveTable
+
+    clock, out = Clock(), []
+    live = LiveTable(["distill.temperature"], "val/accuracy", "max", every_s=30.0,
+                     clock=clock, out=out.append)
+    a = SimpleNamespace(trial_id="t_a", config={"distill.temperature": 2.0})
+    b = SimpleNamespace(trial_id="t_b", config={"distill.temperature": 8.0})
+    live.on_trial_result(1, [], a, {"epoch": 1, "val/accuracy": 0.5})
+    assert out == []  # throttled
+    clock.t = 31.0
+    live.on_trial_result(2, [], b, {"epoch": 1, "val/accuracy": 0.7})
+    assert len(out) == 1 and "0/2 trials finished" in out[0]
+    rows = out[0].splitlines()[3:]
+    assert rows[0].startswith("t_b") and rows[1].startswith("t_a")  # best first
+    live.on_trial_complete(3, [], b)  # a finished trial always prints
+    assert len(out) == 2 and "1/2 trials finished" in out[1] and "TERMINATED" in out[1]
+
+
+def _threads_of_run(overrides: list[str], work: Path) -> float:
+    from kd.config import load_experiment
+    from kd.train.run import train_run
+
+    exp = load_experiment(REPO / "configs" / "digits-teacher.yaml", [
+        "trainer.epochs=1", "scaling.num_workers=1", f"storage.path={work / 'runs'}",
+        f"tracking.uri=sqlite:///{work / 'mlflow.db'}", *overrides])
+    return train_run(exp, "teacher").metrics["worker/torch_threads"]
+
+
+@pytest.mark.slow
+def test_one_worker_uses_the_cores_it_is_given(ray_session: None, workdir: Path) -> None:
+    """ray_session declares 2 CPUs: the default one-worker run uses both (Ray alone would
+    give it OMP_NUM_THREADS=1); a reservation of 1 CPU gives 1 thread."""
+    import ray
+
+    node_cpus = ray.cluster_resources()["CPU"]
+    assert node_cpus == 2
+    assert _threads_of_run([], workdir) == node_cpus
+    assert _threads_of_run(["scaling.resources_per_worker={CPU: 1}"], workdir) == 1
+
+
+@pytest.mark.slow
+def test_a_normal_run_prints_no_preemption_watcher_error(tmp_path: Path) -> None:
+    """A fresh local Ray started by `kd` (as `kd demo` does): Ray's PreemptionWatcher
+    constructor-argument ERROR line is not printed."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", "from kd.cli import main; main()", "teacher",
+         str(REPO / "configs" / "digits-teacher.yaml"), "trainer.epochs=1",
+         "scaling.num_workers=1", f"storage.path={tmp_path / 'runs'}",
+         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    assert "[kd] epoch 1/1" in text
+    assert "PreemptionWatcher" not in text, text[-3000:]
