@@ -1,0 +1,184 @@
+"""The fixed cost of a small `kd distill`: a cold local Ray against a running head.
+
+    PYTHONPATH=$PWD python bench/fixed_cost.py [--repeats 2] [--epochs 2]
+
+Runs ``kd distill configs/digits-kd.yaml trainer.epochs=2`` (about 0.5 s of compute)
+as a fresh process each time, with a digits teacher trained once first:
+
+- cold: no ``RAY_ADDRESS``, `kd` starts (and stops) its own local Ray;
+- running head: ``ray start --head`` once, then ``RAY_ADDRESS=127.0.0.1:PORT kd distill``.
+
+Each child process times its phases (the functions `kd.train.run.train_run` calls,
+wrapped) and prints them as JSON: imports, data, preflight, Ray start / connect, MLflow
+run, ``fit`` (the TorchTrainer: controller + worker group start, epochs, shutdown),
+the epochs' own train + eval time inside ``fit``, final weights, holdout evaluation and
+artifacts. Prints a table, writes bench/results/fixed_cost.json and a RESULTS.md section.
+"""
+
+from __future__ import annotations
+
+import time
+
+T0 = time.perf_counter()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MARK = "FIXED_COST "
+PHASES = ["imports", "data", "preflight", "ray", "mlflow run", "fit", "  of which epochs",
+          "weights", "holdout eval", "mlflow logging", "other", "total"]
+
+
+def child(argv: list[str]) -> None:
+    """Run `kd distill` in this process with timers around its phases; print them."""
+    sys.path.insert(0, str(REPO))
+    from kd import cli, storage, tracking
+    from kd.train import run
+
+    times: dict[str, float] = {"imports": time.perf_counter() - T0}
+
+    def timed(owner: object, attr: str, phase: str) -> None:
+        fn = getattr(owner, attr)
+
+        def wrapper(*a, **k):  # noqa: ANN002, ANN003, ANN202
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                times[phase] = times.get(phase, 0.0) + time.perf_counter() - t
+        setattr(owner, attr, wrapper)
+
+    for attr, phase in [("load_splits", "data"), ("preflight", "preflight"),
+                        ("ensure_ray", "ray"), ("fit", "fit"), ("evaluate", "holdout eval"),
+                        ("primary_teacher", "holdout eval"), ("save_weights", "weights"),
+                        ("build_spec", "weights"), ("load_state_dict", "weights")]:
+        timed(run, attr, phase)
+    timed(storage, "put", "weights")
+    for attr in ("start_run", "resume_run"):
+        timed(tracking, attr, "mlflow run")
+    for attr in ("log_artifact", "log_metrics", "set_tags", "end_run"):
+        timed(tracking, attr, "mlflow logging")
+    fit = run.fit
+
+    def fit_and_epochs(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        out = fit(*a, **k)
+        times["  of which epochs"] = sum(h.get("time/train_s", 0) + h.get("time/eval_s", 0)
+                                         for h in out.history)
+        return out
+    run.fit = fit_and_epochs
+    code = cli.run(argv)
+    times["total"] = time.perf_counter() - T0
+    times["other"] = times["total"] - sum(v for k, v in times.items()
+                                          if k not in ("total", "  of which epochs"))
+    print(MARK + json.dumps({"rc": code, **times}), flush=True)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distill(work: Path, teacher: str, epochs: int, env: dict[str, str]) -> dict[str, float]:
+    argv = ["distill", str(REPO / "configs" / "digits-kd.yaml"), f"trainer.epochs={epochs}",
+            f"teacher.weights={teacher}", f"storage.path={work / 'runs'}",
+            f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, __file__, "--child", *argv], cwd=work, env=env,
+                       capture_output=True, text=True, timeout=600)
+    wall = time.perf_counter() - t
+    lines = [x for x in p.stdout.splitlines() if x.startswith(MARK)]
+    if p.returncode != 0 or not lines:
+        raise SystemExit(f"kd distill failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
+    out = json.loads(lines[-1][len(MARK):])
+    out["process wall"] = wall
+    out["start + exit (outside main)"] = wall - out["total"]
+    return out
+
+
+def _start_head(env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    port = _port()
+    temp = tempfile.mkdtemp(prefix="kdfc-", dir="/tmp")
+    ray = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.5)
+    time.sleep(2.0)  # the raylet registers after the GCS port opens
+    return head, address
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:])
+        return
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO / "bench"))
+    from _common import enter_work_dir, teacher_weights
+    from _results import write_section
+
+    sys.path.insert(0, str(REPO))
+    work = enter_work_dir(args.work, "fixed-cost")
+    teacher = teacher_weights(work)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO)
+    runs: dict[str, list[dict[str, float]]] = {"cold": [], "running head": []}
+    for _ in range(args.repeats):
+        runs["cold"].append(_distill(work, teacher, args.epochs, env))
+    head, address = _start_head(env)
+    try:
+        _distill(work, teacher, args.epochs, {**env, "RAY_ADDRESS": address})  # head warm-up
+        for _ in range(args.repeats):
+            runs["running head"].append(_distill(work, teacher, args.epochs,
+                                                 {**env, "RAY_ADDRESS": address}))
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=30)
+    keys = [*PHASES, "start + exit (outside main)", "process wall"]
+    med = {m: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in keys}
+           for m, rs in runs.items()}
+    lines = ["| phase (s, median) | cold local Ray | running head (`RAY_ADDRESS`) |",
+             "|---|---|---|"]
+    lines += [f"| {k.strip()}{' (inside fit)' if k.startswith(' ') else ''} | "
+              f"{med['cold'][k]:.2f} | {med['running head'][k]:.2f} |" for k in keys]
+    table = "\n".join(lines)
+    print(table)
+    load = os.getloadavg()
+    facts = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "epochs": args.epochs,
+             "repeats": args.repeats, "cpus": os.cpu_count(), "load_avg_1_5_15_at_end": load,
+             "median": med, "runs": runs}
+    if args.no_write:
+        return
+    (REPO / "bench" / "results").mkdir(exist_ok=True)
+    (REPO / "bench" / "results" / "fixed_cost.json").write_text(json.dumps(facts, indent=2) + "\n")
+    write_section("fixed cost of a small kd distill", (
+        f"`python bench/fixed_cost.py --repeats {args.repeats} --epochs {args.epochs}` on "
+        f"{facts['date']}: `kd distill configs/digits-kd.yaml trainer.epochs={args.epochs}`, "
+        f"each a fresh process; {os.cpu_count()} CPU cores, load average {load[0]:.2f} / "
+        f"{load[1]:.2f} / {load[2]:.2f} (1/5/15 min) at the end. Target: <= 8 s against a "
+        "running head.\n\n" + table))
+
+
+if __name__ == "__main__":
+    main()
