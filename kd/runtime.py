@@ -32,6 +32,7 @@ import os
 POLL_INTERVAL_S = "0.25"
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+PROGRESS_ENV = "KD_PROGRESS_S"  # kd.train.progress: seconds between step lines, 0 = off
 OWNER_ENV = "OWNER_NAME"  # KubeRay sets it in every Ray container: the RayJob's name
 
 
@@ -63,8 +64,9 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     address = os.environ.get("RAY_ADDRESS") or None
     if address is None:  # a local one-node Ray is never drained: no preemption watcher
         env[PREEMPTION_ENV] = os.environ.setdefault(PREEMPTION_ENV, "0")
-    elif PREEMPTION_ENV in os.environ:
-        env[PREEMPTION_ENV] = os.environ[PREEMPTION_ENV]
+    for name in (PREEMPTION_ENV, PROGRESS_ENV):  # the user's choice reaches every worker
+        if name in os.environ:
+            env[name] = os.environ[name]
     ray.init(address=address, num_cpus=num_cpus,
              include_dashboard=False, log_to_driver=True, logging_level="WARNING",
              runtime_env={"env_vars": env, "worker_process_setup_hook": "kd.runtime.quiet_logs"})
