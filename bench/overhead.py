@@ -125,6 +125,8 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     work = enter_work_dir(args.work, "overhead")
+    from mlflow.tracking import MlflowClient
+
     from kd.data import load_splits
     from kd.models import build_model
     from kd.models.weights import freeze, save_weights
@@ -147,12 +149,14 @@ def main() -> None:
         t0 = time.perf_counter()
         out = train_run(exp, "student")
         wall = time.perf_counter() - t0
-        rates = [h["samples_per_s"] for h in out.history]
+        hist = MlflowClient(exp.tracking.uri).get_metric_history(out.run_id, "samples_per_s")
+        rates = [m.value for m in sorted(hist, key=lambda m: m.step)]  # one per epoch
         threads = out.metrics.get("worker/torch_threads")
         kdf = _median_after_warmup(rates)
         rows.append({"mode": mode, "plain": plain, "kdflow": kdf, "ratio": kdf / plain,
                      "kdflow_epochs": rates, "kdflow_wall_s": wall, "worker_threads": threads})
-        print(f"[bench] {mode}: plain {plain:.0f}  kdflow {kdf:.0f} img/s", flush=True)
+        print(f"[bench] {mode}: plain {plain:.0f}  kdflow {kdf:.0f} img/s "
+              f"(load {os.getloadavg()[0]:.1f})", flush=True)
     ce = rows[0]["kdflow"]
     cache = rows[-1]["kdflow"]
     load = os.getloadavg()
