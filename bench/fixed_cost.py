@@ -97,7 +97,7 @@ def _distill(work: Path, teacher: str, epochs: int, env: dict[str, str]) -> dict
                        capture_output=True, text=True, timeout=600)
     wall = time.perf_counter() - t
     lines = [x for x in p.stdout.splitlines() if x.startswith(MARK)]
-    if p.returncode != 0 or not lines:
+    if p.returncode != 0 or not lines or json.loads(lines[-1][len(MARK):])["rc"] != 0:
         raise SystemExit(f"kd distill failed ({p.returncode}):\n{(p.stdout + p.stderr)[-3000:]}")
     out = json.loads(lines[-1][len(MARK):])
     out["process wall"] = wall
@@ -147,14 +147,18 @@ def main() -> None:
     for _ in range(args.repeats):
         runs["cold"].append(_distill(work, teacher, args.epochs, env))
     head, address = _start_head(env)
+    # `ray start` turns token auth on (its token in ~/.ray/auth_token); the client must ask
+    joined = {**env, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}
     try:
-        _distill(work, teacher, args.epochs, {**env, "RAY_ADDRESS": address})  # head warm-up
+        _distill(work, teacher, args.epochs, joined)  # head warm-up
         for _ in range(args.repeats):
-            runs["running head"].append(_distill(work, teacher, args.epochs,
-                                                 {**env, "RAY_ADDRESS": address}))
-    finally:
+            runs["running head"].append(_distill(work, teacher, args.epochs, joined))
+    finally:  # stop exactly this head: its process group
         os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=30)
+        try:
+            head.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
     keys = [*PHASES, "start + exit (outside main)", "process wall"]
     med = {m: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in keys}
            for m, rs in runs.items()}
