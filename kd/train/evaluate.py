@@ -36,6 +36,28 @@ def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int =
     return float(ece)
 
 
+def confusion_counts(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Confusion counts as an int64 ``(num_classes, num_classes)`` array: rows are the true
+    class, columns the predicted one. Rows with ``y < 0`` (unlabeled) are skipped. Counts
+    of disjoint batches add up, so a streaming evaluation can sum them per batch."""
+    pred = torch.as_tensor(pred).reshape(-1).long().cpu()
+    y = torch.as_tensor(y).reshape(-1).long().cpu()
+    if pred.shape != y.shape:
+        raise ValueError(f"confusion_counts: {len(pred)} predictions for {len(y)} labels")
+    keep = y >= 0
+    flat = y[keep] * num_classes + pred[keep]
+    counts = torch.bincount(flat, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).numpy().astype(np.int64)
+
+
+def holdout_confusion(model: nn.Module, x: np.ndarray, y: np.ndarray,
+                      num_classes: int) -> np.ndarray | None:
+    """`confusion_counts` of ``model``'s argmax on ``(x, y)``; None when no row is labeled."""
+    if not (np.asarray(y) >= 0).any():
+        return None
+    return confusion_counts(predict_logits(model, x).argmax(1), torch.as_tensor(y), num_classes)
+
+
 def latency_ms(model: nn.Module, sample: torch.Tensor, repeats: int = 30) -> float:
     """Median wall time in ms of one no-grad forward of ``sample`` (after 3 warm-ups)."""
     model.eval()
