@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS
 
 from kd.config import load_experiment
 from kd.storage import sha256_file
@@ -40,10 +40,16 @@ def test_data_source_kinds(tmp_path: Path) -> None:
     assert data_source("pkg.mod:make")[0] == "kdflow-plugin"
 
 
-def test_git_commit_is_this_checkout() -> None:
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip()
-    assert git_commit() == head
+def test_git_commit_is_the_source_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kd
+
+    monkeypatch.delenv("KD_GIT_COMMIT", raising=False)
+    src = Path(kd.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    assert git_commit() == (head.stdout.strip() if head.returncode == 0 else "unknown")
+    monkeypatch.setenv("KD_GIT_COMMIT", "abc123")
+    assert git_commit() == "abc123"
 
 
 @pytest.mark.slow
