@@ -38,8 +38,10 @@ def checkpoint_state(trainee: nn.Module, loss: nn.Module,
 
 
 def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], loss: nn.Module,
-                     opt_state: Any, epoch: int, rngs: list[torch.Tensor]) -> None:
-    """Write model, loss adapters and train state, then ``manifest.json`` (size and
+                     opt_state: Any, epoch: int, rngs: list[torch.Tensor],
+                     extra: dict[str, Any] | None = None) -> None:
+    """Write model, loss adapters and train state (plus ``extra``, e.g. the fp16
+    GradScaler's state under ``scaler``), then ``manifest.json`` (size and
     sha256 of each file) LAST: a folder without a matching manifest is incomplete.
     The folder is a private temp dir; Ray copies it into storage and registers it
     only after the copy finished, so a half-written checkpoint is never the latest."""
@@ -49,7 +51,8 @@ def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], loss: nn.M
     if any(True for _ in loss.state_dict()):
         save_weights(loss, path / CKPT_LOSS)
     torch.save({"optimizer": opt_state, "epoch": epoch, "torch_rng": rngs[0],
-                "torch_rng_per_rank": rngs}, path / CKPT_STATE)
+                "torch_rng_per_rank": rngs,
+                **(extra or {})}, path / CKPT_STATE)
     files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
              for f in sorted(path.iterdir()) if f.is_file()}
     (path / CKPT_MANIFEST).write_text(json.dumps({"epoch": epoch + 1, "files": files}))
@@ -108,8 +111,8 @@ def prune_checkpoints(fs: Any, run_path: str, keep: int, final: str) -> list[str
 def load_latest_good(candidates: list[Any], verbose: bool) -> dict[str, Any] | None:
     """Load the newest readable checkpoint: one that is corrupt, truncated or
     half-uploaded (its manifest does not match) is skipped, logged, and the
-    previous one tried. None when there are no candidates; RuntimeError when
-    there are some but none is readable."""
+    previous one tried (its ``path`` is in the result). None when there are no
+    candidates; RuntimeError when there are some but none is readable."""
     errors = []
     for c in candidates:
         try:
@@ -123,6 +126,7 @@ def load_latest_good(candidates: list[Any], verbose: bool) -> dict[str, Any] | N
             continue
         if verbose and errors:
             print(f"[kd] fell back to checkpoint {c.path}", flush=True)
+        out["path"] = c.path
         return out
     if errors:
         raise RuntimeError("no readable checkpoint: " + "; ".join(errors))
