@@ -69,10 +69,11 @@ class EpochSums:
     teacher_forwards: int = 0
 
 
-def train_loop_per_worker(spec: dict[str, Any]) -> None:
+def train_loop_per_worker(spec: dict[str, Any]) -> Worker:
     """The loop: setup -> per epoch (train, evaluate, report). ``spec`` holds the resolved
     experiment (as a dict), the role, data facts (input shape, classes, sample), the
-    MLflow run id/URI and the run folder."""
+    MLflow run id/URI and the run folder. Returns the `Worker` (Ray ignores it; a caller
+    wrapping the loop, e.g. a test, can inspect the trained state)."""
     import ray.train
 
     w = _setup(spec)
@@ -83,6 +84,7 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         sums, global_step = _train_epoch(w, train_ds, epoch, global_step)
         metrics = _epoch_metrics(w, sums, val_ds, epoch)
         _report(w, metrics, epoch)
+    return w
 
 
 def _setup(spec: dict[str, Any]) -> Worker:
