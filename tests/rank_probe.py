@@ -15,10 +15,10 @@ import torch
 
 
 def probe_loop(spec: dict[str, Any]) -> None:
-    from kd.train.loop import train_loop_per_worker
+    from kd.train.loop import run_loop
     from kd.train.parallel import unwrap
 
-    w = train_loop_per_worker(spec)
+    w = run_loop(spec)
     mine = {"trainee": {k: v.detach().cpu() for k, v in unwrap(w.trainee).state_dict().items()},
             "loss": {k: v.detach().cpu() for k, v in w.asm.loss.state_dict().items()}}
     every: list[Any] = [None] * w.world

@@ -69,11 +69,17 @@ class EpochSums:
     teacher_forwards: int = 0
 
 
-def train_loop_per_worker(spec: dict[str, Any]) -> Worker:
+def train_loop_per_worker(spec: dict[str, Any]) -> None:
     """The loop: setup -> per epoch (train, evaluate, report). ``spec`` holds the resolved
     experiment (as a dict), the role, data facts (input shape, classes, sample), the
-    MLflow run id/URI and the run folder. Returns the `Worker` (Ray ignores it; a caller
-    wrapping the loop, e.g. a test, can inspect the trained state)."""
+    MLflow run id/URI and the run folder. Returns None: Ray Train sends a train
+    function's return value to its controller (a DDP module does not unpickle there)."""
+    run_loop(spec)
+
+
+def run_loop(spec: dict[str, Any]) -> Worker:
+    """`train_loop_per_worker`, returning the `Worker` (for a caller that wraps the loop
+    and inspects the trained state, e.g. a test comparing ranks)."""
     import ray.train
 
     w = _setup(spec)
