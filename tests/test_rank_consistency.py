@@ -182,3 +182,25 @@ def test_fp16_grad_scaler_skips_inf_and_checkpoints_its_scale() -> None:
     fresh.load_state_dict(up.state_dict())
     assert fresh.state_dict()["scale"] == up.state_dict()["scale"]
     assert Updater(opt, [], [], "fp32", None, 1, torch.device("cpu")).state_dict() == {}
+
+
+def test_incomplete_checkpoints_are_absent_damaged_ones_are_errors(tmp_path: Path) -> None:
+    """A writer killed mid-upload leaves a folder with a manifest but missing files: it
+    counts as not saved (the previous one, or a fresh start). A complete folder whose
+    bytes do not match its manifest is damage: with nothing else readable, an error."""
+    import pyarrow.fs as pafs
+
+    from kd.train.checkpoint import checkpoint_candidates, load_latest_good
+
+    fs, run = pafs.LocalFileSystem(), str(tmp_path / "run")
+    _save(tmp_path / "run" / "epoch_00001", 0)
+    (tmp_path / "run" / "epoch_00001" / "train_state.pt").unlink()  # upload cut short
+    assert load_latest_good(checkpoint_candidates(fs, run), verbose=False) is None
+    _save(tmp_path / "run" / "epoch_00002", 1)
+    _save(tmp_path / "run" / "epoch_00003", 2)
+    (tmp_path / "run" / "epoch_00003" / "model.safetensors").unlink()
+    out = load_latest_good(checkpoint_candidates(fs, run), verbose=False)
+    assert out is not None and out["path"].endswith("epoch_00002")
+    (tmp_path / "run" / "epoch_00002" / "model.safetensors").write_bytes(b"torn")
+    with pytest.raises(RuntimeError, match="epoch_00002: model.safetensors does not match"):
+        load_latest_good(checkpoint_candidates(fs, run), verbose=False)

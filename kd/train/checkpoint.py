@@ -58,18 +58,24 @@ def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], loss: nn.M
     (path / CKPT_MANIFEST).write_text(json.dumps({"epoch": epoch + 1, "files": files}))
 
 
+class IncompleteCheckpoint(ValueError):
+    """A checkpoint folder that was never completely written or uploaded (no manifest, or
+    a file the manifest lists is absent): e.g. its writer died during the upload."""
+
+
 def read_checkpoint(d: Path) -> dict[str, Any]:
     """Verify the manifest (every file present, same size and sha256) and load the
-    tensors without unpickling code; raise ValueError naming what is wrong."""
+    tensors without unpickling code; raise ValueError naming what is wrong
+    (`IncompleteCheckpoint` for a folder that was never completed)."""
     from safetensors.torch import load_file
 
     if not (d / CKPT_MANIFEST).exists():
-        raise ValueError("no manifest.json (incomplete checkpoint)")
+        raise IncompleteCheckpoint("no manifest.json (incomplete checkpoint)")
     manifest = json.loads((d / CKPT_MANIFEST).read_text())
     for name, meta in manifest["files"].items():
         f = d / name
         if not f.exists():
-            raise ValueError(f"{name} missing")
+            raise IncompleteCheckpoint(f"{name} missing (incomplete checkpoint)")
         if f.stat().st_size != meta["size"] or sha256_file(f) != meta["sha256"]:
             raise ValueError(f"{name} does not match its manifest (truncated or corrupt)")
     return {"model": load_file(d / WEIGHTS_FILE),
@@ -112,14 +118,16 @@ def load_latest_good(candidates: list[Any], verbose: bool) -> dict[str, Any] | N
     """Load the newest readable checkpoint: one that is corrupt, truncated or
     half-uploaded (its manifest does not match) is skipped, logged, and the
     previous one tried (its ``path`` is in the result). None when there are no
-    candidates; RuntimeError when there are some but none is readable."""
-    errors = []
+    candidates, or only incomplete ones (a writer killed mid-upload: nothing was
+    saved); RuntimeError when a complete one exists but none is readable."""
+    errors, damaged = [], False
     for c in candidates:
         try:
             with c.as_directory() as d:
                 out = read_checkpoint(Path(d))
         except Exception as e:
             errors.append(f"{c.path}: {e}")
+            damaged = damaged or not isinstance(e, IncompleteCheckpoint)
             if verbose:
                 print(f"[kd] checkpoint {c.path} unreadable ({e}); trying the previous one",
                       flush=True)
@@ -128,8 +136,10 @@ def load_latest_good(candidates: list[Any], verbose: bool) -> dict[str, Any] | N
             print(f"[kd] fell back to checkpoint {c.path}", flush=True)
         out["path"] = c.path
         return out
-    if errors:
+    if damaged:
         raise RuntimeError("no readable checkpoint: " + "; ".join(errors))
+    if verbose and errors:
+        print("[kd] no complete checkpoint: starting from epoch 1", flush=True)
     return None
 
 

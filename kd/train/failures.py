@@ -25,12 +25,26 @@ def describe(error: Exception) -> str:
 
 
 def resume_epoch(fs: Any, run_path: str) -> int:
-    """The 1-based epoch a restart begins with: one after the newest checkpoint."""
-    from kd.train.checkpoint import checkpoint_candidates
+    """The 1-based epoch a restart begins with: one after the newest complete
+    checkpoint (its manifest and every file it lists present; sizes and hashes are
+    verified by the restarted rank 0, which says so if it must fall back further)."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    from kd.train.checkpoint import CKPT_MANIFEST, checkpoint_candidates
 
     for c in checkpoint_candidates(fs, run_path):
         name = c.path.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith("epoch_") and name[6:].isdigit():
+        if not (name.startswith("epoch_") and name[6:].isdigit()):
+            continue
+        try:
+            with fs.open_input_stream(f"{c.path}/{CKPT_MANIFEST}") as f:
+                files = json.loads(f.read())["files"]
+        except (OSError, ValueError, KeyError):
+            continue
+        infos = fs.get_file_info([f"{c.path}/{n}" for n in files])
+        if all(i.type == pafs.FileType.File for i in infos):
             return int(name[6:]) + 1
     return 1
 

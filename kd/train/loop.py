@@ -154,7 +154,8 @@ def _resume(w: Worker, restored: dict[str, Any]) -> None:
         torch.set_rng_state(restored["state"]["torch_rng"])
     w.start_epoch = int(restored["state"]["epoch"]) + 1
     if w.rank == 0:
-        print(f"[kd] resumed from checkpoint at epoch {w.start_epoch}", flush=True)
+        print(f"[kd] resumed from the epoch {w.start_epoch} checkpoint: continuing with epoch "
+              f"{w.start_epoch + 1}/{w.exp.trainer.epochs}", flush=True)
 
 
 def _train_epoch(w: Worker, train_ds: Any, epoch: int, global_step: int) -> tuple[EpochSums, int]:
