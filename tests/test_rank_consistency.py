@@ -100,7 +100,7 @@ def _broadcast_and_check(rank: int, world: int, tmp: Path) -> None:
     m = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
     with pytest.raises(RuntimeError, match=r"ranks disagree .* at start: rank\(s\) \[1\]"):
         check_ranks_agree([m], world, "at start")
-    broadcast_state([m], world)
+    broadcast_state([m], world, torch.device("cpu"))
     check_ranks_agree([m], world, "after broadcast")
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))

@@ -46,13 +46,17 @@ def replicated(trainee: nn.Module, loss: nn.Module) -> list[nn.Module]:
     return [loss] if is_fsdp(trainee) else [trainee, loss]
 
 
-def broadcast_state(modules: list[nn.Module], world: int) -> None:
-    """Overwrite every rank's parameters and buffers with rank 0's (in place)."""
+def broadcast_state(modules: list[nn.Module], world: int, device: torch.device) -> None:
+    """Overwrite every rank's parameters and buffers with rank 0's (in place). Each
+    tensor travels through ``device`` (NCCL broadcasts only CUDA tensors)."""
     if not distributed(world):
         return
     with torch.no_grad():
         for t in _tensors(modules):
-            torch.distributed.broadcast(t.data, src=0)
+            buf = t.data.to(device)
+            torch.distributed.broadcast(buf, src=0)
+            if buf is not t.data:
+                t.data.copy_(buf)
 
 
 def state_checksum(modules: list[nn.Module]) -> list[float]:
@@ -83,8 +87,8 @@ def check_ranks_agree(modules: list[nn.Module], world: int, what: str) -> None:
                            f"checksum {[every[r] for r in bad]} vs rank 0 {every[0]}")
 
 
-def decide_restore(candidates: list[Any], fs: Any, rank: int, world: int,
-                   verbose: bool) -> dict[str, Any] | None:
+def decide_restore(candidates: list[Any], fs: Any, rank: int, world: int, verbose: bool,
+                   device: torch.device | None = None) -> dict[str, Any] | None:
     """The checkpoint every rank resumes from, chosen once.
 
     Rank 0 runs `load_latest_good` over ``candidates`` and broadcasts the chosen path
@@ -110,7 +114,7 @@ def decide_restore(candidates: list[Any], fs: Any, rank: int, world: int,
         error = f"rank {rank}: {error}" if error else ""
     elif rank != 0 and status == "error":
         error = value
-    flags = torch.tensor([1.0 if error else 0.0])
+    flags = torch.tensor([1.0 if error else 0.0], device=device)
     torch.distributed.all_reduce(flags)
     if float(flags[0]) > 0:
         reasons: list[Any] = [None] * world

@@ -119,12 +119,12 @@ def _setup(spec: dict[str, Any]) -> Worker:
     asm.loss.to(device)
     fs, run_path = run_location(spec)
     restored = decide_restore(checkpoint_candidates(fs, run_path, ray.train.get_checkpoint()),
-                              fs, rank, world, verbose=rank == 0)
+                              fs, rank, world, verbose=rank == 0, device=device)
     if restored is not None:
         asm.trainee.load_state_dict(restored["model"])
         if restored["loss"] is not None:
             asm.loss.load_state_dict(restored["loss"])
-    broadcast_state([asm.trainee, asm.loss], world)
+    broadcast_state([asm.trainee, asm.loss], world, device)
     torch.manual_seed(exp.seed + rank)  # per rank from here: data order, augmentation
     np.random.seed(exp.seed + rank)
     # The optimizer is built after wrapping: FSDP2 replaces parameters with DTensors.
