@@ -58,9 +58,6 @@ QUIET = {
     "ray.data": logging.WARNING,  # "Starting execution of Dataset ..." for every epoch
     # Without the dashboard the state API is absent, and the cleaner warns every second.
     "ray.train.v2._internal.execution.controller.placement_group_cleaner": logging.ERROR,
-    # After a worker dies, "Graceful shutdown of backend failed" with the dead actor's whole
-    # traceback; kdflow's FailureNotice prints the one line that matters (kd/train/failures.py).
-    "ray.train.v2._internal.callbacks.backend_setup": logging.ERROR,
 }
 
 

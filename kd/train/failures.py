@@ -11,9 +11,14 @@ the previous one and says so.)
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import ray.train
+
+# Logs "Graceful shutdown of backend failed ..." with the dead actor's whole traceback
+# while the group is torn down after a worker death; the notice says what happened.
+BACKEND_SHUTDOWN_LOGGER = "ray.train.v2._internal.callbacks.backend_setup"
 
 
 def describe(error: Exception) -> str:
@@ -58,6 +63,9 @@ class FailureNotice(ray.train.UserCallback):
         self.failures = 0
 
     def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        # Runs in the controller before it shuts the failed group down; Ray Train sets up
+        # the controller's logging itself, so the level is lowered here, not in a setup hook.
+        logging.getLogger(BACKEND_SHUTDOWN_LOGGER).setLevel(logging.ERROR)
         self.failures += 1
         ranks = sorted(worker_exceptions)
         who = ", ".join(f"rank {r} ({describe(worker_exceptions[r])})" for r in ranks)
