@@ -148,7 +148,6 @@ class TrainerConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     grad_clip: float | None = Field(None, gt=0)
     max_failures: int = Field(0, ge=0)
-    fail_at_step: int | None = Field(None, ge=0, description="fault injection for tests")
 
 
 class CheckpointConfig(Strict):

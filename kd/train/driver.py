@@ -46,8 +46,6 @@ def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
     if exp.teacher is not None and exp.teacher.shard and exp.scaling.strategy != "fsdp":
         raise InputError("teacher.shard: sharding the teacher needs scaling.strategy: fsdp "
                          "(with ddp every worker holds a replica)")
-    if exp.trainer.fail_at_step is not None and exp.trainer.max_failures < 1:
-        raise InputError("trainer.fail_at_step kills a worker: set trainer.max_failures >= 1")
     check_label_use(exp, role, splits)
     check_output_is_not_a_teacher(exp, role)
     build_transforms(exp.data.transforms, splits.input_shape,
@@ -103,6 +101,7 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
     from ray.train.torch import TorchTrainer
 
     from kd import storage
+    from kd.train.failures import FailureNotice
 
     fs, storage_path = storage.arrow_fs(exp.storage.path, exp.storage.endpoint_url)
     spec = {
@@ -128,7 +127,8 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
             failure_config=ray.train.FailureConfig(max_failures=exp.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=exp.checkpoint.keep),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            callbacks=callbacks),
+            callbacks=[*(callbacks or []), FailureNotice(
+                exp.trainer.max_failures, fs, f"{storage_path}/{run_name}", exp.trainer.epochs)]),
         datasets={"train": to_ray(splits.train, extra_train_columns), "val": to_ray(splits.val)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
