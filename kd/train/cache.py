@@ -66,12 +66,14 @@ def requested_outputs(exp: Experiment) -> list[str]:
 
 
 def teacher_sha256(exp: Experiment) -> str:
-    """sha256 of the primary teacher's weights file (downloaded first for URIs)."""
-    from kd.models.weights import resolve
+    """sha256 of the primary teacher's weights file (`kd.train.lineage.teacher_sha`);
+    an error without teacher weights."""
+    from kd.train.lineage import teacher_sha
 
-    if exp.teacher is None or not exp.teacher.weights:
+    sha = teacher_sha(exp)
+    if not sha:
         raise InputError("teacher.weights: required to cache teacher outputs")
-    return storage.sha256_file(resolve(exp.teacher.weights))
+    return sha
 
 
 def key_facts(exp: Experiment, splits: Splits) -> dict[str, Any]:

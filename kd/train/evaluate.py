@@ -50,14 +50,6 @@ def confusion_counts(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> n
     return counts.reshape(num_classes, num_classes).numpy().astype(np.int64)
 
 
-def holdout_confusion(model: nn.Module, x: np.ndarray, y: np.ndarray,
-                      num_classes: int) -> np.ndarray | None:
-    """`confusion_counts` of ``model``'s argmax on ``(x, y)``; None when no row is labeled."""
-    if not (np.asarray(y) >= 0).any():
-        return None
-    return confusion_counts(predict_logits(model, x).argmax(1), torch.as_tensor(y), num_classes)
-
-
 def latency_ms(model: nn.Module, sample: torch.Tensor, repeats: int = 30) -> float:
     """Median wall time in ms of one no-grad forward of ``sample`` (after 3 warm-ups)."""
     model.eval()
@@ -76,6 +68,14 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray,
     """Metrics of ``model`` on ``(x, y)`` (labels -1 are skipped for accuracy/ECE):
     ``accuracy``, ``ece``, ``teacher_agreement`` (share of equal argmax, if a teacher
     is given), ``params``, ``size_bytes`` and ``latency_ms`` for one batch."""
+    return evaluate_with_confusion(model, x, y, teacher, None, batch_size)[0]
+
+
+def evaluate_with_confusion(model: nn.Module, x: np.ndarray, y: np.ndarray,
+                            teacher: nn.Module | None, num_classes: int | None,
+                            batch_size: int = 128) -> tuple[dict[str, float], np.ndarray | None]:
+    """`evaluate`'s metrics and, from the same predictions, `confusion_counts` over
+    ``num_classes`` (None without ``num_classes`` or when no row is labeled)."""
     logits = predict_logits(model, x)
     yt = torch.as_tensor(y)
     lab = yt >= 0
@@ -90,4 +90,5 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray,
         out["teacher_agreement"] = float((predict_logits(teacher, x).argmax(1) == pred).float().mean())
     dtype = torch.int64 if np.issubdtype(x.dtype, np.integer) else torch.float32
     out["latency_ms"] = latency_ms(model, torch.as_tensor(x[:batch_size], dtype=dtype))
-    return out
+    counts = confusion_counts(pred, yt, num_classes) if num_classes and lab.any() else None
+    return out, counts

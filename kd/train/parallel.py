@@ -140,8 +140,6 @@ def prepare(model: nn.Module, exp: Experiment, device: torch.device) -> nn.Modul
     return ray.train.torch.prepare_model(model, move_to_device=device)
 
 
-
-
 def lockstep(batches: Iterable[Any], world: int, device: torch.device) -> Iterator[Any]:
     """Yield this rank's batches, then None, until every rank's are exhausted: before
     each item the ranks all-reduce (max) whether any still has one, so all ranks run the

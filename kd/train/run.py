@@ -25,7 +25,7 @@ from kd.models.weights import WEIGHTS_FILE, freeze, load_into, load_state_dict, 
 from kd.runtime import ensure_ray, run_name_from_env
 from kd.train.assemble import Role, build_spec, primary_teacher, trainee_spec
 from kd.train.driver import final_weights_uri, fit, preflight
-from kd.train.evaluate import evaluate, holdout_confusion
+from kd.train.evaluate import evaluate, evaluate_with_confusion
 from kd.train.figures import log_run_figures
 from kd.train.lineage import log_lineage
 from kd.train.semisup import balance_by_teacher
@@ -139,11 +139,11 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
             storage.put(out, weights_uri, exp.storage.endpoint_url)
             tracking.log_artifact(uri, run_id, out, "weights")
         teacher = primary_teacher(exp, splits) if role == "student" else None
-        holdout = evaluate(freeze(model), splits.holdout.x, splits.holdout.y, teacher)
+        holdout, confusion = evaluate_with_confusion(freeze(model), splits.holdout.x,
+                                                     splits.holdout.y, teacher, splits.num_classes)
         tracking.log_metrics(uri, run_id, {f"holdout/{k}": v for k, v in holdout.items()},
                              step=exp.trainer.epochs)
-        log_run_figures(uri, run_id, holdout_confusion(model, splits.holdout.x, splits.holdout.y,
-                                                             splits.num_classes))
+        log_run_figures(uri, run_id, confusion)
         tracking.set_tags(uri, run_id, {"kd.weights_sha256": sha, "kd.weights_uri": weights_uri,
                                         "kd.ray_run_name": name})
         ok = True
