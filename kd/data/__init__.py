@@ -69,7 +69,11 @@ def source_of(cfg: DataConfig, endpoint: str | None = None) -> tuple[Source, str
 
 
 def load_splits(cfg: DataConfig, endpoint: str | None = None) -> Splits:
-    """Manifest, hashed split, one streaming profile and checks (see module docstring)."""
+    """Manifest, hashed split, one streaming profile and checks (see module docstring).
+    Starts (or joins) Ray: the profile is a Ray Data pass."""
+    from kd.runtime import ensure_ray
+
+    ensure_ray()
     src, digest = source_of(cfg, endpoint)
     prof = profile(src)
     where = cfg.source

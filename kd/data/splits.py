@@ -24,6 +24,7 @@ class StreamSplit:
     sources: list[Source]
     counts: SplitCounts
     name: str = "train"
+    maps: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)  # (callable class, kwargs)
 
     def __len__(self) -> int:
         return self.counts.rows
@@ -39,9 +40,14 @@ class StreamSplit:
         return self.counts.top_label
 
     def dataset(self) -> Any:
-        """The lazy Ray Dataset: columns ``x``, ``y``, ``idx`` (the union of sources)."""
+        """The lazy Ray Dataset: columns ``x``, ``y``, ``idx`` (the union of the sources,
+        then ``maps`` applied with ``map_batches`` in order)."""
         parts = [dataset(s) for s in self.sources]
-        return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+        ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+        for fn, kwargs in self.maps:  # e.g. the teacher-balanced resampling (kd.train.semisup)
+            ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs, batch_size=1024,
+                                batch_format="numpy", concurrency=1)
+        return ds
 
     def sample(self, n: int) -> ArraySplit:
         """The first ``n`` rows (fewer if the split is smaller), read through Ray Data."""
