@@ -52,6 +52,14 @@ def _columns(cfg: DataConfig, m: Manifest, builtin_set: bool) -> Columns:
                    cfg.args.get("size"))
 
 
+def _fs(uri: str, endpoint: str | None) -> Any:
+    """The pyarrow filesystem for ``uri`` (S3 with the endpoint and credentials), built
+    here and shipped with the read tasks (`kd.storage.arrow_fs`)."""
+    from kd import storage
+
+    return storage.arrow_fs(uri, endpoint)[0]
+
+
 def source_of(cfg: DataConfig, endpoint: str | None = None) -> tuple[Source, str]:
     """The experiment's main `Source` (split ``all``) and the data hash (the manifest
     digest plus split and label settings, and the transfer set's manifest)."""
@@ -62,7 +70,7 @@ def source_of(cfg: DataConfig, endpoint: str | None = None) -> tuple[Source, str
         m.content_named = True
     s = cfg.split
     src = Source(m, _columns(cfg, m, builtin_set), "all", (s.train, s.val, s.holdout), s.seed,
-                 cfg.labels, cfg.labeled_fraction)
+                 cfg.labels, cfg.labeled_fraction, fs=_fs(uri, endpoint))
     extra = f"{s.model_dump_json()}|{cfg.labels}|{cfg.labeled_fraction}|{cfg.transforms}|" \
             f"{cfg.key_column}|{cfg.x_column}|{cfg.y_column}|{cfg.args}"
     return src, m.digest(extra)
@@ -85,7 +93,8 @@ def load_splits(cfg: DataConfig, endpoint: str | None = None) -> Splits:
     if cfg.transfer:
         t = build_manifest(cfg.transfer, "auto", endpoint)
         tsrc = Source(t, Columns(cfg.x_column, cfg.y_column, None, src.cols.shape,
-                                 src.cols.image_size), "train", unlabeled=True, salt="transfer:")
+                                 src.cols.image_size), "train", unlabeled=True, salt="transfer:",
+                      fs=_fs(cfg.transfer, endpoint))
         tprof = profile(tsrc)
         if tprof.input_shape != prof.input_shape:
             raise InputError(f"data.transfer {cfg.transfer}: input shape {tprof.input_shape} "

@@ -30,12 +30,19 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 @dataclass(frozen=True)
 class FileEntry:
     """One file: its URI, its path relative to the source root (the row key's file part),
-    size in bytes and version (local ``mtime_ns``, S3 ETag)."""
+    size in bytes, version (local ``mtime_ns``, S3 ETag) and modification time in ns
+    (what a reader can compare through a pyarrow filesystem)."""
 
     uri: str
     rel: str
     size: int
     version: str
+    mtime_ns: int = 0
+
+    @property
+    def fs_path(self) -> str:
+        """The path inside the pyarrow filesystem: ``bucket/key`` or the local path."""
+        return self.uri[len("s3://"):] if self.uri.startswith("s3://") else self.uri
 
 
 @dataclass
@@ -72,7 +79,7 @@ class Manifest:
 def _local_entry(path: Path, root: Path) -> FileEntry:
     st = path.stat()
     rel = path.name if path == root else str(path.relative_to(root))
-    return FileEntry(str(path.resolve()), rel, st.st_size, str(st.st_mtime_ns))
+    return FileEntry(str(path.resolve()), rel, st.st_size, str(st.st_mtime_ns), st.st_mtime_ns)
 
 
 def _list_local(source: str) -> tuple[Path, list[Path]]:
@@ -112,7 +119,8 @@ def _list_s3(source: str, endpoint: str | None) -> list[FileEntry]:
     if not objs:
         raise InputError(f"{source}: no such object (nothing under this prefix)")
     return [FileEntry(f"s3://{bucket}/{o['Key']}", o["Key"][len(base):] or Path(o["Key"]).name,
-                      int(o["Size"]), str(o["ETag"]).strip('"'))
+                      int(o["Size"]), str(o["ETag"]).strip('"'),
+                      int(o["LastModified"].timestamp()) * 10**9)
             for o in sorted(objs, key=lambda o: o["Key"])]
 
 
@@ -170,24 +178,21 @@ def build_manifest(source: str, fmt: str = "auto", endpoint: str | None = None) 
     return m
 
 
-def check_unchanged(entry: FileEntry, endpoint: str | None) -> None:
-    """Raise `InputError` naming the file when its size or version (mtime / ETag) is no
-    longer what the manifest recorded: the data changed under the run."""
-    if storage.is_s3(entry.uri):
-        bucket, key = storage.split_s3(entry.uri)
-        try:
-            head = storage.s3_client(endpoint).head_object(Bucket=bucket, Key=key)
-        except Exception as e:  # botocore raises many types; all become one clear line
-            raise InputError(f"{entry.uri}: changed since the manifest was taken "
-                             f"({storage._s3_error(entry.uri, e)})") from None
-        now = (int(head["ContentLength"]), str(head["ETag"]).strip('"'))
-    else:
-        try:
-            st = os.stat(entry.uri)
-        except OSError:
-            raise InputError(f"{entry.uri}: deleted since the manifest was taken") from None
-        now = (st.st_size, str(st.st_mtime_ns))
-    if now != (entry.size, entry.version):
-        raise InputError(f"{entry.uri}: changed since the manifest was taken (size/version "
-                         f"{entry.size}/{entry.version} -> {now[0]}/{now[1]}); restart the run "
+def check_unchanged(entry: FileEntry, fs: Any) -> None:
+    """Raise `InputError` naming the file when its size or modification time is no
+    longer what the manifest recorded: the data changed under the run. Runs in the
+    reading worker through the driver's pyarrow filesystem (whose S3 client does not
+    expose the ETag: every S3 PUT moves Last-Modified, compared at 1 s resolution)."""
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(entry.fs_path)
+    if info.type != pafs.FileType.File:
+        raise InputError(f"{entry.uri}: deleted since the manifest was taken; restart the run "
                          "to take a new manifest")
+    mtime = int(info.mtime_ns or 0)
+    same_time = (mtime // 10**9 == entry.mtime_ns // 10**9 if entry.uri.startswith("s3://")
+                 else mtime == entry.mtime_ns)
+    if info.size != entry.size or not same_time:
+        raise InputError(f"{entry.uri}: changed since the manifest was taken (size "
+                         f"{entry.size} -> {info.size}, mtime_ns {entry.mtime_ns} -> {mtime}); "
+                         "restart the run to take a new manifest")

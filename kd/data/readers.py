@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from kd import storage
 from kd.data.manifest import FileEntry
 from kd.errors import InputError
 
@@ -108,14 +107,13 @@ def _table_chunk(table: Any, cols: Columns, where: str, offset: int) -> Chunk:
     return Chunk(_finish(x, cols, where), y, keys, offset)
 
 
-def read_parquet(entry: FileEntry, cols: Columns, rows: int, endpoint: str | None) -> Iterator[Chunk]:
+def read_parquet(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[Chunk]:
     """Row batches of one parquet file, read by pyarrow in ``rows``-row batches."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs, path = storage.arrow_fs(entry.uri, endpoint)
     try:
-        f = pq.ParquetFile(fs.open_input_file(path))
+        f = pq.ParquetFile(fs.open_input_file(entry.fs_path))
     except Exception as e:
         raise InputError(f"{entry.uri}: not a readable parquet file ({e})") from None
     offset = 0
@@ -124,14 +122,13 @@ def read_parquet(entry: FileEntry, cols: Columns, rows: int, endpoint: str | Non
         offset += batch.num_rows
 
 
-def read_csv(entry: FileEntry, cols: Columns, rows: int, endpoint: str | None) -> Iterator[Chunk]:
+def read_csv(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[Chunk]:
     """One csv file (streamed by pyarrow's reader), ``rows`` at a time."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    fs, path = storage.arrow_fs(entry.uri, endpoint)
     offset = 0
-    with fs.open_input_stream(path) as stream:
+    with fs.open_input_stream(entry.fs_path) as stream:
         reader = pcsv.open_csv(stream, read_options=pcsv.ReadOptions(block_size=1 << 22))
         for batch in reader:
             table = pa.Table.from_batches([batch])
@@ -141,16 +138,22 @@ def read_csv(entry: FileEntry, cols: Columns, rows: int, endpoint: str | None) -
                 offset += part.num_rows
 
 
-def _local_copy(entry: FileEntry, endpoint: str | None) -> str:
-    return str(storage.fetch(entry.uri, endpoint)) if storage.is_s3(entry.uri) else entry.uri
+def _open(entry: FileEntry, fs: Any) -> Any:
+    """A local path, or the S3 object's bytes (one shard / one image) in memory."""
+    import io
+
+    if not entry.uri.startswith("s3://"):
+        return entry.uri
+    with fs.open_input_file(entry.fs_path) as f:
+        return io.BytesIO(f.read())
 
 
-def read_npz(entry: FileEntry, cols: Columns, rows: int, endpoint: str | None) -> Iterator[Chunk]:
+def read_npz(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[Chunk]:
     """One .npz shard (arrays ``x``, optional ``y`` and key; no pickles) or one .npy
     shard (inputs only, unlabeled; memory-mapped when local)."""
-    path = _local_copy(entry, endpoint)
+    path = _open(entry, fs)
     if entry.rel.lower().endswith(".npy"):
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
+        x = np.load(path, mmap_mode="r" if isinstance(path, str) else None, allow_pickle=False)
         y, keys = np.full(len(x), UNLABELED, np.int64), None
     else:
         with np.load(path, allow_pickle=False) as z:
@@ -169,14 +172,14 @@ def read_npz(entry: FileEntry, cols: Columns, rows: int, endpoint: str | None) -
 
 
 def read_images(entries: list[FileEntry], classes: list[str], cols: Columns,
-                endpoint: str | None) -> Iterator[Chunk]:
+                fs: Any) -> Iterator[Chunk]:
     """A chunk of ``root/<class>/<image>`` files: RGB, channels first, pixels in [0, 1],
     resized to ``image_size`` when set; label = the class folder's sorted position."""
     from PIL import Image
 
     xs, ys = [], []
     for e in entries:
-        img = Image.open(_local_copy(e, endpoint)).convert("RGB")
+        img = Image.open(_open(e, fs)).convert("RGB")
         if cols.image_size:
             img = img.resize((cols.image_size, cols.image_size))
         xs.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)

@@ -82,6 +82,7 @@ class Source:
     labeled_fraction: float | None = None
     unlabeled: bool = False
     salt: str = ""
+    fs: Any = None  # the pyarrow filesystem the read tasks use (built in the driver)
 
     def with_split(self, split: str) -> Source:
         """The same source, one split of it."""
@@ -122,14 +123,19 @@ def to_block(src: Source, chunk: Chunk, file_rel: str) -> Any:
 
 def _read_file(src: Source, files: list[Any]) -> Iterator[Any]:
     m = src.manifest
+    fs = src.fs
+    if fs is None:
+        import pyarrow.fs as pafs
+
+        fs = pafs.LocalFileSystem()
     for f in files:
-        check_unchanged(f, m.endpoint)
+        check_unchanged(f, fs)
     if m.fmt == "imagefolder":
-        for c in read_images(files, m.classes, src.cols, m.endpoint):
+        for c in read_images(files, m.classes, src.cols, fs):
             yield to_block(src, c, "")  # an image's key is its path under the root
         return
     reader = {"parquet": read_parquet, "csv": read_csv, "npz": read_npz, "npy": read_npz}[m.fmt]
-    for c in reader(files[0], src.cols, BLOCK_ROWS, m.endpoint):
+    for c in reader(files[0], src.cols, BLOCK_ROWS, fs):
         block = to_block(src, c, files[0].rel)
         if block.num_rows:
             yield block
