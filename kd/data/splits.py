@@ -54,7 +54,7 @@ class StreamSplit:
         if n <= 0 or not len(self):
             return ArraySplit(np.zeros((0,)), np.zeros(0, np.int64))
         batch = self.dataset().limit(n).take_batch(n, batch_format="numpy")
-        return ArraySplit(np.asarray(batch["x"]), np.asarray(batch["y"], np.int64),
+        return ArraySplit(np.array(batch["x"]), np.array(batch["y"], np.int64),
                           np.asarray(batch["idx"], np.int64))
 
 
