@@ -81,8 +81,8 @@ def load_splits(cfg: DataConfig, endpoint: str | None = None) -> Splits:
     Starts (or joins) Ray: the profile is a Ray Data pass."""
     from kd.runtime import ensure_ray
 
+    src, digest = source_of(cfg, endpoint)  # a missing file or object fails here, before Ray
     ensure_ray()
-    src, digest = source_of(cfg, endpoint)
     prof = profile(src)
     where = cfg.source
     num_classes = resolve_classes(prof, cfg.args.get("num_classes"), src.manifest.metadata, where)
@@ -92,8 +92,10 @@ def load_splits(cfg: DataConfig, endpoint: str | None = None) -> Splits:
     manifest = src.manifest.to_json()
     if cfg.transfer:
         t = build_manifest(cfg.transfer, "auto", endpoint)
-        tsrc = Source(t, Columns(cfg.x_column, cfg.y_column, None, src.cols.shape,
-                                 src.cols.image_size), "train", unlabeled=True, salt="transfer:",
+        shape = cfg.args.get("shape")
+        tcols = Columns(cfg.x_column, cfg.y_column, None,
+                        tuple(shape) if shape is not None else None, src.cols.image_size)
+        tsrc = Source(t, tcols, "train", unlabeled=True, salt="transfer:",
                       fs=_fs(cfg.transfer, endpoint))
         tprof = profile(tsrc)
         if tprof.input_shape != prof.input_shape:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kd.data.stream import SPLITS, Source, dataset
+from kd.data.stream import SPLITS, Source, dataset, input_errors
 from kd.errors import InputError
 
 MAX_CLASSES = 1 << 20
@@ -67,7 +67,7 @@ def profile(src: Source) -> Profile:
     dtypes: set[str] = set()
     counted = dataset(src.with_split("all")).map_batches(_batch_counts, batch_format="numpy",
                                                          batch_size=None)
-    for row in counted.iter_rows():
+    for row in input_errors(counted.iter_rows()):
         shapes.add(str(row["shape"]))
         dtypes.add(str(row["dtype"]))
         for name, text in zip(SPLITS, json.loads(str(row["counts"])), strict=True):
@@ -95,13 +95,13 @@ def resolve_classes(p: Profile, declared: int | None, metadata: dict[str, str], 
     top = max(c.top_label for c in p.splits.values())
     given, where = declared, "data.args.num_classes"
     if given is None and "kd.num_classes" in metadata:
-        given, where = int(metadata["kd.num_classes"]), f"{source}: parquet metadata kd.num_classes"
+        given, where = int(metadata["kd.num_classes"]), "parquet metadata kd.num_classes"
     if given is None:
         if top < 0:
             raise InputError(f"{source}: no labels at all; set data.args.num_classes")
         return top + 1
     if top >= given:
-        raise InputError(f"{where} is {given}, but the labels reach {top} (label {top} is "
+        raise InputError(f"{source}: {where} is {given}, but the labels reach {top} (label {top} is "
                          f"outside the class range [0, {given}))")
     return given
 

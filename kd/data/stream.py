@@ -24,6 +24,7 @@ import numpy as np
 
 from kd.data.manifest import Manifest, check_unchanged
 from kd.data.readers import Chunk, Columns, read_csv, read_images, read_npz, read_parquet
+from kd.errors import InputError
 
 SPLITS = ("train", "val", "holdout")
 BLOCK_ROWS = 4096
@@ -166,3 +167,37 @@ def dataset(src: Source) -> Any:
                     for files in _tasks(src)]
 
     return ray.data.read_datasource(_KeyedFiles(), override_num_blocks=len(_tasks(src)))
+
+
+def find_input_error(err: BaseException) -> InputError | None:
+    """The `InputError` a Ray task raised, found in the chain Ray wraps it in (task
+    errors), or in the worker traceback text Ray Data's ``UserCodeException`` carries;
+    None when there is none."""
+    import re
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, InputError) and "\n" not in str(e):
+            return InputError(str(e))
+        found = re.findall(r"InputError: (.+)", str(e))
+        if found:
+            return InputError(found[-1].strip())
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
+
+
+def input_errors(it: Iterator[Any]) -> Iterator[Any]:
+    """Iterate ``it``; a failure that carries an `InputError` is re-raised as that one
+    line (exit 2), anything else as it came."""
+    try:
+        yield from it
+    except Exception as e:
+        found = find_input_error(e)
+        if found is None:
+            raise
+        raise found from None
