@@ -140,6 +140,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "KD_DATA_CACHE": str(data / "builtin"),
            "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
            "AWS_DEFAULT_REGION": "us-east-1"}
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})  # boto3 here too
     import ray  # this process holds the bench's own local Ray head; ray.shutdown() ends it
 
     # The bench's own loopback head; its child drivers join it without a token.
