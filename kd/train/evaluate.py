@@ -121,6 +121,19 @@ def evaluate_stream(model: nn.Module, split: Any, teacher: nn.Module | None,
     return {k: float(v) for k, v in m.items()}, conf
 
 
+def evaluate_with_confusion(model: nn.Module, split: Any, teacher: nn.Module | None = None,
+                            batch_size: int = 128) -> tuple[dict[str, float], np.ndarray]:
+    """`evaluate` of a streamed split plus its confusion matrix (`confusion_counts`,
+    summed over the blocks)."""
+    num_classes = int(predict_logits(model, split.sample(1).x).shape[1]) if len(split) else 1
+    out, conf = evaluate_stream(model, split, teacher, num_classes)
+    out.update(params=float(count_params(model)), size_bytes=float(model_size_bytes(model)))
+    sample = split.sample(batch_size).x
+    dtype = torch.int64 if np.issubdtype(sample.dtype, np.integer) else torch.float32
+    out["latency_ms"] = latency_ms(model, torch.as_tensor(sample, dtype=dtype))
+    return out, conf
+
+
 def evaluate(model: nn.Module, x: Any, y: np.ndarray | None = None,
              teacher: nn.Module | None = None, batch_size: int = 128) -> dict[str, float]:
     """Metrics of ``model`` on ``(x, y)``, or on a streamed split passed as ``x`` (``y``
@@ -128,13 +141,7 @@ def evaluate(model: nn.Module, x: Any, y: np.ndarray | None = None,
     ``accuracy``, ``ece``, ``teacher_agreement`` (share of equal argmax, if a teacher
     is given), ``params``, ``size_bytes`` and ``latency_ms`` for one batch."""
     if hasattr(x, "dataset"):
-        num_classes = int(predict_logits(model, x.sample(1).x).shape[1]) if len(x) else 1
-        out, _ = evaluate_stream(model, x, teacher, num_classes)
-        out.update(params=float(count_params(model)), size_bytes=float(model_size_bytes(model)))
-        sample = x.sample(batch_size).x
-        dtype = torch.int64 if np.issubdtype(sample.dtype, np.integer) else torch.float32
-        out["latency_ms"] = latency_ms(model, torch.as_tensor(sample, dtype=dtype))
-        return out
+        return evaluate_with_confusion(model, x, teacher, batch_size)[0]
     assert y is not None
     logits = predict_logits(model, x)
     yt = torch.as_tensor(y)

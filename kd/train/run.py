@@ -25,7 +25,7 @@ from kd.models.weights import WEIGHTS_FILE, freeze, load_into, load_state_dict, 
 from kd.runtime import ensure_ray, run_name_from_env
 from kd.train.assemble import Role, build_spec, primary_teacher, trainee_spec
 from kd.train.driver import final_weights_uri, fit, preflight
-from kd.train.evaluate import evaluate
+from kd.train.evaluate import evaluate, evaluate_with_confusion
 from kd.train.semisup import balance_by_teacher
 
 
@@ -93,6 +93,14 @@ def _cached_train(exp: Experiment, role: Role, splits: Splits,
     return cache_dataset(cache)
 
 
+def _log_json(uri: str, run_id: str, folder: str, name: str, doc: Any) -> None:
+    """Log ``doc`` as the MLflow artifact ``<folder>/<name>``."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / name
+        path.write_text(json.dumps(doc))
+        tracking.log_artifact(uri, run_id, path, folder)
+
+
 def train_run(exp: Experiment, role: Role, run_name: str | None = None,
               extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None,
               callbacks: list[Any] | None = None) -> RunOutcome:
@@ -136,7 +144,8 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
             storage.put(out, weights_uri, exp.storage.endpoint_url)
             tracking.log_artifact(uri, run_id, out, "weights")
         teacher = primary_teacher(exp, splits) if role == "student" else None
-        holdout = evaluate(freeze(model), splits.holdout, teacher=teacher)
+        holdout, confusion = evaluate_with_confusion(freeze(model), splits.holdout, teacher)
+        _log_json(uri, run_id, "holdout", "confusion.json", confusion.tolist())
         tracking.log_metrics(uri, run_id, {f"holdout/{k}": v for k, v in holdout.items()},
                              step=exp.trainer.epochs)
         tracking.set_tags(uri, run_id, {"kd.weights_sha256": sha, "kd.weights_uri": weights_uri,
