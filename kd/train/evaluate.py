@@ -94,7 +94,7 @@ class _Scorer:
         x = np.array(batch["x"])  # a writable copy of the block's view
         logits = predict_logits(self.model, x)
         tpred = predict_logits(self.teacher, x).argmax(1) if self.teacher is not None else None
-        return batch_scores(logits, torch.as_tensor(batch["y"]), tpred, self.num_classes)
+        return batch_scores(logits, torch.as_tensor(np.array(batch["y"])), tpred, self.num_classes)
 
 
 def evaluate_stream(model: nn.Module, split: Any, teacher: nn.Module | None,
