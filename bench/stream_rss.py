@@ -84,6 +84,9 @@ def run_once(source: str, work: Path) -> dict[str, float]:
                if line.startswith("VmHWM:"))
     return {"peak_rss_mb": hwm / 1e6, "sampled_rss_mb": peak["rss"] / 1e6, "wall_s": wall,
             "samples_per_s": float(out.metrics.get("samples_per_s", float("nan"))),
+            "train_rows_seen": float(out.metrics.get("train/labeled_samples", 0.0))
+            + float(out.metrics.get("train/unlabeled_samples", 0.0)),
+            "val_rows": float(out.metrics.get("val/samples", float("nan"))),
             "holdout_accuracy": out.holdout["accuracy"]}
 
 
@@ -128,7 +131,12 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None, help="where to write the parquet (default /tmp)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the RESULTS.md section from bench/results/stream_rss.json")
     a = ap.parse_args()
+    if a.report_only:
+        report(json.loads((REPO / "bench" / "results" / "stream_rss.json").read_text())["rows"])
+        return
     if a.child:
         print("RESULT " + json.dumps(run_once(a.child, Path(a.work))), flush=True)
         return
@@ -189,11 +197,11 @@ def report(rows: list[dict[str, object]]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"rows": rows, "cpus": os.cpu_count(),
                                "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=1))
-    lines = ["| store | parquet MB | rows | driver peak RSS MB | train samples/s | wall s | holdout acc |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['store']} | {r['size_mb']} | {r['rows']} | {r['peak_rss_mb']:.0f} | "
-              f"{r['samples_per_s']:.0f} | {r['wall_s']:.0f} | {r['holdout_accuracy']:.3f} |"
-              for r in rows]
+    lines = ["| store | parquet MB | rows | train rows seen | driver peak RSS MB | train samples/s "
+             "| wall s | holdout acc |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['store']} | {r['size_mb']} | {r['rows']} | {r['train_rows_seen']:.0f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['samples_per_s']:.0f} | {r['wall_s']:.0f} | "
+              f"{r['holdout_accuracy']:.4f} |" for r in rows]
     table = "\n".join(lines)
     print(table)
     spread = {k: [r["peak_rss_mb"] for r in rows if r["store"] == k] for k in ("local", "s3")}
@@ -203,7 +211,15 @@ def report(rows: list[dict[str, object]]) -> None:
         "`python bench/stream_rss.py` (one fresh driver per size, 1 epoch, mlp [64] on 256 "
         "float features, `scaling.num_workers: 1`, against one running local Ray head; "
         "S3 = moto_server, in memory). Peak RSS = the driver's VmHWM.\n\n"
-        f"{table}\n\n{notes}. Raw: bench/results/stream_rss.json."))
+        f"{table}\n\n{notes}. Raw: bench/results/stream_rss.json.\n\n"
+        "Reading it: the driver holds the manifest, per-batch counts and a 4-row sample, "
+        "never the rows, so its peak does not grow with the data; the S3 driver's is ~30 MB "
+        "higher (boto3 and pyarrow's S3 client loaded), and flat too. `train rows seen` is "
+        "the epoch's labeled + unlabeled train samples (60% of the rows: every row was "
+        "streamed). Samples/s is the epoch's train rows over its train time, which includes "
+        "filling the pipeline: on 58k rows that start dominates, so it grows with size. "
+        "2 shared CPUs; local data is in the page cache after writing; moto_server keeps "
+        "objects in memory and serves them slower than a disk."))
 
 
 if __name__ == "__main__":
