@@ -220,3 +220,11 @@ def test_ray_dataset_columns() -> None:
     assert tuple(batch["x"].shape[1:]) == s.input_shape
     idx = batch["idx"].numpy()
     assert len(set(idx.tolist())) == len(s.train) and (split_of(idx, (0.6, 0.2, 0.2), 0) == 0).all()
+
+
+def test_stratify_is_refused_with_the_reason() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="stratification was removed: the split hashes each row's key"):
+        DataConfig(split={"stratify": True})
+    assert DataConfig(split={"stratify": False}).split.stratify is False
