@@ -189,3 +189,27 @@ def read_images(entries: list[FileEntry], classes: list[str], cols: Columns,
                          f"{sorted({x.shape for x in xs})}; set data.args.size")
     keys = np.asarray([e.rel for e in entries], dtype=object)
     yield Chunk(_finish(np.stack(xs), cols, entries[0].uri), np.asarray(ys, np.int64), keys, 0)
+
+
+def read_local_file(path: str, cols: Columns | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """All rows of one local .npz / .npy / .parquet / .csv file, in file order, read in
+    this process: for `kd predict`'s input file, whose predictions are kept in memory
+    and written in the same order anyway. Training data never comes through here."""
+    import os
+
+    import pyarrow.fs as pafs
+
+    from kd.data.manifest import SUFFIX_FORMATS
+
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    fmt = SUFFIX_FORMATS.get(os.path.splitext(path)[1].lower())
+    reader = {"parquet": read_parquet, "csv": read_csv, "npz": read_npz, "npy": read_npz}.get(fmt or "")
+    if reader is None:
+        raise InputError(f"{path}: expected one of {', '.join(SUFFIX_FORMATS)}")
+    st = os.stat(path)
+    entry = FileEntry(os.path.abspath(path), os.path.basename(path), st.st_size, str(st.st_mtime_ns))
+    chunks = list(reader(entry, cols or Columns(), 65_536, pafs.LocalFileSystem()))
+    if not chunks:
+        raise InputError(f"{path}: no rows")
+    return np.concatenate([c.x for c in chunks]), np.concatenate([c.y for c in chunks])
