@@ -114,13 +114,14 @@ def run_config(c: Any, run_id: str) -> Experiment:
     return load_experiment(path)
 
 
-def teacher_and_holdout(exp: Experiment) -> tuple[Any, np.ndarray, np.ndarray]:
-    """The frozen primary teacher (None without weights) and the holdout split of ``exp``."""
+def teacher_and_holdout(exp: Experiment) -> tuple[Any, Any, None]:
+    """The frozen primary teacher (None without weights) and the streamed holdout split
+    of ``exp`` (`kd.train.evaluate.evaluate` scores it block by block; no labels array)."""
     from kd.data import load_splits
     from kd.train.assemble import primary_teacher
 
     splits = load_splits(exp.data, exp.storage.endpoint_url)
-    return primary_teacher(exp, splits), splits.holdout.x, splits.holdout.y
+    return primary_teacher(exp, splits), splits.holdout, None
 
 
 def register_run(run_id: str, model_name: str | None = None,
@@ -149,8 +150,8 @@ def register_run(run_id: str, model_name: str | None = None,
                                                   "trainer", "data"})
     card = model_card.render(name, student_m, teacher_m, recipe, lineage,
                              write_curves(c, run_id, work / "plots"))
-    integer = np.issubdtype(hx.dtype, np.integer)
-    example = np.asarray(hx[:4]).astype(np.int64 if integer else np.float32)
+    hx4 = hx.sample(4).x  # a bounded sample of the streamed holdout
+    example = np.asarray(hx4).astype(np.int64 if np.issubdtype(hx4.dtype, np.integer) else np.float32)
     from mlflow.models import Model
 
     try:
