@@ -36,8 +36,18 @@ class SplitConfig(Strict):
     train: float = Field(0.6, gt=0, lt=1)
     val: float = Field(0.2, gt=0, lt=1)
     holdout: float = Field(0.2, ge=0, lt=1)
-    stratify: bool = True
+    stratify: bool = Field(False, description="removed: the split hashes each row's key "
+                           "(docs/data.md); only false is accepted")
     seed: int = 0
+
+    @field_validator("stratify")
+    @classmethod
+    def _no_stratify(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("stratification was removed: the split hashes each row's key "
+                             "against the fractions, with no pass over the data (docs/data.md); "
+                             "drop stratify")
+        return v
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
@@ -55,6 +65,8 @@ class DataConfig(Strict):
     args: dict[str, Any] = Field(default_factory=dict)
     x_column: str = "x"
     y_column: str = "y"
+    key_column: str | None = Field(None, description="a column (array in npz) of unique row "
+                                   "ids: the row key; default: file path + row number")
     split: SplitConfig = Field(default_factory=SplitConfig)
     transforms: list[str] = Field(default_factory=list, description="training-time random "
                                   "augmentations: random_flip, random_crop, gaussian_noise")
@@ -148,7 +160,6 @@ class TrainerConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     grad_clip: float | None = Field(None, gt=0)
     max_failures: int = Field(0, ge=0)
-    fail_at_step: int | None = Field(None, ge=0, description="fault injection for tests")
 
 
 class CheckpointConfig(Strict):

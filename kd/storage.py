@@ -1,8 +1,21 @@
 """Local and S3 paths: fetch a file, write a file atomically, join URIs.
 
-S3 access uses boto3 with the standard AWS credential chain; an S3-compatible
-endpoint comes from ``storage.endpoint_url`` or ``AWS_ENDPOINT_URL_S3`` /
-``AWS_ENDPOINT_URL``. Every failure is an `InputError` naming the URI.
+S3 access uses the standard AWS credential chain, and keeps no frozen copy of what
+it resolves, so short-lived credentials (STS, IRSA web identity, instance or container
+roles, a ``credential_process``) refresh during a long run:
+
+- boto3 clients are built lazily, one per process and credential source
+  (`s3_client`); botocore refreshes their credentials before they expire.
+- pyarrow ``S3FileSystem`` objects (Ray Train checkpoints, the teacher cache) get no
+  keys when the chain's credentials are refreshable: pyarrow (the AWS C++ SDK's default
+  chain: environment, config/credentials files incl. ``credential_process``, web
+  identity, SSO, container and instance roles) resolves and refreshes them in each
+  process, and a filesystem pickled into a Ray worker re-resolves them there. Only
+  static keys (environment variables or a credentials file, which cannot refresh) are
+  passed explicitly, so workers without the driver's environment still reach the store.
+
+An S3-compatible endpoint comes from ``storage.endpoint_url`` or ``AWS_ENDPOINT_URL_S3``
+/ ``AWS_ENDPOINT_URL``. Every failure is an `InputError` naming the URI.
 """
 
 from __future__ import annotations
@@ -33,14 +46,38 @@ def endpoint_url(explicit: str | None = None) -> str | None:
     return explicit or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
 
 
-def s3_client(endpoint: str | None = None):  # noqa: ANN201 - boto3 client type is dynamic
-    """A boto3 S3 client with bounded retries and connect timeouts."""
+# The environment variables that choose where the AWS chain finds credentials.
+CHAIN_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+             "AWS_DEFAULT_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+             "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+             "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+# botocore's names for credentials that cannot refresh (``Credentials.method``).
+STATIC_METHODS = frozenset({"env", "shared-credentials-file", "config-file", "explicit",
+                            "boto-config"})
+_CLIENTS: dict[tuple, Any] = {}
+
+
+def _chain_key(kind: str, endpoint: str | None) -> tuple:
+    """Cache key of a client: process, kind, endpoint and the chain's environment (a
+    forked worker or a changed AWS environment gets a client of its own)."""
+    return (os.getpid(), kind, endpoint, tuple(os.environ.get(k) for k in CHAIN_ENV))
+
+
+def s3_client(endpoint: str | None = None, attempts: int = 3):  # noqa: ANN201 - boto3 type is dynamic
+    """A boto3 S3 client with bounded retries and connect timeouts, built once per process
+    and credential source. Its credentials come from a session of its own, which refreshes
+    expiring ones (botocore's ``RefreshableCredentials``); nothing is frozen here."""
     import boto3
     from botocore.config import Config
 
-    cfg = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5,
-                 read_timeout=30)
-    return boto3.client("s3", endpoint_url=endpoint_url(endpoint), config=cfg)
+    ep = endpoint_url(endpoint)
+    key = _chain_key(f"s3-{attempts}", ep)
+    if key not in _CLIENTS:
+        cfg = Config(retries={"max_attempts": attempts, "mode": "standard"},
+                     connect_timeout=5 if attempts > 1 else 3,
+                     read_timeout=30 if attempts > 1 else 10)
+        _CLIENTS[key] = boto3.session.Session().client("s3", endpoint_url=ep, config=cfg)
+    return _CLIENTS[key]
 
 
 def _s3_error(uri: str, err: Exception) -> InputError:
@@ -127,12 +164,24 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _frozen_credentials() -> tuple[str, str, str | None] | None:
-    """(access key, secret key, session token) from the standard AWS chain, or None."""
+def _credentials() -> Any:
+    """The AWS chain's credentials object (botocore ``Credentials`` or its refreshable
+    subclass), or None when the chain finds none. Nothing is frozen."""
     import boto3
 
-    creds = boto3.Session().get_credentials()
-    if creds is None:
+    return boto3.session.Session().get_credentials()
+
+
+def static_credentials() -> tuple[str, str, str | None] | None:
+    """``(access key, secret key, session token)`` when the chain's credentials are static
+    (environment variables, a credentials/config file with keys): they cannot refresh, so
+    handing them on loses nothing. None for refreshable credentials (STS, web identity,
+    ``credential_process``, instance or container role) or none at all."""
+    from botocore.credentials import RefreshableCredentials
+
+    creds = _credentials()
+    if creds is None or isinstance(creds, RefreshableCredentials) \
+            or creds.method not in STATIC_METHODS:
         return None
     f = creds.get_frozen_credentials()
     return f.access_key, f.secret_key, f.token
@@ -143,9 +192,10 @@ def arrow_fs(uri: str, endpoint: str | None = None) -> tuple[Any, str]:
     the absolute path, or an ``S3FileSystem`` and ``bucket/prefix``.
 
     The S3 filesystem carries the endpoint override (``storage.endpoint_url`` /
-    ``AWS_ENDPOINT_URL_S3``; scheme and host:port split as pyarrow wants them) and
-    the credentials resolved here by boto3's chain, so Ray workers started before
-    the AWS environment was set (or on other nodes) see the same store.
+    ``AWS_ENDPOINT_URL_S3``; scheme and host:port split as pyarrow wants them). It
+    carries keys only when the chain's are static (`static_credentials`); otherwise
+    pyarrow's own chain resolves and refreshes them in every process that uses it, a
+    Ray worker that unpickled it included (see the module docstring).
     """
     import pyarrow.fs as pafs
 
@@ -162,7 +212,7 @@ def arrow_fs(uri: str, endpoint: str | None = None) -> tuple[Any, str]:
         parsed = urlparse(ep if "://" in ep else f"https://{ep}")
         kwargs.update(endpoint_override=parsed.netloc + parsed.path.rstrip("/"),
                       scheme=parsed.scheme)
-    creds = _frozen_credentials()
+    creds = static_credentials()
     if creds is not None:
         kwargs.update(access_key=creds[0], secret_key=creds[1], session_token=creds[2])
     return pafs.S3FileSystem(**kwargs), "/".join(p for p in (bucket, key.strip("/")) if p)
@@ -186,18 +236,14 @@ def check_writable(uri: str, endpoint: str | None = None) -> None:
     bucket, _ = split_s3(uri)
     if not bucket:
         raise InputError(f"{where}: expected s3://bucket/prefix")
-    if _frozen_credentials() is None:
+    if _credentials() is None:
         raise InputError(f"{where}: no AWS credentials found (set AWS_ACCESS_KEY_ID/"
                          "AWS_SECRET_ACCESS_KEY, AWS_PROFILE or an instance role)")
-    import boto3
-    from botocore.config import Config
     from botocore.exceptions import ClientError
 
-    cfg = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=3,
-                 read_timeout=10)
     ep = endpoint_url(endpoint)
     try:
-        boto3.client("s3", endpoint_url=ep, config=cfg).head_bucket(Bucket=bucket)
+        s3_client(ep, attempts=1).head_bucket(Bucket=bucket)
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
         if code in ("404", "NoSuchBucket", "NotFound"):

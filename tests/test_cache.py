@@ -21,6 +21,17 @@ from kd.train.run import train_run
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+def _cached_rows(cache) -> dict:  # noqa: ANN001 - a TeacherCache
+    """Every row of a (small) cache, streamed back with `cache_dataset`."""
+    from kd.train.cache import cache_dataset
+
+    return cache_dataset(cache).take_batch(100_000, batch_format="numpy")
+
+
+def _train_idx(splits) -> list[int]:  # noqa: ANN001 - Splits
+    return splits.train.dataset().take_batch(100_000, batch_format="numpy")["idx"].tolist()
+
+
 def _exp(workdir: Path, teacher: str, *more: str):
     return load_experiment(CONFIGS / "digits-kd.yaml", [
         f"teacher.weights={teacher}", "teacher.cache=true", f"storage.path={workdir / 'runs'}",
@@ -98,15 +109,14 @@ def test_feature_outputs_are_cached(workdir: Path, digits_teacher: str) -> None:
                "student: block2, teacher: block2}]")
     splits = load_splits(exp.data)
     cache = ensure_cache(exp, splits)
-    from kd.train.cache import load_columns
-
-    cols = load_columns(cache, len(splits.train))
-    assert set(cols) == {"teacher_logits", "teacher_feature:block2"}
+    cols = _cached_rows(cache)
+    assert set(cols) == {"x", "y", "idx", "teacher_logits", "teacher_feature:block2"}
+    assert sorted(cols["idx"].tolist()) == sorted(_train_idx(splits))  # the train rows, once each
     from kd.train.run import primary_teacher
 
     teacher = primary_teacher(exp, splits)
     with torch.no_grad():
-        logits = teacher(torch.as_tensor(splits.train.x[:5]))
+        logits = teacher(torch.as_tensor(cols["x"][:5]))
     assert torch.allclose(torch.as_tensor(cols["teacher_logits"][:5]), logits, atol=1e-5)
     assert cols["teacher_feature:block2"].shape[1] == 64
 
@@ -114,14 +124,13 @@ def test_feature_outputs_are_cached(workdir: Path, digits_teacher: str) -> None:
 def test_top_k_cache_trains_without_teacher(workdir: Path, digits_teacher: str) -> None:
     """``teacher.cache_top_k``: only k logits per row are stored (another key); the
     loop rebuilds dense logits whose softmax is the teacher's renormalised top k."""
-    from kd.train.cache import load_columns
     from kd.train.columns import dense_from_topk
 
     exp = _exp(workdir, digits_teacher, "teacher.cache_top_k=3")
     splits = load_splits(exp.data)
     cache = ensure_cache(exp, splits)
-    cols = load_columns(cache, len(splits.train))
-    assert set(cols) == {"teacher_topk_values", "teacher_topk_indices"}
+    cols = _cached_rows(cache)
+    assert set(cols) == {"x", "y", "idx", "teacher_topk_values", "teacher_topk_indices"}
     assert cols["teacher_topk_values"].shape == (len(splits.train), 3)
     assert cache.key != ensure_cache(_exp(workdir, digits_teacher), splits).key
     values = torch.tensor([[3.0, 1.0, 0.5]])

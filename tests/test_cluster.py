@@ -1,15 +1,20 @@
 """Ray Train at cluster scale: 2 DDP workers, S3 storage, a killed worker, resume.
 
-One real S3 API server (moto_server), one local Ray. The two fits share one run
-name, so together they prove: metrics over the whole val set with 2 workers, a
-worker killed mid-epoch and the run finishing from the last checkpoint with one
-MLflow run, re-submission resuming (only the new epochs train), and a truncated
-latest checkpoint on S3 making the loader fall back to the previous good one.
+One real S3 API server (moto_server), one local Ray. The fits share one run name, so
+together they prove: metrics over the whole val set with 2 workers, a worker killed
+from outside (``kill -9`` on the PID Ray's actor table gives, once the first
+checkpoint is on S3, so mid-way through a later epoch) and the run finishing from the
+last checkpoint with one MLflow run and kdflow's one-line failure notice,
+re-submission resuming (only the new epochs train), and a truncated latest checkpoint
+on S3 making the loader fall back to the previous good one.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import boto3
@@ -52,24 +57,59 @@ def _mlflow_runs(exp):
     return c.search_runs([e.experiment_id])
 
 
+def _kill_after_first_checkpoint(s3, bucket: str, killed: list[int]) -> threading.Thread:
+    """A thread that waits for ``runs/r1/epoch_00001`` to be complete on S3 (its 3 files
+    uploaded, so epoch 2 is under way), then ``kill -9``s one live Ray Train worker,
+    from outside its process."""
+    from tests.rank_probe import train_worker_pids
+
+    def run() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if s3.list_objects_v2(Bucket=bucket, Prefix="runs/r1/epoch_00001/"
+                                  ).get("KeyCount", 0) >= 3:
+                pids = train_worker_pids()
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed.append(pids[-1])
+                    return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
 @pytest.mark.slow
 def test_two_workers_s3_fault_resume_fallback(ray_session: None, s3_server: str, bucket: str,
                                               workdir: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+                                              capfd: pytest.CaptureFixture[str]) -> None:
     from kd.train.run import train_run
 
     s3 = boto3.client("s3", endpoint_url=s3_server)
-    # Fit 1: 2 DDP workers, grad_accum 2, the last worker killed in epoch 2.
-    steps = -(-1078 // 64)  # micro-batches per epoch per worker
-    exp = _exp(workdir, bucket, fail_at_step=steps + 3, max_failures=1)
+    # Fit 1: 2 DDP workers, grad_accum 2, batch 16: one worker killed (kill -9) in epoch 2.
+    from kd.data import load_splits
+
+    exp = _exp(workdir, bucket, batch_size=16, max_failures=1)
+    splits = load_splits(exp.data)
+    killed: list[int] = []
+    killer = _kill_after_first_checkpoint(s3, bucket, killed)
     out = train_run(exp, "teacher", run_name="r1")
+    killer.join(1)
+    assert killed, "no Ray Train worker was found to kill"
     assert out.metrics["epoch"] == 2
-    assert out.metrics["val/samples"] == 359  # every val row, across both workers
+    assert out.metrics["val/samples"] == len(splits.val)  # every val row, across both workers
     assert out.metrics["val/accuracy"] > 0.5
-    assert s3.get_object(Bucket=bucket, Key="runs/r1/.fault-injected")["Body"].read()
     runs = _mlflow_runs(exp)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert _epochs_logged(exp, out.run_id) == [1, 2]  # epoch 1 not retrained after the kill
+    time.sleep(2)  # Ray forwards the workers' and the controller's lines asynchronously
+    logged = "".join(capfd.readouterr())
+    notice = [ln for ln in logged.splitlines() if "restart 1 of trainer.max_failures 1" in ln]
+    assert len(notice) == 1, logged[-3000:]
+    assert "resuming from epoch 2/2" in notice[0] and "rank " in notice[0], notice
+    kd_lines = "\n".join(ln for ln in logged.splitlines() if "[kd]" in ln)
+    assert "[kd] resumed from the epoch 1 checkpoint: continuing with epoch 2/2" in logged, kd_lines
     assert out.weights == f"s3://{bucket}/runs/cluster/model.safetensors"
     assert s3.head_object(Bucket=bucket, Key="runs/cluster/model.safetensors")["ContentLength"] > 0
 
@@ -98,7 +138,7 @@ def test_two_workers_s3_fault_resume_fallback(ray_session: None, s3_server: str,
     fs, root = storage.arrow_fs(exp.storage.path)
     state = load_latest_good(checkpoint_candidates(fs, f"{root}/r1"), verbose=True)
     assert state is not None and state["state"]["epoch"] + 1 == 3
-    logged = capsys.readouterr().out
+    logged = capfd.readouterr().out
     assert "epoch_00004 unreadable (model.safetensors does not match its manifest" in logged
     assert "fell back to checkpoint" in logged and "epoch_00003" in logged
 

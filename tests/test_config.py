@@ -49,6 +49,8 @@ def test_loss_term_params_are_kept() -> None:
 
 @pytest.mark.parametrize(("override", "expected"), [
     ("trainer.epoch=3", "trainer.epoch: unknown field"),
+    # Fault injection is not part of the schema any more: an old config gets the strict error.
+    ("trainer.fail_at_step=3", "trainer.fail_at_step: unknown field"),
     ("trainer.epochs=many", "trainer.epochs: Input should be a valid integer"),
     ("distill.temperature=-1", "distill.temperature: Input should be greater than 0"),
     ("data.split.train=0.9", "data.split: Value error, train + val + holdout must be 1.0"),

@@ -100,7 +100,7 @@ def trained(tracking: str, ray_session: None,
 def holdout(trained: SimpleNamespace) -> np.ndarray:
     from kd.data import load_splits
 
-    return load_splits(trained.exp.data).holdout.x[:16].reshape(16, -1).astype(np.float32)
+    return load_splits(trained.exp.data).holdout.sample(16).x.reshape(16, -1).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

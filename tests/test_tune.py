@@ -77,7 +77,7 @@ def test_teacher_pruned_init_keeps_important_channels(digits_teacher: str) -> No
     from kd.data import load_splits
 
     splits = load_splits(exp.data)
-    x = torch.as_tensor(splits.val.x[:256])
+    x = torch.as_tensor(splits.val.sample(256).x)
     asm = assemble(exp, "student", splits.input_shape, splits.num_classes, x[:4])
     teacher = primary_teacher(exp, splits)
     s, t = asm.trainee, teacher

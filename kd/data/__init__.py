@@ -1,84 +1,118 @@
-"""Data: built-in sets and user files -> fixed train/val/holdout splits -> Ray Datasets.
+"""Data: built-in sets and user files -> streamed train/val/holdout -> Ray Datasets.
 
-`load_splits` is the one entry: it reads the source, splits it once with a fixed
-seed (stratified), applies label masking (``labeled_fraction``, ``labels: none``),
-appends an unlabeled transfer set to train, and hashes the content for lineage.
+`load_splits` is the one entry. It lists the source into a manifest
+(`kd.data.manifest`, no row read), whose digest is the data hash; the split is a
+hash of each row's key (`kd.data.stream`), fixed without a pass over the data;
+label masking (``labels: none``, ``labeled_fraction``) is by the same hash, and an
+unlabeled transfer set joins train. One streaming aggregate (`kd.data.profile`)
+counts rows and classes per split and checks the labels. Nothing is materialised
+in the driver: each split is read by Ray Data in blocks (`StreamSplit.dataset`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from kd.config import DataConfig
 from kd.data import builtin  # noqa: F401  (registers the built-in sets)
-from kd.data.base import (
-    UNLABELED,
-    ArraySplit,
-    Splits,
-    check_labels,
-    content_hash,
-    mask_labels,
-    three_way_split,
-)
-from kd.data.files import read_source
+from kd.data.base import UNLABELED, ArraySplit
+from kd.data.manifest import Manifest, build_manifest
+from kd.data.profile import SplitCounts, check_split_classes, profile, resolve_classes
+from kd.data.readers import Columns
 from kd.data.registry import DATASETS
+from kd.data.splits import Splits, StreamSplit
+from kd.data.stream import SPLITS, Source
 from kd.errors import InputError
 
-__all__ = ["DATASETS", "ArraySplit", "Splits", "load_splits", "to_ray", "UNLABELED"]
+__all__ = ["DATASETS", "ArraySplit", "Splits", "StreamSplit", "load_splits", "to_ray",
+           "UNLABELED", "source_of"]
 
 
-def _read(cfg: DataConfig, source: str, endpoint: str | None) -> tuple[np.ndarray, np.ndarray]:
-    if source in DATASETS and ":" not in source:
-        try:
-            return DATASETS.get(source)(**cfg.args)
-        except TypeError as e:
-            raise InputError(f"data.args: {e}") from None
-    if ":" in source and "://" not in source:
-        return DATASETS.get(source)(**cfg.args)
-    if "/" not in source and "." not in source:
+def _resolve(cfg: DataConfig) -> tuple[str, bool]:
+    """``(uri, builtin?)``: a built-in name (or ``package.module:fn``) is written once to
+    a local parquet file (`kd.data.builtin.materialise`)."""
+    source = cfg.source
+    if (source in DATASETS and ":" not in source) or (":" in source and "://" not in source):
+        args = {k: v for k, v in cfg.args.items()}
+        return builtin.materialise(source, args), True
+    if "/" not in source and "." not in source and "*" not in source:
         DATASETS.get(source)  # raises "unknown dataset ... did you mean"
-    return read_source(source, cfg.format, cfg.x_column, cfg.y_column, cfg.args, endpoint)
+    return source, False
+
+
+def _columns(cfg: DataConfig, m: Manifest, builtin_set: bool) -> Columns:
+    shape = cfg.args.get("shape")
+    if shape is None and "kd.shape" in m.metadata:
+        import json
+
+        shape = json.loads(m.metadata["kd.shape"])
+    key = None if builtin_set else cfg.key_column
+    return Columns(cfg.x_column, cfg.y_column, key,
+                   tuple(int(d) for d in shape) if shape is not None else None,
+                   cfg.args.get("size"))
+
+
+def _fs(uri: str, endpoint: str | None) -> Any:
+    """The pyarrow filesystem for ``uri`` (S3 with the endpoint and credentials), built
+    here and shipped with the read tasks (`kd.storage.arrow_fs`)."""
+    from kd import storage
+
+    return storage.arrow_fs(uri, endpoint)[0]
+
+
+def source_of(cfg: DataConfig, endpoint: str | None = None) -> tuple[Source, str]:
+    """The experiment's main `Source` (split ``all``) and the data hash (the manifest
+    digest plus split and label settings, and the transfer set's manifest)."""
+    uri, builtin_set = _resolve(cfg)
+    fmt = "parquet" if builtin_set else cfg.format
+    m = build_manifest(uri, fmt, endpoint)
+    if builtin_set:  # content-addressed file: its name is its version
+        m.content_named = True
+    s = cfg.split
+    src = Source(m, _columns(cfg, m, builtin_set), "all", (s.train, s.val, s.holdout), s.seed,
+                 cfg.labels, cfg.labeled_fraction, fs=_fs(uri, endpoint))
+    extra = f"{s.model_dump_json()}|{cfg.labels}|{cfg.labeled_fraction}|{cfg.transforms}|" \
+            f"{cfg.key_column}|{cfg.x_column}|{cfg.y_column}|{cfg.args}"
+    return src, m.digest(extra)
 
 
 def load_splits(cfg: DataConfig, endpoint: str | None = None) -> Splits:
-    """Read, split, mask and hash the experiment's data (see module docstring)."""
-    x, y = _read(cfg, cfg.source, endpoint)
-    if len(x) != len(y):
-        raise InputError(f"{cfg.source}: {len(x)} inputs but {len(y)} labels")
-    num_classes = check_labels(y, cfg.args.get("num_classes"), cfg.source)
-    s = cfg.split
-    train, val, holdout = three_way_split(x, y, (s.train, s.val, s.holdout), s.stratify, s.seed)
-    if cfg.labels == "none":
-        train = ArraySplit(train.x, np.full(len(train), UNLABELED, dtype=np.int64))
-    elif cfg.labeled_fraction is not None and cfg.labeled_fraction < 1:
-        train = mask_labels(train, cfg.labeled_fraction, s.seed)
-    extra = f"{s.model_dump_json()}|{cfg.labels}|{cfg.labeled_fraction}|{cfg.transforms}"
+    """Manifest, hashed split, one streaming profile and checks (see module docstring).
+    Starts (or joins) Ray: the profile is a Ray Data pass."""
+    from kd.runtime import ensure_ray
+
+    src, digest = source_of(cfg, endpoint)  # a missing file or object fails here, before Ray
+    ensure_ray()
+    prof = profile(src)
+    where = cfg.source
+    num_classes = resolve_classes(prof, cfg.args.get("num_classes"), src.manifest.metadata, where)
+    check_split_classes(prof, num_classes, where)
+    train_sources = [src.with_split("train")]
+    train_counts = prof.splits["train"]
+    manifest = src.manifest.to_json()
     if cfg.transfer:
-        tx, _ = read_source(cfg.transfer, "auto", cfg.x_column, cfg.y_column, cfg.args, endpoint)
-        if tx.shape[1:] != train.x.shape[1:]:
-            raise InputError(f"data.transfer {cfg.transfer}: input shape {tuple(tx.shape[1:])} "
-                             f"differs from the labeled set's {tuple(train.x.shape[1:])}")
-        train = ArraySplit(np.concatenate([train.x, tx.astype(train.x.dtype)]),
-                           np.concatenate([train.y, np.full(len(tx), UNLABELED, np.int64)]))
-        extra += f"|transfer={content_hash(tx)}"
-    return Splits(train, val, holdout, num_classes, tuple(int(d) for d in x.shape[1:]),
-                  content_hash(x, y, extra=extra))
+        t = build_manifest(cfg.transfer, "auto", endpoint)
+        shape = cfg.args.get("shape")
+        tcols = Columns(cfg.x_column, cfg.y_column, None,
+                        tuple(shape) if shape is not None else None, src.cols.image_size)
+        tsrc = Source(t, tcols, "train", unlabeled=True, salt="transfer:",
+                      fs=_fs(cfg.transfer, endpoint))
+        tprof = profile(tsrc)
+        if tprof.input_shape != prof.input_shape:
+            raise InputError(f"data.transfer {cfg.transfer}: input shape {tprof.input_shape} "
+                             f"differs from the labeled set's {prof.input_shape}")
+        rows = sum(c.rows for c in tprof.splits.values())
+        train_counts = SplitCounts(train_counts.rows + rows, train_counts.labeled,
+                                   list(train_counts.per_class))
+        train_sources.append(tsrc)
+        digest = Manifest(cfg.source, "", []).digest(f"{digest}|transfer={t.digest()}")
+        manifest["transfer"] = t.to_json()
+    return Splits(StreamSplit(train_sources, train_counts, "train"),
+                  *(StreamSplit([src.with_split(n)], prof.splits[n], n) for n in SPLITS[1:]),
+                  num_classes=num_classes, input_shape=prof.input_shape, data_hash=digest,
+                  input_dtype=prof.input_dtype, manifest=manifest)
 
 
-def to_ray(split: ArraySplit, extra_columns: dict[str, np.ndarray] | None = None) -> Any:
-    """A Ray Dataset with columns ``x`` (tensor), ``y`` (int64, -1 = unlabeled), ``idx``
-    (row index, the join key for cached teacher outputs) and any ``extra_columns``."""
-    import pyarrow as pa
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
-    cols: dict[str, Any] = {
-        "x": ArrowTensorArray.from_numpy(np.ascontiguousarray(split.x)),
-        "y": pa.array(split.y.astype(np.int64)),
-        "idx": pa.array(np.arange(len(split), dtype=np.int64)),
-    }
-    for name, arr in (extra_columns or {}).items():
-        cols[name] = ArrowTensorArray.from_numpy(np.ascontiguousarray(arr))
-    return ray.data.from_arrow(pa.table(cols))
+def to_ray(split: StreamSplit) -> Any:
+    """The split's lazy Ray Dataset (columns ``x``, ``y``, ``idx``)."""
+    return split.dataset()

@@ -1,13 +1,21 @@
 """Built-in data sets: ``digits`` (scikit-learn's real 8x8 digits) and ``synthetic``.
 
 Both return ``(x, y)`` arrays; x is float32 ``[N, 1, 8, 8]`` style images.
+`materialise` writes such a set once to a local parquet file, which then streams
+through the same path as user data.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
 from kd.data.registry import DATASETS
+from kd.errors import InputError
 
 
 @DATASETS.register("digits")
@@ -32,3 +40,37 @@ def synthetic(
     y = rng.integers(0, num_classes, size=n).astype(np.int64)
     x = means[y] + noise * rng.normal(0.0, 1.0, size=(n, *shape)).astype(np.float32)
     return x.astype(np.float32), y
+
+
+def materialise(name: str, args: dict[str, Any]) -> str:
+    """The built-in set ``name(**args)`` as one local parquet file, written once under
+    ``$KD_DATA_CACHE`` (default ``~/.cache/kdflow/datasets``) and named by the arrays'
+    content hash, so it then streams like any user file. Inputs are a flat
+    fixed-size-list column ``x`` with the shape in the schema metadata ``kd.shape``,
+    labels ``y``, the class count in ``kd.num_classes`` when ``num_classes`` is an arg."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kd.data.base import content_hash
+
+    try:
+        x, y = DATASETS.get(name)(**args)
+    except TypeError as e:
+        raise InputError(f"data.args: {e}") from None
+    digest = content_hash(x, y, extra=name)
+    root = Path(os.environ.get("KD_DATA_CACHE") or Path.home() / ".cache" / "kdflow" / "datasets")
+    path = root / f"{name.replace(':', '_').replace('/', '_')}-{digest}.parquet"
+    if path.is_file():
+        return str(path)
+    root.mkdir(parents=True, exist_ok=True)
+    flat = np.ascontiguousarray(x).reshape(len(x), -1)
+    values = pa.array(flat.ravel())
+    meta = {"kd.shape": json.dumps([int(d) for d in x.shape[1:]])}
+    if "num_classes" in args:
+        meta["kd.num_classes"] = str(int(args["num_classes"]))
+    table = pa.table({"x": pa.FixedSizeListArray.from_arrays(values, flat.shape[1]),
+                      "y": pa.array(y.astype(np.int64))}).replace_schema_metadata(meta)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    pq.write_table(table, tmp, row_group_size=4096)
+    os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+    return str(path)

@@ -38,12 +38,12 @@ def load_registered(uri: str) -> StudentModel:
 
 def read_inputs(path: str) -> np.ndarray:
     """Features of an .npz / .parquet / .csv file (see the module docstring)."""
-    from kd.data.files import read_source
+    from kd.data.readers import read_local_file
 
     suffix = Path(path).suffix.lower()
     if suffix not in (".npz", ".parquet", ".csv"):
         raise InputError(f"--input {path}: expected a .npz, .parquet or .csv file")
-    x, _ = read_source(path, "auto", "x", "y", {})
+    x, _ = read_local_file(path)
     return x
 
 

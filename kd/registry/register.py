@@ -14,9 +14,7 @@ Every version gets lineage tags (`LINEAGE_KEYS`) and its weights' sha256.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -33,24 +31,14 @@ from kd.registry import card as model_card
 from kd.registry import loader as serving
 from kd.registry.store import SHA_TAG, explain, registry_client
 from kd.storage import sha256_file
+from kd.train.figures import write_curves
+from kd.train.lineage import git_commit, teacher_sha
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 LINEAGE_KEYS = ("kd.teacher_uri", "kd.teacher_sha256", "kd.data_hash", "kd.config_hash",
                 "kd.git_commit", "kd.kdflow_version", "kd.source_run_id", SHA_TAG)
 SHIPPED = ("errors.py", "plugins.py")  # beside the loader; the families follow in models/
 RECORD = "registration.json"
-
-
-def git_commit() -> str:
-    """``$KD_GIT_COMMIT``, else ``git rev-parse HEAD`` of kdflow's source tree, else 'unknown'."""
-    if os.environ.get("KD_GIT_COMMIT"):
-        return os.environ["KD_GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "-C", str(Path(kd.__file__).parent), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def stage_code(dest: Path) -> Path:
@@ -126,57 +114,14 @@ def run_config(c: Any, run_id: str) -> Experiment:
     return load_experiment(path)
 
 
-def teacher_and_holdout(exp: Experiment) -> tuple[Any, np.ndarray, np.ndarray]:
-    """The frozen primary teacher (None without weights) and the holdout split of ``exp``."""
+def teacher_and_holdout(exp: Experiment) -> tuple[Any, Any, None]:
+    """The frozen primary teacher (None without weights) and the streamed holdout split
+    of ``exp`` (`kd.train.evaluate.evaluate` scores it block by block; no labels array)."""
     from kd.data import load_splits
     from kd.train.assemble import primary_teacher
 
     splits = load_splits(exp.data, exp.storage.endpoint_url)
-    return primary_teacher(exp, splits), splits.holdout.x, splits.holdout.y
-
-
-def teacher_sha(exp: Experiment) -> str:
-    """sha256 of the primary teacher's weights file ('' without a teacher)."""
-    if exp.teacher is None or not exp.teacher.weights:
-        return ""
-    from kd.models.weights import resolve
-
-    return sha256_file(resolve(exp.teacher.weights))
-
-
-CURVES = ("train/loss", "val/loss", "val/accuracy", "val/teacher_agreement")
-
-
-def write_curves(c: Any, run_id: str, dest: Path) -> list[str]:
-    """``dest/curves.png``: the run's per-epoch `CURVES` (one panel each); the names of
-    the plots written (none without matplotlib or metrics)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    series = {}
-    for key in CURVES:
-        try:
-            hist = sorted(c.get_metric_history(run_id, key), key=lambda m: m.step)
-        except Exception:  # metric not logged
-            continue
-        if hist:
-            series[key] = ([m.step for m in hist], [m.value for m in hist])
-    if not series:
-        return []
-    fig, axes = plt.subplots(1, len(series), figsize=(3.2 * len(series), 2.6), squeeze=False)
-    for ax, (key, (steps, values)) in zip(axes[0], series.items(), strict=True):
-        ax.plot(steps, values, marker="o")
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("epoch", fontsize=8)
-    fig.tight_layout()
-    dest.mkdir(parents=True, exist_ok=True)
-    fig.savefig(dest / "curves.png", dpi=80)
-    plt.close(fig)
-    return ["plots/curves.png"]
+    return primary_teacher(exp, splits), splits.holdout, None
 
 
 def register_run(run_id: str, model_name: str | None = None,
@@ -205,8 +150,8 @@ def register_run(run_id: str, model_name: str | None = None,
                                                   "trainer", "data"})
     card = model_card.render(name, student_m, teacher_m, recipe, lineage,
                              write_curves(c, run_id, work / "plots"))
-    integer = np.issubdtype(hx.dtype, np.integer)
-    example = np.asarray(hx[:4]).astype(np.int64 if integer else np.float32)
+    hx4 = hx.sample(4).x  # a bounded sample of the streamed holdout
+    example = np.asarray(hx4).astype(np.int64 if np.issubdtype(hx4.dtype, np.integer) else np.float32)
     from mlflow.models import Model
 
     try:
@@ -266,10 +211,11 @@ def _lineage(exp: Experiment, tags: dict[str, str], meta: dict[str, str], run_id
              sha: str) -> dict[str, str]:
     """The `LINEAGE_KEYS` tags of a new version."""
     return {"kd.teacher_uri": tags.get("kd.teacher_uri", ""),
-            "kd.teacher_sha256": teacher_sha(exp),
+            "kd.teacher_sha256": tags.get("kd.teacher_sha256") or teacher_sha(exp),
             "kd.data_hash": meta.get("kd.data_hash", tags.get("kd.data_hash", "")),
             "kd.config_hash": meta.get("kd.config_hash", tags.get("kd.config_hash", "")),
-            "kd.git_commit": git_commit(), "kd.kdflow_version": kd.__version__,
+            "kd.git_commit": tags.get("kd.git_commit") or git_commit(),
+            "kd.kdflow_version": tags.get("kd.kdflow_version") or kd.__version__,
             "kd.source_run_id": run_id, SHA_TAG: sha}
 
 

@@ -23,14 +23,15 @@ from kd.errors import InputError
 
 def profile(splits: Splits, source: str) -> dict[str, Any]:
     """What the checks compare: hash, samples, schema, labels, per-class counts."""
-    parts = (splits.train, splits.val, splits.holdout)
-    y = np.concatenate([p.y for p in parts])
-    labeled = y[y >= 0]
-    counts = np.bincount(labeled, minlength=splits.num_classes) if labeled.size else np.zeros(0)
-    return {"source": source, "hash": splits.data_hash, "samples": int(len(y)),
-            "labeled": int(labeled.size), "input_shape": list(splits.input_shape),
-            "input_dtype": str(splits.train.x.dtype), "num_classes": int(splits.num_classes),
-            "class_counts": [int(c) for c in counts]}
+    parts = (splits.train, splits.val, splits.holdout)  # counted by the streaming profile
+    counts = np.zeros(splits.num_classes, np.int64)
+    for p in parts:
+        counts[:len(p.counts.per_class)] += np.asarray(p.counts.per_class, np.int64)
+    labeled = int(counts.sum())
+    return {"source": source, "hash": splits.data_hash, "samples": sum(len(p) for p in parts),
+            "labeled": labeled, "input_shape": list(splits.input_shape),
+            "input_dtype": splits.input_dtype, "num_classes": int(splits.num_classes),
+            "class_counts": [int(c) for c in counts] if labeled else []}
 
 
 def _shares(p: dict[str, Any]) -> list[float]:

@@ -4,8 +4,10 @@
 ``map_batches`` (a pool of actors, each holding one frozen teacher; on a GPU when
 ``scaling.use_gpu``; bf16 autocast when ``trainer.precision: bf16``) and writes its
 outputs as parquet under ``<storage.path>/teacher-cache/<key>/``, local or s3://.
-What is stored: ``idx`` (the train row, the join key), ``teacher_logits`` and
-``teacher_feature:<path>`` for every teacher module path a loss term hooks.
+What is stored: the train rows themselves (``x``, ``y``, ``idx``: the row key) next to
+``teacher_logits`` and ``teacher_feature:<path>`` for every teacher module path a loss
+term hooks, so a cached run streams the cache as its train set (`cache_dataset`):
+no join, nothing loaded whole (docs/cache.md says why).
 
 ``key = sha256(teacher weights sha256, teacher architecture, data content hash,
 transforms, outputs requested, precision, format)``: change any of them and the key
@@ -30,13 +32,13 @@ import numpy as np
 
 from kd import storage
 from kd.config import Experiment
-from kd.data import Splits, to_ray
+from kd.data import Splits
 from kd.errors import InputError
 from kd.train.columns import TEACHER_FEATURE, TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
 
 CACHE_DIR = "teacher-cache"
 MARKER = "_SUCCESS"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the rows' inputs and labels are stored with the outputs
 LOGITS = "logits"
 
 
@@ -66,12 +68,14 @@ def requested_outputs(exp: Experiment) -> list[str]:
 
 
 def teacher_sha256(exp: Experiment) -> str:
-    """sha256 of the primary teacher's weights file (downloaded first for URIs)."""
-    from kd.models.weights import resolve
+    """sha256 of the primary teacher's weights file (`kd.train.lineage.teacher_sha`);
+    an error without teacher weights."""
+    from kd.train.lineage import teacher_sha
 
-    if exp.teacher is None or not exp.teacher.weights:
+    sha = teacher_sha(exp)
+    if not sha:
         raise InputError("teacher.weights: required to cache teacher outputs")
-    return storage.sha256_file(resolve(exp.teacher.weights))
+    return sha
 
 
 def key_facts(exp: Experiment, splits: Splits) -> dict[str, Any]:
@@ -144,7 +148,7 @@ def find_cache(exp: Experiment, splits: Splits) -> TeacherCache | None:
 
 class TeacherForward:
     """Ray Data ``map_batches`` callable: one frozen teacher per actor; a numpy batch
-    ``{x, idx, ...}`` -> ``{idx, teacher_logits, teacher_feature:<path>...}`` (float32)."""
+    ``{x, y, idx}`` -> ``{x, y, idx, teacher_logits, teacher_feature:<path>...}``."""
 
     def __init__(self, exp_doc: dict[str, Any], input_shape: list[int], num_classes: int,
                  paths: list[str], top_k: int | None = None) -> None:
@@ -174,7 +178,8 @@ class TeacherForward:
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                              enabled=self.bf16):
             logits = self.model(x)
-        out = {"idx": np.asarray(batch["idx"])}
+        out = {"x": np.asarray(batch["x"]), "y": np.asarray(batch["y"]),
+               "idx": np.asarray(batch["idx"])}
         if self.top_k:
             values, indices = logits.float().topk(self.top_k, dim=1)
             out[TEACHER_TOPK_VALUES] = values.cpu().numpy()
@@ -205,7 +210,7 @@ def compute_cache(exp: Experiment, splits: Splits, batch_size: int = 256) -> Tea
     print(f"[kd] teacher cache: computing {key} ({len(splits.train)} rows, outputs "
           f"{facts['outputs']}, {workers} actor(s){' on GPU' if use_gpu else ''})", flush=True)
     t0 = time.perf_counter()
-    out = to_ray(splits.train).map_batches(
+    out = splits.train.dataset().map_batches(
         TeacherForward,
         fn_constructor_kwargs={"exp_doc": exp.model_dump(mode="json"),
                                "input_shape": list(splits.input_shape),
@@ -241,20 +246,13 @@ def ensure_cache(exp: Experiment, splits: Splits, force: bool = False) -> Teache
     return compute_cache(exp, splits)
 
 
-def load_columns(cache: TeacherCache, train_rows: int) -> dict[str, np.ndarray]:
-    """The cached outputs as arrays in train-row order (``idx`` 0..N-1), ready for
-    `kd.train.driver.fit`'s ``extra_train_columns``; a row count that does not match is an error."""
-    import pyarrow.parquet as pq
-    import ray.data  # noqa: F401  (registers Ray's tensor extension types with pyarrow)
+def cache_dataset(cache: TeacherCache) -> Any:
+    """The cache's rows (``x``, ``y``, ``idx`` and the teacher columns) as a lazy Ray
+    Dataset read block by block from its parquet shards: the train set of a cached run."""
+    import ray.data
 
     fs, path = storage.arrow_fs(cache.data_uri, cache.endpoint)
-    table = pq.read_table(path, filesystem=fs).sort_by("idx")
-    idx = table.column("idx").to_numpy()
-    if len(idx) != train_rows or not np.array_equal(idx, np.arange(train_rows)):
-        raise InputError(f"teacher cache {cache.uri}: holds {len(idx)} rows, the train split "
-                         f"has {train_rows}; delete it to recompute")
-    return {c: np.asarray(table.column(c).combine_chunks().to_numpy())
-            for c in cache.manifest["columns"]}
+    return ray.data.read_parquet(path, filesystem=fs)
 
 
 def cache_teacher(exp: Experiment, force: bool = False) -> TeacherCache:

@@ -38,8 +38,10 @@ def checkpoint_state(trainee: nn.Module, loss: nn.Module,
 
 
 def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], loss: nn.Module,
-                     opt_state: Any, epoch: int, rngs: list[torch.Tensor]) -> None:
-    """Write model, loss adapters and train state, then ``manifest.json`` (size and
+                     opt_state: Any, epoch: int, rngs: list[torch.Tensor],
+                     extra: dict[str, Any] | None = None) -> None:
+    """Write model, loss adapters and train state (plus ``extra``, e.g. the fp16
+    GradScaler's state under ``scaler``), then ``manifest.json`` (size and
     sha256 of each file) LAST: a folder without a matching manifest is incomplete.
     The folder is a private temp dir; Ray copies it into storage and registers it
     only after the copy finished, so a half-written checkpoint is never the latest."""
@@ -49,24 +51,31 @@ def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], loss: nn.M
     if any(True for _ in loss.state_dict()):
         save_weights(loss, path / CKPT_LOSS)
     torch.save({"optimizer": opt_state, "epoch": epoch, "torch_rng": rngs[0],
-                "torch_rng_per_rank": rngs}, path / CKPT_STATE)
+                "torch_rng_per_rank": rngs,
+                **(extra or {})}, path / CKPT_STATE)
     files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
              for f in sorted(path.iterdir()) if f.is_file()}
     (path / CKPT_MANIFEST).write_text(json.dumps({"epoch": epoch + 1, "files": files}))
 
 
+class IncompleteCheckpoint(ValueError):
+    """A checkpoint folder that was never completely written or uploaded (no manifest, or
+    a file the manifest lists is absent): e.g. its writer died during the upload."""
+
+
 def read_checkpoint(d: Path) -> dict[str, Any]:
     """Verify the manifest (every file present, same size and sha256) and load the
-    tensors without unpickling code; raise ValueError naming what is wrong."""
+    tensors without unpickling code; raise ValueError naming what is wrong
+    (`IncompleteCheckpoint` for a folder that was never completed)."""
     from safetensors.torch import load_file
 
     if not (d / CKPT_MANIFEST).exists():
-        raise ValueError("no manifest.json (incomplete checkpoint)")
+        raise IncompleteCheckpoint("no manifest.json (incomplete checkpoint)")
     manifest = json.loads((d / CKPT_MANIFEST).read_text())
     for name, meta in manifest["files"].items():
         f = d / name
         if not f.exists():
-            raise ValueError(f"{name} missing")
+            raise IncompleteCheckpoint(f"{name} missing (incomplete checkpoint)")
         if f.stat().st_size != meta["size"] or sha256_file(f) != meta["sha256"]:
             raise ValueError(f"{name} does not match its manifest (truncated or corrupt)")
     return {"model": load_file(d / WEIGHTS_FILE),
@@ -108,24 +117,29 @@ def prune_checkpoints(fs: Any, run_path: str, keep: int, final: str) -> list[str
 def load_latest_good(candidates: list[Any], verbose: bool) -> dict[str, Any] | None:
     """Load the newest readable checkpoint: one that is corrupt, truncated or
     half-uploaded (its manifest does not match) is skipped, logged, and the
-    previous one tried. None when there are no candidates; RuntimeError when
-    there are some but none is readable."""
-    errors = []
+    previous one tried (its ``path`` is in the result). None when there are no
+    candidates, or only incomplete ones (a writer killed mid-upload: nothing was
+    saved); RuntimeError when a complete one exists but none is readable."""
+    errors, damaged = [], False
     for c in candidates:
         try:
             with c.as_directory() as d:
                 out = read_checkpoint(Path(d))
         except Exception as e:
             errors.append(f"{c.path}: {e}")
+            damaged = damaged or not isinstance(e, IncompleteCheckpoint)
             if verbose:
                 print(f"[kd] checkpoint {c.path} unreadable ({e}); trying the previous one",
                       flush=True)
             continue
         if verbose and errors:
             print(f"[kd] fell back to checkpoint {c.path}", flush=True)
+        out["path"] = c.path
         return out
-    if errors:
+    if damaged:
         raise RuntimeError("no readable checkpoint: " + "; ".join(errors))
+    if verbose and errors:
+        print("[kd] no complete checkpoint: starting from epoch 1", flush=True)
     return None
 
 

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from kd.config import Experiment
-from kd.data import Splits, to_ray
+from kd.data import Splits
 from kd.data.transforms import build_transforms
 from kd.errors import InputError
 from kd.models.weights import WEIGHTS_FILE, resolvers
@@ -46,12 +45,9 @@ def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
     if exp.teacher is not None and exp.teacher.shard and exp.scaling.strategy != "fsdp":
         raise InputError("teacher.shard: sharding the teacher needs scaling.strategy: fsdp "
                          "(with ddp every worker holds a replica)")
-    if exp.trainer.fail_at_step is not None and exp.trainer.max_failures < 1:
-        raise InputError("trainer.fail_at_step kills a worker: set trainer.max_failures >= 1")
     check_label_use(exp, role, splits)
     check_output_is_not_a_teacher(exp, role)
-    build_transforms(exp.data.transforms, splits.input_shape,
-                     bool(np.issubdtype(splits.train.x.dtype, np.integer)))
+    build_transforms(exp.data.transforms, splits.input_shape, splits.integer_inputs)
     from kd import storage
 
     storage.check_writable(exp.storage.path, exp.storage.endpoint_url)
@@ -82,9 +78,9 @@ def check_output_is_not_a_teacher(exp: Experiment, role: Role) -> None:
 
 
 def sample_batch(splits: Splits) -> torch.Tensor:
-    x = splits.train.x[:4]
-    integer = np.issubdtype(x.dtype, np.integer)
-    return torch.as_tensor(x, dtype=torch.int64 if integer else torch.float32)
+    """Four train rows (read through Ray Data: a bounded sample, not the split)."""
+    x = splits.train.sample(4).x
+    return torch.as_tensor(x, dtype=torch.int64 if splits.integer_inputs else torch.float32)
 
 
 def run_dir(exp: Experiment, run_name: str) -> str:
@@ -95,21 +91,25 @@ def run_dir(exp: Experiment, run_name: str) -> str:
 
 
 def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: str,
-        run_name: str, extra_train_columns: dict[str, np.ndarray] | None = None,
+        run_name: str, train_dataset: Any | None = None,
         callbacks: list[Any] | None = None) -> FitResult:
     """Run the loop under a `TorchTrainer` and return the final metrics and checkpoint.
+    ``train_dataset`` replaces the train split's stream (the teacher cache's rows);
+    both datasets stay lazy: Ray Train streams them to the workers (train split
+    across them, val whole, each worker keeping its ``idx % world`` rows).
     A ``run_name`` whose folder already holds checkpoints resumes from the latest."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from kd import storage
+    from kd.train.failures import FailureNotice
 
     fs, storage_path = storage.arrow_fs(exp.storage.path, exp.storage.endpoint_url)
     spec = {
         "exp": exp.model_dump(mode="json"), "role": role, "run_id": run_id,
         "tracking_uri": tracking_uri, "input_shape": list(splits.input_shape),
-        "num_classes": splits.num_classes, "sample": splits.train.x[:4].tolist(),
-        "input_integer": bool(np.issubdtype(splits.train.x.dtype, np.integer)),
+        "num_classes": splits.num_classes, "sample": sample_batch(splits).tolist(),
+        "input_integer": splits.integer_inputs,
         "train_rows": len(splits.train), "run_dir": run_dir(exp, run_name),
         "storage_fs": fs, "run_path": f"{storage_path}/{run_name}",
         "steps_per_epoch": math.ceil(len(splits.train) / max(1, exp.trainer.batch_size)),
@@ -128,8 +128,10 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
             failure_config=ray.train.FailureConfig(max_failures=exp.trainer.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=exp.checkpoint.keep),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            callbacks=callbacks),
-        datasets={"train": to_ray(splits.train, extra_train_columns), "val": to_ray(splits.val)},
+            callbacks=[*(callbacks or []), FailureNotice(
+                exp.trainer.max_failures, fs, f"{storage_path}/{run_name}", exp.trainer.epochs)]),
+        datasets={"train": train_dataset if train_dataset is not None else splits.train.dataset(),
+                  "val": splits.val.dataset()},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()

@@ -1,16 +1,23 @@
 """Model quality and cost on a held-out split: accuracy, teacher agreement,
-calibration (ECE), parameter count, size on disk and latency per batch."""
+calibration (ECE), confusion matrix, parameter count, size on disk and latency per batch.
+
+`evaluate` takes arrays, or a streamed split (`kd.data.StreamSplit`): then Ray Data
+``map_batches`` scores each block in a worker and the driver sums per-batch counts
+(`BatchScores`), so the holdout is never loaded whole."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from kd.models import count_params, model_size_bytes
+
+ECE_BINS = 10
 
 
 def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> torch.Tensor:
@@ -49,11 +56,98 @@ def latency_ms(model: nn.Module, sample: torch.Tensor, repeats: int = 30) -> flo
     return statistics.median(times)
 
 
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray,
+def confusion_counts(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> np.ndarray:
+    """Confusion counts as an int64 ``(num_classes, num_classes)`` array: rows are the true
+    class, columns the predicted one. Rows with ``y < 0`` (unlabeled) are skipped. Counts
+    of disjoint batches add up, so a streaming evaluation can sum them per batch."""
+    pred = torch.as_tensor(pred).reshape(-1).long().cpu()
+    y = torch.as_tensor(y).reshape(-1).long().cpu()
+    if pred.shape != y.shape:
+        raise ValueError(f"confusion_counts: {len(pred)} predictions for {len(y)} labels")
+    keep = y >= 0
+    flat = y[keep] * num_classes + pred[keep]
+    counts = torch.bincount(flat, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).numpy().astype(np.int64)
+
+
+def batch_scores(logits: torch.Tensor, y: torch.Tensor, teacher_pred: torch.Tensor | None,
+                 num_classes: int) -> dict[str, np.ndarray]:
+    """The additive counts of one batch: rows, labeled, correct, teacher agreements,
+    the confusion matrix and per-confidence-bin sums (count, confidence, correct)."""
+    probs = logits.float().softmax(1)
+    conf, pred = probs.max(1)
+    lab = y >= 0
+    b = torch.clamp(torch.ceil(conf * ECE_BINS).long() - 1, 0, ECE_BINS - 1)[lab]
+    hit = (pred[lab] == y[lab]).double()
+    bins = np.stack([torch.bincount(b, minlength=ECE_BINS).double().numpy(),
+                     torch.zeros(ECE_BINS, dtype=torch.float64).index_add_(0, b, conf[lab].double()).numpy(),
+                     torch.zeros(ECE_BINS, dtype=torch.float64).index_add_(0, b, hit).numpy()])
+    agree = float((teacher_pred == pred).sum()) if teacher_pred is not None else 0.0
+    return {"counts": np.asarray([[len(y), float(lab.sum()), float(hit.sum()), agree]]),
+            "confusion": confusion_counts(pred, y, num_classes)[None],
+            "bins": bins[None]}
+
+
+class _Scorer:
+    """``map_batches`` callable: a model (and teacher) scoring numpy batches."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None, num_classes: int) -> None:
+        torch.set_num_threads(1)
+        self.model, self.teacher, self.num_classes = model.eval(), teacher, num_classes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = np.array(batch["x"])  # a writable copy of the block's view
+        logits = predict_logits(self.model, x)
+        tpred = predict_logits(self.teacher, x).argmax(1) if self.teacher is not None else None
+        return batch_scores(logits, torch.as_tensor(np.array(batch["y"])), tpred, self.num_classes)
+
+
+def evaluate_stream(model: nn.Module, split: Any, teacher: nn.Module | None,
+                    num_classes: int) -> tuple[dict[str, float], np.ndarray]:
+    """Accuracy, ECE, teacher agreement and the confusion matrix of ``model`` over a
+    streamed split, from per-batch counts summed in the driver."""
+    import ray.data
+
+    out = split.dataset().map_batches(
+        _Scorer, fn_constructor_kwargs={"model": model, "teacher": teacher,
+                                        "num_classes": num_classes},
+        batch_size=512, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
+    counts, conf = np.zeros(4), np.zeros((num_classes, num_classes), np.int64)
+    bins = np.zeros((3, ECE_BINS))
+    for b in out.iter_batches(batch_size=None, batch_format="numpy"):
+        counts += np.asarray(b["counts"]).sum(0)
+        conf += np.asarray(b["confusion"]).sum(0).astype(np.int64)
+        bins += np.asarray(b["bins"]).sum(0)
+    n, lab, hit, agree = counts
+    m = {"accuracy": hit / lab if lab else float("nan"),
+         "ece": float(np.abs(bins[2] - bins[1]).sum() / lab) if lab else float("nan")}
+    if teacher is not None:
+        m["teacher_agreement"] = agree / n if n else float("nan")
+    return {k: float(v) for k, v in m.items()}, conf
+
+
+def evaluate_with_confusion(model: nn.Module, split: Any, teacher: nn.Module | None = None,
+                            batch_size: int = 128) -> tuple[dict[str, float], np.ndarray]:
+    """`evaluate` of a streamed split plus its confusion matrix (`confusion_counts`,
+    summed over the blocks)."""
+    num_classes = int(predict_logits(model, split.sample(1).x).shape[1]) if len(split) else 1
+    out, conf = evaluate_stream(model, split, teacher, num_classes)
+    out.update(params=float(count_params(model)), size_bytes=float(model_size_bytes(model)))
+    sample = split.sample(batch_size).x
+    dtype = torch.int64 if np.issubdtype(sample.dtype, np.integer) else torch.float32
+    out["latency_ms"] = latency_ms(model, torch.as_tensor(sample, dtype=dtype))
+    return out, conf
+
+
+def evaluate(model: nn.Module, x: Any, y: np.ndarray | None = None,
              teacher: nn.Module | None = None, batch_size: int = 128) -> dict[str, float]:
-    """Metrics of ``model`` on ``(x, y)`` (labels -1 are skipped for accuracy/ECE):
+    """Metrics of ``model`` on ``(x, y)``, or on a streamed split passed as ``x`` (``y``
+    unused; see `evaluate_stream`). Labels -1 are skipped for accuracy/ECE. Keys:
     ``accuracy``, ``ece``, ``teacher_agreement`` (share of equal argmax, if a teacher
     is given), ``params``, ``size_bytes`` and ``latency_ms`` for one batch."""
+    if hasattr(x, "dataset"):
+        return evaluate_with_confusion(model, x, teacher, batch_size)[0]
+    assert y is not None
     logits = predict_logits(model, x)
     yt = torch.as_tensor(y)
     lab = yt >= 0

@@ -29,17 +29,17 @@ from kd.train.assemble import assemble
 from kd.train.checkpoint import (
     checkpoint_candidates,
     checkpoint_state,
-    load_latest_good,
     restore_optimizer,
     run_location,
     save_checkpoint,
 )
-from kd.train.faults import maybe_inject_fault
+from kd.train.consistency import broadcast_state, check_ranks_agree, decide_restore, replicated
 from kd.train.optim import make_optimizer, set_epoch_lr
-from kd.train.parallel import all_reduce, average_grads, grad_sync, place_teacher, prepare, rng_states, world_info
+from kd.train.parallel import all_reduce, grad_sync, place_teacher, prepare, rng_states, world_info
 from kd.train.progress import EpochProgress
 from kd.train.step import Step, autocast, evaluate_shard, input_dtype
 from kd.train.threads import set_worker_threads
+from kd.train.update import Updater
 
 
 @dataclass
@@ -55,6 +55,7 @@ class Worker:
     trainee: torch.nn.Module
     opt: torch.optim.Optimizer
     step: Step
+    updater: Updater
     base_lrs: list[float] = field(default_factory=list)
     start_epoch: int = 0
 
@@ -73,7 +74,14 @@ class EpochSums:
 def train_loop_per_worker(spec: dict[str, Any]) -> None:
     """The loop: setup -> per epoch (train, evaluate, report). ``spec`` holds the resolved
     experiment (as a dict), the role, data facts (input shape, classes, sample), the
-    MLflow run id/URI and the run folder."""
+    MLflow run id/URI and the run folder. Returns None: Ray Train sends a train
+    function's return value to its controller (a DDP module does not unpickle there)."""
+    run_loop(spec)
+
+
+def run_loop(spec: dict[str, Any]) -> Worker:
+    """`train_loop_per_worker`, returning the `Worker` (for a caller that wraps the loop
+    and inspects the trained state, e.g. a test comparing ranks)."""
     import ray.train
 
     w = _setup(spec)
@@ -84,11 +92,17 @@ def train_loop_per_worker(spec: dict[str, Any]) -> None:
         sums, global_step = _train_epoch(w, train_ds, epoch, global_step)
         metrics = _epoch_metrics(w, sums, val_ds, epoch)
         _report(w, metrics, epoch)
+    return w
 
 
 def _setup(spec: dict[str, Any]) -> Worker:
-    """Seed, assemble trainee + teachers + loss, restore the newest good checkpoint,
-    wrap for data parallelism, build the optimizer and the `Step`."""
+    """Seed, assemble trainee + teachers + loss, restore the checkpoint rank 0 chose,
+    make every rank hold rank 0's trainee + loss state, wrap for data parallelism,
+    build the optimizer, the `Updater` and the `Step`.
+
+    Construction is seeded with ``exp.seed`` on every rank (identical random init of
+    trainee and adapters) and rank 0's state is broadcast after the restore as well;
+    per-rank seeds (``exp.seed + rank``) drive only data order and augmentation."""
     import ray.train
     import ray.train.torch
 
@@ -100,27 +114,33 @@ def _setup(spec: dict[str, Any]) -> Worker:
     rank, world = world_info()
     if exp.scaling.num_workers > 0:  # in the driver (0) torch keeps its own default
         set_worker_threads(exp.scaling.resources_per_worker)
-    torch.manual_seed(exp.seed + rank)
-    np.random.seed(exp.seed + rank)
+    torch.manual_seed(exp.seed)  # the same construction on every rank
+    np.random.seed(exp.seed)
     device = ray.train.torch.get_device() if exp.scaling.use_gpu else torch.device("cpu")
     sample = torch.as_tensor(np.asarray(spec["sample"]), dtype=input_dtype(spec))
     asm = assemble(exp, spec["role"], tuple(spec["input_shape"]), spec["num_classes"], sample)
     asm.teachers = [place_teacher(t, exp, device) for t in asm.teachers]
     asm.loss.to(device)
-    restored = load_latest_good(
-        checkpoint_candidates(*run_location(spec), ray.train.get_checkpoint()),
-        verbose=rank == 0)
+    fs, run_path = run_location(spec)
+    restored = decide_restore(checkpoint_candidates(fs, run_path, ray.train.get_checkpoint()),
+                              fs, rank, world, verbose=rank == 0, device=device)
     if restored is not None:
         asm.trainee.load_state_dict(restored["model"])
         if restored["loss"] is not None:
             asm.loss.load_state_dict(restored["loss"])
+    broadcast_state([asm.trainee, asm.loss], world, device)
+    torch.manual_seed(exp.seed + rank)  # per rank from here: data order, augmentation
+    np.random.seed(exp.seed + rank)
     # The optimizer is built after wrapping: FSDP2 replaces parameters with DTensors.
     trainee = prepare(asm.trainee, exp, device)
     opt = make_optimizer(exp, list(trainee.parameters()) + list(asm.loss.parameters()))
+    updater = Updater(opt, list(trainee.parameters()) + list(asm.loss.parameters()),
+                      list(asm.loss.parameters()), exp.trainer.precision, exp.trainer.grad_clip,
+                      world, device)
     step = Step(asm, trainee, device, input_dtype(spec),
                 build_transforms(exp.data.transforms, tuple(spec["input_shape"]), spec["input_integer"]),
                 seed=exp.seed * 1000 + rank)
-    w = Worker(exp, spec, rank, world, device, asm, trainee, opt, step,
+    w = Worker(exp, spec, rank, world, device, asm, trainee, opt, step, updater,
                base_lrs=[g["lr"] for g in opt.param_groups])  # before a restore overwrites them
     if restored is not None:
         _resume(w, restored)
@@ -130,6 +150,7 @@ def _setup(spec: dict[str, Any]) -> Worker:
 def _resume(w: Worker, restored: dict[str, Any]) -> None:
     """Optimizer state, RNG stream and start epoch from a restored checkpoint."""
     restore_optimizer(w.opt, restored["state"]["optimizer"], w.trainee, w.asm.loss)
+    w.updater.load_state_dict(restored["state"].get("scaler"))
     per_rank = restored["state"].get("torch_rng_per_rank") or []
     if len(per_rank) == w.world:  # same world size: each worker continues its own stream
         torch.set_rng_state(per_rank[w.rank])
@@ -137,14 +158,13 @@ def _resume(w: Worker, restored: dict[str, Any]) -> None:
         torch.set_rng_state(restored["state"]["torch_rng"])
     w.start_epoch = int(restored["state"]["epoch"]) + 1
     if w.rank == 0:
-        print(f"[kd] resumed from checkpoint at epoch {w.start_epoch}", flush=True)
+        print(f"[kd] resumed from the epoch {w.start_epoch} checkpoint: continuing with epoch "
+              f"{w.start_epoch + 1}/{w.exp.trainer.epochs}", flush=True)
 
 
 def _train_epoch(w: Worker, train_ds: Any, epoch: int, global_step: int) -> tuple[EpochSums, int]:
     """One pass over this worker's shard of ``train``; returns its sums and the global step."""
     exp, accum = w.exp, w.exp.trainer.grad_accum
-    loss_params = list(w.asm.loss.parameters())
-    params = list(w.trainee.parameters()) + loss_params
     set_epoch_lr(w.opt, w.base_lrs, epoch, exp)
     w.trainee.train()
     acc = EpochSums()
@@ -158,20 +178,15 @@ def _train_epoch(w: Worker, train_ds: Any, epoch: int, global_step: int) -> tupl
     progress = EpochProgress(epoch + 1, exp.trainer.epochs, w.spec.get("steps_per_epoch"),
                              w.world, enabled=w.rank == 0)
     for i, (batch, is_last) in enumerate(_with_last(batches)):
-        maybe_inject_fault(w.spec, global_step, w.rank, w.world)
         # Gradients are all-reduced on the last micro-step of each accumulation
         # window (and of the epoch) only; the others skip the DDP/FSDP sync.
         sync = (i + 1) % accum == 0 or is_last
         with grad_sync(w.trainee, sync):
             with autocast(exp.trainer.precision, w.device):
                 total, parts, db = w.step(batch)
-            (total / accum).backward()
+            w.updater.backward(total / accum)
         if sync:
-            average_grads(loss_params, w.world)
-            if exp.trainer.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, exp.trainer.grad_clip)
-            w.opt.step()
-            w.opt.zero_grad(set_to_none=True)
+            w.updater.step()
         _accumulate(acc, total, parts, db)
         progress.step(len(db.labels))
         global_step += 1
@@ -232,6 +247,8 @@ def _report(w: Worker, metrics: dict[str, float], epoch: int) -> None:
               f"{metrics['samples_per_s']:.0f} samples/s", flush=True)
     check_finite(metrics, epoch + 1, exp)
     # Gathering an FSDP state dict is a collective: every rank takes part.
+    if save:  # an invariant worth its all-gather: every rank trains the same state
+        check_ranks_agree(replicated(w.trainee, w.asm.loss), w.world, f"after epoch {epoch + 1}")
     state = checkpoint_state(w.trainee, w.asm.loss, w.opt) if save else None
     rngs = rng_states(w.world) if save else []
     if not (save and w.rank == 0):
@@ -240,7 +257,8 @@ def _report(w: Worker, metrics: dict[str, float], epoch: int) -> None:
     # Ray uploads the folder into storage in the background and deletes it;
     # in local mode (num_workers 0) it keeps a reference, so the folder stays.
     d = tempfile.mkdtemp(prefix="kd-ckpt-")
-    save_checkpoint(Path(d), state[0], w.asm.loss, state[1], epoch, rngs)
+    save_checkpoint(Path(d), state[0], w.asm.loss, state[1], epoch, rngs,
+                    extra={"scaler": w.updater.state_dict()})
     local = exp.scaling.num_workers == 0
     ray.train.report(
         metrics, checkpoint=ray.train.Checkpoint.from_directory(d),

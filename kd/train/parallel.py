@@ -5,6 +5,7 @@ DDP/FSDP, every rank's RNG state."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -68,13 +69,30 @@ def grad_sync(model: nn.Module, sync: bool) -> Any:
 
 def average_grads(params: list[nn.Parameter], world: int) -> None:
     """All-reduce mean of the gradients of parameters outside DDP/FSDP (the loss's
-    adapters, e.g. FitNets regressors), so every worker steps the same way."""
+    adapters, e.g. FitNets regressors), so every worker steps the same way.
+
+    Every rank issues the same single all-reduce every call, whatever its grads: a
+    missing grad (the confidence filter kept no sample on this rank, so the adapter
+    was not used) counts as a zero grad. A parameter that no rank has a grad for keeps
+    ``grad = None`` (the optimizer skips it on every rank alike)."""
     if world <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
-    for p in params:
-        if p.grad is not None:
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= world
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                      for p in params]
+                     + [torch.tensor([float(p.grad is not None) for p in params],
+                                     device=params[0].device)])
+    torch.distributed.all_reduce(flat)
+    had = flat[-len(params):]
+    offset = 0
+    for i, p in enumerate(params):
+        n = p.numel()
+        if float(had[i]) > 0:
+            p.grad = (flat[offset:offset + n] / world).view_as(p).to(p.dtype)
+        else:
+            p.grad = None
+        offset += n
 
 
 def _fsdp_api() -> tuple[Any, Any]:
@@ -121,3 +139,21 @@ def prepare(model: nn.Module, exp: Experiment, device: torch.device) -> nn.Modul
         return _shard(model, exp, device)
     return ray.train.torch.prepare_model(model, move_to_device=device)
 
+
+def lockstep(batches: Iterable[Any], world: int, device: torch.device) -> Iterator[Any]:
+    """Yield this rank's batches, then None, until every rank's are exhausted: before
+    each item the ranks all-reduce (max) whether any still has one, so all ranks run the
+    same number of iterations. A rank handed None (or a batch with no rows of its own)
+    must still run a padding forward: FSDP's forward is a collective (it all-gathers the
+    parameters), so evaluation needs equal forwards on every rank."""
+    it = iter(batches)
+    if world <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        yield from it
+        return
+    while True:
+        item = next(it, None)
+        more = torch.tensor([0.0 if item is None else 1.0], device=device)
+        torch.distributed.all_reduce(more, op=torch.distributed.ReduceOp.MAX)
+        if float(more.item()) == 0:
+            return
+        yield item

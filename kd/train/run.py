@@ -25,7 +25,9 @@ from kd.models.weights import WEIGHTS_FILE, freeze, load_into, load_state_dict, 
 from kd.runtime import ensure_ray, run_name_from_env
 from kd.train.assemble import Role, build_spec, primary_teacher, trainee_spec
 from kd.train.driver import final_weights_uri, fit, preflight
-from kd.train.evaluate import evaluate
+from kd.train.evaluate import evaluate, evaluate_with_confusion
+from kd.train.figures import log_run_figures
+from kd.train.lineage import log_lineage
 from kd.train.semisup import balance_by_teacher
 
 
@@ -54,7 +56,7 @@ def weights_metadata(spec: ModelSpec, splits: Splits, exp: Experiment, role: Rol
         "kd.model": spec.model, "kd.args": json.dumps(spec.args), "kd.width": str(spec.width),
         "kd.num_classes": str(splits.num_classes),
         "kd.input_shape": json.dumps(list(splits.input_shape)),
-        "kd.input_dtype": str(splits.train.x.dtype), "kd.role": role,
+        "kd.input_dtype": splits.input_dtype, "kd.role": role,
         "kd.data_hash": splits.data_hash, "kd.config_hash": exp.hash(), "kd.run_id": run_id,
     }
 
@@ -79,18 +81,26 @@ def uses_cache(exp: Experiment, role: Role) -> bool:
             and bool(exp.distill.losses))
 
 
-def _cached_columns(exp: Experiment, role: Role, splits: Splits,
-                    tags: dict[str, str]) -> dict[str, Any] | None:
-    """The teacher-output cache's columns for the train split (None without the cache);
-    adds the cache's tags to ``tags``."""
+def _cached_train(exp: Experiment, role: Role, splits: Splits,
+                  tags: dict[str, str]) -> Any | None:
+    """The teacher cache's rows (inputs, labels, idx, teacher outputs) as a streamed
+    train dataset (None without the cache); adds the cache's tags to ``tags``."""
     if not uses_cache(exp, role):
         return None
-    from kd.train.cache import ensure_cache, load_columns
+    from kd.train.cache import cache_dataset, ensure_cache
 
     cache = ensure_cache(exp, splits)
     tags.update({"kd.teacher_cache": cache.uri, "kd.teacher_cache.key": cache.key,
                  "kd.teacher_cache.computed": str(cache.computed).lower()})
-    return load_columns(cache, len(splits.train))
+    return cache_dataset(cache)
+
+
+def _log_json(uri: str, run_id: str, folder: str, name: str, doc: Any) -> None:
+    """Log ``doc`` as the MLflow artifact ``<folder>/<name>``."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / name
+        path.write_text(json.dumps(doc))
+        tracking.log_artifact(uri, run_id, path, folder)
 
 
 def train_run(exp: Experiment, role: Role, run_name: str | None = None,
@@ -102,7 +112,7 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
     Without ``run_name``, under a KubeRay RayJob the name is `run_name_from_env` (so a
     retry resumes), else a fresh `default_run_name`."""
     run_name = run_name or run_name_from_env(role)  # under a RayJob: stable across retries
-    splits = load_splits(exp.data, exp.storage.endpoint_url)
+    splits = load_splits(exp.data, exp.storage.endpoint_url)  # joins Ray: the profile streams
     preflight(exp, role, splits)
     splits = balance_by_teacher(exp, role, splits)
     ensure_ray()
@@ -110,7 +120,7 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
     tags = {"kd.data_hash": splits.data_hash, **(extra_tags or {})}
     if role == "student" and exp.teacher is not None and exp.teacher.weights:
         tags["kd.teacher_uri"] = exp.teacher.weights
-    columns = _cached_columns(exp, role, splits, tags)
+    train_ds = _cached_train(exp, role, splits, tags)
     name = run_name or default_run_name(exp, role)
     tags["kd.ray_run_name"] = name
     # A given run name that already ran resumes its Ray checkpoints and its MLflow run.
@@ -119,7 +129,8 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
     print(f"[kd] {role} run {name}: MLflow run {run_id} at {uri}", flush=True)
     ok = False
     try:
-        result = fit(exp, role, splits, run_id, uri, name, extra_train_columns=columns,
+        log_lineage(uri, run_id, exp, role, splits)
+        result = fit(exp, role, splits, run_id, uri, name, train_dataset=train_ds,
                      callbacks=callbacks)
         spec = trainee_spec(exp, role)
         with tempfile.TemporaryDirectory() as d:
@@ -136,9 +147,11 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
             storage.put(out, weights_uri, exp.storage.endpoint_url)
             tracking.log_artifact(uri, run_id, out, "weights")
         teacher = primary_teacher(exp, splits) if role == "student" else None
-        holdout = evaluate(freeze(model), splits.holdout.x, splits.holdout.y, teacher)
+        holdout, confusion = evaluate_with_confusion(freeze(model), splits.holdout, teacher)
+        _log_json(uri, run_id, "holdout", "confusion.json", confusion.tolist())
         tracking.log_metrics(uri, run_id, {f"holdout/{k}": v for k, v in holdout.items()},
                              step=exp.trainer.epochs)
+        log_run_figures(uri, run_id, confusion)
         tracking.set_tags(uri, run_id, {"kd.weights_sha256": sha, "kd.weights_uri": weights_uri,
                                         "kd.ray_run_name": name})
         ok = True
@@ -164,4 +177,4 @@ def evaluate_weights(exp: Experiment | None, weights: str) -> dict[str, float]:
     if meta.get("kd.num_classes") != str(splits.num_classes):
         raise InputError(f"{weights}: model has {meta.get('kd.num_classes')} classes but the "
                          f"data has {splits.num_classes}")
-    return evaluate(model, splits.holdout.x, splits.holdout.y, primary_teacher(exp, splits))
+    return evaluate(model, splits.holdout, teacher=primary_teacher(exp, splits))

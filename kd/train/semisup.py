@@ -9,20 +9,21 @@ any worker starts:
   confidence filter without distillation terms, labels outside the teacher's
   class range, balancing without a teacher).
 - `balance_by_teacher`: ``data.balance_by_teacher: true`` resamples the unlabeled
-  part of ``train`` so every class the teacher predicts occurs equally often.
-  The result is an ordinary `Splits`; the loop just sees a different train set.
+  part of ``train`` (streaming, see there) so every class the teacher predicts occurs
+  about equally often. The result is an ordinary `Splits`; the loop just sees a
+  different train stream.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from kd.config import Experiment
-from kd.data import ArraySplit, Splits
-from kd.data.base import content_hash
+from kd.data import Splits, StreamSplit
 from kd.errors import InputError
 
 
@@ -70,7 +71,7 @@ def check_label_use(exp: Experiment, role: str, splits: Splits) -> None:
                              "(teacher.weights)")
     if role == "student" and exp.teacher is not None and exp.teacher.weights:
         classes = _teacher_num_classes(exp.teacher.weights)
-        top = max(int(s.y.max(initial=-1)) for s in (splits.train, splits.val, splits.holdout))
+        top = max(s.top_label for s in (splits.train, splits.val, splits.holdout))
         if classes is not None and top >= classes:
             raise InputError(f"{exp.data.source}: label {top} is outside the class range "
                              f"[0, {classes}) of teacher.weights {exp.teacher.weights}")
@@ -96,33 +97,74 @@ def balanced_indices(pred: np.ndarray, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(out)).astype(np.int64)
 
 
+class TeacherPredict:
+    """``map_batches`` callable: the frozen teacher's argmax for the unlabeled rows of a
+    batch; ``weights`` None -> one row of per-class counts (the counting pass), else the
+    batch resampled: labeled rows once, an unlabeled row predicted ``c`` repeated
+    ``floor(w_c)`` times plus once more with probability ``w_c - floor(w_c)`` (by the
+    hash of its ``idx`` and ``seed``: deterministic)."""
+
+    def __init__(self, teacher: Any, num_classes: int, weights: list[float] | None,
+                 seed: int) -> None:
+        self.teacher, self.num_classes, self.seed = teacher, num_classes, seed
+        self.weights = None if weights is None else np.asarray(weights)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from kd.data.stream import unit
+        from kd.train.evaluate import predict_logits
+
+        x, y, idx = np.asarray(batch["x"]), np.asarray(batch["y"]), np.asarray(batch["idx"])
+        unl = np.flatnonzero(y < 0)
+        pred = (predict_logits(self.teacher, x[unl]).argmax(1).numpy() if unl.size
+                else np.zeros(0, np.int64))
+        if self.weights is None:
+            return {"counts": np.bincount(pred, minlength=self.num_classes)[None]}
+        w = self.weights[pred]
+        reps = np.ones(len(y), np.int64)
+        reps[unl] = np.floor(w).astype(np.int64) + (unit(idx[unl], self.seed, 2) < w - np.floor(w))
+        keep = np.repeat(np.arange(len(y)), reps)
+        return {k: np.asarray(v)[keep] for k, v in batch.items()}
+
+
 def balance_by_teacher(exp: Experiment, role: str, splits: Splits) -> Splits:
-    """``splits`` with the unlabeled train rows resampled by `balanced_indices` of the
-    primary teacher's argmax (labeled rows unchanged, first); unchanged when
-    ``data.balance_by_teacher`` is off or no train row is unlabeled. The data hash
-    covers the resampled train set."""
+    """``splits`` with the unlabeled train rows resampled by the primary teacher's argmax
+    so every predicted class gets about ``m = ceil(N / K)`` rows (K = classes predicted
+    at least once; labeled rows unchanged). Streaming: one counting pass, then the
+    train stream carries a `TeacherPredict` resampling step (each row's repeat count
+    is fixed by its ``idx``; per class the count is ``m`` in expectation, not exactly).
+    Unchanged when ``data.balance_by_teacher`` is off or no train row is unlabeled.
+    The data hash covers the resampling."""
     if not exp.data.balance_by_teacher or role != "student" or exp.teacher is None:
         return splits
+    from kd.data.base import content_hash
+    from kd.data.profile import SplitCounts
     from kd.models.weights import freeze
     from kd.train.assemble import build_spec
-    from kd.train.evaluate import predict_logits
 
     train = splits.train
-    unl = np.flatnonzero(train.y < 0)
-    if unl.size == 0:
+    n_unl = len(train) - train.labeled
+    if n_unl == 0:
         print("[kd] data.balance_by_teacher: no unlabeled train rows, nothing to balance",
               flush=True)
         return splits
     teacher = freeze(build_spec(exp.teacher, "teacher", splits.input_shape,
                                 splits.num_classes, True))
-    pred = predict_logits(teacher, train.x[unl]).argmax(1).numpy()
-    pick = unl[balanced_indices(pred, exp.data.split.seed)]
-    lab = np.flatnonzero(train.y >= 0)
-    new = ArraySplit(np.concatenate([train.x[lab], train.x[pick]]),
-                     np.concatenate([train.y[lab], train.y[pick]]))
-    before = np.bincount(pred, minlength=splits.num_classes).tolist()
-    print(f"[kd] data.balance_by_teacher: {unl.size} unlabeled rows, teacher predicts "
-          f"{before} per class -> {len(pick)} rows, {len(pick) // len(np.unique(pred))} "
-          f"per predicted class", flush=True)
-    return replace(splits, train=new,
-                   data_hash=content_hash(new.x, new.y, extra=f"{splits.data_hash}|balanced"))
+    seed = exp.data.split.seed
+    args = {"teacher": teacher, "num_classes": splits.num_classes, "seed": seed}
+    before = np.zeros(splits.num_classes, np.int64)
+    for b in train.dataset().map_batches(TeacherPredict, fn_constructor_kwargs={**args, "weights": None},
+                                         batch_size=1024, batch_format="numpy", concurrency=1
+                                         ).iter_batches(batch_size=None):
+        before += np.asarray(b["counts"]).sum(0)
+    k = int((before > 0).sum())
+    m = -(-n_unl // k)
+    weights = [m / c if c else 0.0 for c in before]
+    new = StreamSplit(train.sources, train.counts, "train",
+                      maps=[*train.maps, (TeacherPredict, {**args, "weights": weights})])
+    rows = int(new.dataset().count())  # one more pass: the exact size, for steps per epoch
+    new.counts = SplitCounts(rows, train.labeled, list(train.counts.per_class))
+    print(f"[kd] data.balance_by_teacher: {n_unl} unlabeled rows, teacher predicts "
+          f"{before.tolist()} per class -> about {m} per predicted class ({rows} train rows)",
+          flush=True)
+    return replace(splits, train=new, data_hash=content_hash(
+        np.asarray(weights), extra=f"{splits.data_hash}|balanced|{seed}"))

@@ -20,7 +20,7 @@ from kd.train.columns import (
     TEACHER_TOPK_VALUES,
     dense_from_topk,
 )
-from kd.train.parallel import all_reduce
+from kd.train.parallel import all_reduce, is_fsdp, lockstep
 
 
 def input_dtype(spec: dict[str, Any]) -> torch.dtype:
@@ -95,13 +95,19 @@ class Step:
 def evaluate_shard(step: Step, ds: Any, spec: dict[str, Any], rank: int, world: int,
                    device: torch.device) -> dict[str, float]:
     """Accuracy, teacher agreement and CE over this worker's slice of ``val``,
-    all-reduced so every worker returns metrics of the whole set."""
+    all-reduced so every worker returns metrics of the whole set. Every rank issues
+    the same trainee forwards (`lockstep`): FSDP's forward is a collective, so a rank
+    with no rows in a batch (or no batches left) runs a one-row padding forward."""
     step.trainee.eval()
     sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # correct, agree, ce_sum, labeled, rows
+    pad = torch.as_tensor(spec["sample"][:1]).to(device, step.input_dtype)
     with torch.no_grad():
-        for batch in ds.iter_torch_batches(batch_size=512):
-            keep = (batch["idx"] % world) == rank
-            if not keep.any():
+        for batch in lockstep(ds.iter_torch_batches(batch_size=512), world, device):
+            keep = None if batch is None else (batch["idx"] % world) == rank
+            if keep is None or not keep.any():
+                step.trainee(pad)  # padding forward: equal collectives on every rank
+                if step.asm.teachers and is_fsdp(step.asm.teachers[0]):  # a sharded teacher too
+                    step.teacher_logits({}, pad)
                 continue
             batch = {k: v[keep] for k, v in batch.items()}
             x, y = batch["x"].to(device, step.input_dtype), batch["y"].to(device)

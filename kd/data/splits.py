@@ -1,0 +1,80 @@
+"""`Splits`: the three streamed splits of one experiment's data, plus its facts.
+
+A `StreamSplit` is a `Source` (plain data) and its counts; ``dataset()`` gives the
+lazy Ray Dataset, ``sample(n)`` reads at most ``n`` rows (a bounded `ArraySplit`) for
+what needs a few real rows in the driver (the preflight batch, a latency probe).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kd.data.base import ArraySplit
+from kd.data.profile import SplitCounts
+from kd.data.stream import Source, dataset
+
+
+@dataclass
+class StreamSplit:
+    """One split of a source (and, for train, the transfer set's rows)."""
+
+    sources: list[Source]
+    counts: SplitCounts
+    name: str = "train"
+    maps: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)  # (callable class, kwargs)
+
+    def __len__(self) -> int:
+        return self.counts.rows
+
+    @property
+    def labeled(self) -> int:
+        """How many rows carry a label."""
+        return self.counts.labeled
+
+    @property
+    def top_label(self) -> int:
+        """The largest label in the split, -1 when none."""
+        return self.counts.top_label
+
+    def dataset(self) -> Any:
+        """The lazy Ray Dataset: columns ``x``, ``y``, ``idx`` (the union of the sources,
+        then ``maps`` applied with ``map_batches`` in order)."""
+        parts = [dataset(s) for s in self.sources]
+        ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+        for fn, kwargs in self.maps:  # e.g. the teacher-balanced resampling (kd.train.semisup)
+            ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs, batch_size=1024,
+                                batch_format="numpy", concurrency=1)
+        return ds
+
+    def sample(self, n: int) -> ArraySplit:
+        """The first ``n`` rows (fewer if the split is smaller), read through Ray Data."""
+        if n <= 0 or not len(self):
+            return ArraySplit(np.zeros((0,)), np.zeros(0, np.int64))
+        batch = self.dataset().limit(n).take_batch(n, batch_format="numpy")
+        return ArraySplit(np.array(batch["x"]), np.array(batch["y"], np.int64),
+                          np.asarray(batch["idx"], np.int64))
+
+
+@dataclass
+class Splits:
+    """train / val / holdout streams plus what models need to know about the data.
+
+    ``data_hash`` is the manifest's digest (files, sizes, versions, schema) with the
+    split and label settings; ``manifest`` is the JSON-able manifest (lineage)."""
+
+    train: StreamSplit
+    val: StreamSplit
+    holdout: StreamSplit
+    num_classes: int
+    input_shape: tuple[int, ...]
+    data_hash: str
+    input_dtype: str = "float32"
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def integer_inputs(self) -> bool:
+        """True for int64 inputs (token ids)."""
+        return self.input_dtype == "int64"

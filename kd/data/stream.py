@@ -1,0 +1,203 @@
+"""Streaming splits: a Ray Data datasource over a `Manifest` that adds the row key.
+
+Every row gets ``idx``, a stable 63-bit hash of its key: the ``data.key_column`` value
+when set, else (file path relative to the source root, row number in the file). The
+split is a second hash, of ``idx`` and ``split.seed``, mapped into [0, 1) and compared
+with the train / val / holdout fractions: fixed and deterministic, with no pass over
+the data, and the same on every node. The loop's val filter (``idx % world == rank``)
+and the teacher cache key on ``idx``.
+
+A `Source` (manifest + split + label policy) is plain picklable data; `dataset` turns
+it into a lazy Ray Dataset whose read tasks open one file each (a chunk of images)
+and emit blocks of at most ``BLOCK_ROWS`` rows with columns ``x`` (tensor), ``y``
+(int64, -1 = no label) and ``idx`` (int64). Nothing is read in the driver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from kd.data.manifest import Manifest, check_unchanged
+from kd.data.readers import Chunk, Columns, read_csv, read_images, read_npz, read_parquet
+from kd.errors import InputError
+
+SPLITS = ("train", "val", "holdout")
+BLOCK_ROWS = 4096
+IMAGES_PER_TASK = 256
+MASK63 = np.uint64((1 << 63) - 1)
+
+
+def splitmix64(v: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    z = v.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _hash64(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def key_idx(keys: np.ndarray | None, file_rel: str, offset: int, n: int, salt: str = "") -> np.ndarray:
+    """``idx`` (int64 >= 0) of ``n`` rows: from their key values, or from file + row."""
+    with np.errstate(over="ignore"):
+        if keys is None:
+            rows = np.arange(offset, offset + n, dtype=np.uint64)
+            h = splitmix64(rows + np.uint64(_hash64(f"{salt}{file_rel}")))
+        elif np.issubdtype(np.asarray(keys).dtype, np.integer):
+            h = splitmix64(np.asarray(keys).astype(np.int64).view(np.uint64)
+                           ^ np.uint64(_hash64(salt)))
+        else:
+            h = np.fromiter((_hash64(f"{salt}{k}") for k in keys), np.uint64, count=n)
+    return (h & MASK63).astype(np.int64)
+
+
+def unit(idx: np.ndarray, seed: int, stream: int = 0) -> np.ndarray:
+    """A uniform number in [0, 1) per row, fixed by ``idx``, ``seed`` and ``stream``."""
+    with np.errstate(over="ignore"):
+        h = splitmix64(idx.astype(np.uint64) ^ np.uint64(_hash64(f"{seed}/{stream}")))
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A manifest and how its rows become one split's rows.
+
+    ``split`` is ``train``/``val``/``holdout``, or ``all`` (every row, with a ``split``
+    column 0/1/2: the profile reads this); ``fractions`` and ``seed`` from
+    ``data.split``; ``labels`` ``all``/``none`` and ``labeled_fraction`` mask train
+    labels; ``salt`` keeps a transfer set's keys apart from the main set's."""
+
+    manifest: Manifest
+    cols: Columns
+    split: str = "all"
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    seed: int = 0
+    labels: str = "all"
+    labeled_fraction: float | None = None
+    unlabeled: bool = False
+    salt: str = ""
+    fs: Any = None  # the pyarrow filesystem the read tasks use (built in the driver)
+
+    def with_split(self, split: str) -> Source:
+        """The same source, one split of it."""
+        return replace(self, split=split)
+
+
+def split_of(idx: np.ndarray, fractions: tuple[float, float, float], seed: int) -> np.ndarray:
+    """0 (train), 1 (val) or 2 (holdout) per row, by `unit` against the fractions."""
+    u = unit(idx, seed)
+    return (u >= fractions[0]).astype(np.int8) + (u >= fractions[0] + fractions[1]).astype(np.int8)
+
+
+def to_block(src: Source, chunk: Chunk, file_rel: str) -> Any:
+    """One chunk -> the arrow block of this source's split (labels masked as set)."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    n = len(chunk.y)
+    idx = key_idx(chunk.keys, file_rel, chunk.offset, n, src.salt)
+    y = np.full(n, -1, np.int64) if src.unlabeled else chunk.y
+    part = split_of(idx, src.fractions, src.seed)
+    train = part == 0
+    if src.labels == "none":
+        y = np.where(train, -1, y)
+    elif src.labeled_fraction is not None and src.labeled_fraction < 1:
+        y = np.where(train & (unit(idx, src.seed, 1) >= src.labeled_fraction), -1, y)
+    cols: dict[str, Any] = {"x": chunk.x, "y": y, "idx": idx}
+    if src.split == "all":
+        cols["split"] = part
+    elif src.split != "train" or not src.unlabeled:
+        keep = part == SPLITS.index(src.split)
+        cols = {k: v[keep] for k, v in cols.items()}
+    x = np.ascontiguousarray(cols.pop("x"))
+    out = {"x": ArrowTensorArray.from_numpy(x) if len(x) else pa.array([], pa.null())}
+    out.update({k: pa.array(v) for k, v in cols.items()})
+    return pa.table(out)
+
+
+def _read_file(src: Source, files: list[Any]) -> Iterator[Any]:
+    m = src.manifest
+    fs = src.fs
+    if fs is None:
+        import pyarrow.fs as pafs
+
+        fs = pafs.LocalFileSystem()
+    for f in files:
+        check_unchanged(f, fs)
+    if m.fmt == "imagefolder":
+        for c in read_images(files, m.classes, src.cols, fs):
+            yield to_block(src, c, "")  # an image's key is its path under the root
+        return
+    reader = {"parquet": read_parquet, "csv": read_csv, "npz": read_npz, "npy": read_npz}[m.fmt]
+    for c in reader(files[0], src.cols, BLOCK_ROWS, fs):
+        block = to_block(src, c, files[0].rel)
+        if block.num_rows:
+            yield block
+
+
+def _tasks(src: Source) -> list[list[Any]]:
+    files = src.manifest.files
+    if src.manifest.fmt == "imagefolder":
+        return [files[i:i + IMAGES_PER_TASK] for i in range(0, len(files), IMAGES_PER_TASK)]
+    return [[f] for f in files]
+
+
+def dataset(src: Source) -> Any:
+    """The lazy Ray Dataset of ``src`` (one read task per file / image chunk)."""
+    import ray.data
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class _KeyedFiles(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return src.manifest.total_bytes
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[ReadTask]:
+            return [ReadTask(lambda files=files: _read_file(src, files),
+                             BlockMetadata(num_rows=None, size_bytes=sum(f.size for f in files),
+                                           input_files=[f.uri for f in files], exec_stats=None))
+                    for files in _tasks(src)]
+
+    return ray.data.read_datasource(_KeyedFiles(), override_num_blocks=len(_tasks(src)))
+
+
+def find_input_error(err: BaseException) -> InputError | None:
+    """The `InputError` a Ray task raised, found in the chain Ray wraps it in (task
+    errors), or in the worker traceback text Ray Data's ``UserCodeException`` carries;
+    None when there is none."""
+    import re
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, InputError) and "\n" not in str(e):
+            return InputError(str(e))
+        found = re.findall(r"InputError: (.+)", str(e))
+        if found:
+            return InputError(found[-1].strip())
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
+
+
+def input_errors(it: Iterator[Any]) -> Iterator[Any]:
+    """Iterate ``it``; a failure that carries an `InputError` is re-raised as that one
+    line (exit 2), anything else as it came."""
+    try:
+        yield from it
+    except Exception as e:
+        found = find_input_error(e)
+        if found is None:
+            raise
+        raise found from None
