@@ -21,11 +21,11 @@ from kd.data.profile import SplitCounts, check_split_classes, profile, resolve_c
 from kd.data.readers import Columns
 from kd.data.registry import DATASETS
 from kd.data.splits import Splits, StreamSplit
-from kd.data.stream import SPLITS, Source
+from kd.data.stream import DATA_TASK_CPUS_ENV, SPLITS, Source, data_task_cpus
 from kd.errors import InputError
 
-__all__ = ["DATASETS", "ArraySplit", "Splits", "StreamSplit", "load_splits", "to_ray",
-           "UNLABELED", "source_of"]
+__all__ = ["DATA_TASK_CPUS_ENV", "DATASETS", "ArraySplit", "Splits", "StreamSplit", "load_splits",
+           "to_ray", "data_task_cpus", "UNLABELED", "source_of"]
 
 
 def _resolve(cfg: DataConfig) -> tuple[str, bool]:

@@ -14,7 +14,7 @@ import numpy as np
 
 from kd.data.base import ArraySplit
 from kd.data.profile import SplitCounts
-from kd.data.stream import Source, dataset
+from kd.data.stream import Source, data_task_cpus, dataset
 
 
 @dataclass
@@ -46,7 +46,7 @@ class StreamSplit:
         ds = parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
         for fn, kwargs in self.maps:  # e.g. the teacher-balanced resampling (kd.train.semisup)
             ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs, batch_size=1024,
-                                batch_format="numpy", concurrency=1)
+                                batch_format="numpy", concurrency=1, num_cpus=data_task_cpus())
         return ds
 
     def sample(self, n: int) -> ArraySplit:

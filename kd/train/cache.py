@@ -32,7 +32,7 @@ import numpy as np
 
 from kd import storage
 from kd.config import Experiment
-from kd.data import Splits
+from kd.data import Splits, data_task_cpus
 from kd.errors import InputError
 from kd.train.columns import TEACHER_FEATURE, TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
 
@@ -252,7 +252,7 @@ def cache_dataset(cache: TeacherCache) -> Any:
     import ray.data
 
     fs, path = storage.arrow_fs(cache.data_uri, cache.endpoint)
-    return ray.data.read_parquet(path, filesystem=fs)
+    return ray.data.read_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": data_task_cpus()})
 
 
 def cache_teacher(exp: Experiment, force: bool = False) -> TeacherCache:

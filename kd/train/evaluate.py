@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kd.data import data_task_cpus
 from kd.models import count_params, model_size_bytes
 
 ECE_BINS = 10
@@ -111,7 +112,8 @@ def evaluate_stream(model: nn.Module, split: Any, teacher: nn.Module | None,
     out = split.dataset().map_batches(
         _Scorer, fn_constructor_kwargs={"model": model, "teacher": teacher,
                                         "num_classes": num_classes},
-        batch_size=512, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
+        batch_size=512, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=data_task_cpus())
     counts, conf = np.zeros(4), np.zeros((num_classes, num_classes), np.int64)
     bins = np.zeros((3, ECE_BINS))
     for b in out.iter_batches(batch_size=None, batch_format="numpy"):

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from kd.config import Experiment
-from kd.data import Splits, StreamSplit
+from kd.data import Splits, StreamSplit, data_task_cpus
 from kd.errors import InputError
 
 
@@ -153,8 +153,8 @@ def balance_by_teacher(exp: Experiment, role: str, splits: Splits) -> Splits:
     args = {"teacher": teacher, "num_classes": splits.num_classes, "seed": seed}
     before = np.zeros(splits.num_classes, np.int64)
     for b in train.dataset().map_batches(TeacherPredict, fn_constructor_kwargs={**args, "weights": None},
-                                         batch_size=1024, batch_format="numpy", concurrency=1
-                                         ).iter_batches(batch_size=None):
+                                         batch_size=1024, batch_format="numpy", concurrency=1,
+                                         num_cpus=data_task_cpus()).iter_batches(batch_size=None):
         before += np.asarray(b["counts"]).sum(0)
     k = int((before > 0).sum())
     m = -(-n_unl // k)

@@ -19,6 +19,7 @@ meeting ``tune.constraints`` (`kd.tune.report.choose`).
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 
 from kd import storage, tracking
 from kd.config import Experiment, experiment_from_dict
+from kd.data import DATA_TASK_CPUS_ENV
 from kd.errors import InputError
 from kd.tune.report import choose, rank, table
 from kd.tune.runs import clear_tag, collect, finish_children, log_parent, mark_interrupted
@@ -72,6 +74,9 @@ def trial(config: dict[str, Any], base: dict[str, Any], parent_run_id: str, swee
     from kd.train.run import train_run
 
     install_resolver()  # a trial runs in its own process: models:/ teachers read verified
+    # Ray Data tasks of this trial reserve no CPU: the trials' Train workers hold them
+    # (kd.data.data_task_cpus says why); set before any dataset is built
+    os.environ[DATA_TASK_CPUS_ENV] = "0"
 
     trial_id = tune.get_context().get_trial_id()
     exp = experiment_from_dict(trial_doc(base, config, trial_id), f"trial {trial_id}")
