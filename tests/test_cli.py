@@ -51,6 +51,9 @@ BAD = [
     (["teacher.shard=true"], "teacher.shard: sharding the teacher needs scaling.strategy: fsdp"),
     (["data.transforms=[random_rotate]"], "unknown transform 'random_rotate'"),
     (["distill.ce_weight=0", "distill.losses=[]"], "nothing to train"),
+    # before: ran silently with one short step per epoch
+    (["trainer.batch_size=5000"], "trainer.batch_size: 5000 is larger than the training split"),
+    (["data.y_column=lable"], "no column 'lable' (data.y_column)"),
 ]
 
 

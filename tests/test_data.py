@@ -196,6 +196,22 @@ def test_missing_key_or_label_column(tmp_path: Path) -> None:
         load_splits(DataConfig(source=str(tmp_path / "p.parquet"), x_column="x"))
 
 
+def test_a_mistyped_label_column_is_an_error_not_unlabeled_rows(tmp_path: Path) -> None:
+    """Before: ``y_column: lable`` made every row unlabeled and, with no ``x`` column,
+    the real ``label`` column an input feature; the run went on without a word."""
+    x, y = _arrays()
+    table = {f"f{i}": x.reshape(len(x), -1)[:, i] for i in range(4)}
+    pq.write_table(pa.table({**table, "label": y}), tmp_path / "t.parquet")
+    np.savez(tmp_path / "d.npz", x=x, label=y)
+    for f in ("t.parquet", "d.npz"):
+        with pytest.raises(Exception, match=rf"{f}: no (column|array) 'lable' \(data.y_column\); "
+                                            r"has .*label"):
+            load_splits(DataConfig(source=str(tmp_path / f), y_column="lable",
+                                   args={"num_classes": 3}))
+    s = load_splits(DataConfig(source=str(tmp_path / "t.parquet"), y_column="label"))
+    assert s.input_shape == (4,) and s.train.labeled == len(s.train)  # the right name works
+
+
 def test_a_class_missing_from_val_is_an_input_error(tmp_path: Path) -> None:
     x, _ = _arrays(200)
     y = np.zeros(200, np.int64)

@@ -47,9 +47,11 @@ def _columns(cfg: DataConfig, m: Manifest, builtin_set: bool) -> Columns:
 
         shape = json.loads(m.metadata["kd.shape"])
     key = None if builtin_set else cfg.key_column
+    # a label column named in the config (not the default "y") is required
+    required = cfg.y_column != DataConfig.model_fields["y_column"].default
     return Columns(cfg.x_column, cfg.y_column, key,
                    tuple(int(d) for d in shape) if shape is not None else None,
-                   cfg.args.get("size"))
+                   cfg.args.get("size"), y_required=required)
 
 
 def _fs(uri: str, endpoint: str | None) -> Any:

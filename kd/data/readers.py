@@ -29,6 +29,7 @@ class Columns:
     key: str | None = None
     shape: tuple[int, ...] | None = None
     image_size: int | None = None
+    y_required: bool = False  # a label column named in the config must exist
 
 
 @dataclass
@@ -87,9 +88,19 @@ def _list_to_numpy(col: Any, n: int) -> np.ndarray:
     return arr.to_numpy(zero_copy_only=False).reshape(n, *shape)
 
 
+def _check_label_column(cols: Columns, names: list[str], where: str) -> None:
+    """A label column the config names (``y_required``) must exist: a mistyped
+    ``data.y_column`` would otherwise make every row unlabeled and, in a table without
+    an ``x`` column, turn the real label column into an input feature."""
+    if cols.y_required and cols.y not in names:
+        raise InputError(f"{where}: no column {cols.y!r} (data.y_column); has "
+                         f"{', '.join(names)}")
+
+
 def _table_chunk(table: Any, cols: Columns, where: str, offset: int) -> Chunk:
     n = table.num_rows
     names = table.column_names
+    _check_label_column(cols, names, where)
     y = _labels(table.column(cols.y) if cols.y in names else None, n)
     if cols.x in names:
         x = _list_to_numpy(table.column(cols.x), n)
@@ -161,6 +172,7 @@ def read_npz(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[Ch
                 raise InputError(f"{entry.uri}: no array {cols.x!r} (has: {', '.join(z.files)})")
             if cols.key is not None and cols.key not in z:
                 raise InputError(f"{entry.uri}: no array {cols.key!r} (data.key_column)")
+            _check_label_column(cols, z.files, entry.uri)
             x = z[cols.x]
             y = _labels(z[cols.y] if cols.y in z else None, len(x))
             keys = z[cols.key] if cols.key is not None else None

@@ -185,7 +185,7 @@ def dataset(src: Source) -> Any:
                     for files in _tasks(src)]
 
     return ray.data.read_datasource(_KeyedFiles(), override_num_blocks=len(_tasks(src)),
-                                    ray_remote_args={"num_cpus": data_task_cpus()})
+                                    num_cpus=data_task_cpus())
 
 
 def find_input_error(err: BaseException) -> InputError | None:

@@ -252,7 +252,7 @@ def cache_dataset(cache: TeacherCache) -> Any:
     import ray.data
 
     fs, path = storage.arrow_fs(cache.data_uri, cache.endpoint)
-    return ray.data.read_parquet(path, filesystem=fs, ray_remote_args={"num_cpus": data_task_cpus()})
+    return ray.data.read_parquet(path, filesystem=fs, num_cpus=data_task_cpus())
 
 
 def cache_teacher(exp: Experiment, force: bool = False) -> TeacherCache:
