@@ -34,7 +34,8 @@ from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = "FIXED_COST "
-PHASES = ["imports", "data", "preflight", "ray", "mlflow run", "fit", "  of which epochs",
+PHASES = ["imports", "data", "preflight", "ray", "mlflow run", "fit", "  worker start",
+          "  loop setup", "  of which epochs", "  reports, checkpoint, shutdown",
           "weights", "holdout eval", "mlflow logging", "other", "total"]
 
 
@@ -70,16 +71,38 @@ def child(argv: list[str]) -> None:
     fit = run.fit
 
     def fit_and_epochs(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        start = time.time()
         out = fit(*a, **k)
-        times["  of which epochs"] = sum(h.get("time/train_s", 0) + h.get("time/eval_s", 0)
-                                         for h in out.history)
+        end = time.time()
+        times.update(fit_phases(a[4], a[3], start, end))
         return out
     run.fit = fit_and_epochs
     code = cli.run(argv)
     times["total"] = time.perf_counter() - T0
     times["other"] = times["total"] - sum(v for k, v in times.items()
-                                          if k not in ("total", "  of which epochs"))
+                                          if k != "total" and not k.startswith("  "))
     print(MARK + json.dumps({"rc": code, **times}), flush=True)
+
+
+def fit_phases(uri: str, run_id: str, start: float, end: float) -> dict[str, float]:
+    """Where ``fit``'s seconds went, from the run's MLflow metrics (every epoch; Ray's
+    result keeps the last one only) and the loop's first-report timestamps: worker start
+    (controller + worker group + dataset shards, until the loop is entered), setup
+    (build, broadcast, restore), the epochs' train + eval, and the rest (reports,
+    checkpoint upload, worker group shutdown)."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+
+    def hist(key: str) -> list[float]:
+        return [m.value for m in c.get_metric_history(run_id, key)]
+
+    entered, setup = hist("time/loop_entered_unix")[:1], hist("time/setup_s")[:1]
+    epochs = sum(hist("time/train_s")) + sum(hist("time/eval_s"))
+    start_s = entered[0] - start if entered else float("nan")
+    setup_s = setup[0] if setup else float("nan")
+    return {"  worker start": start_s, "  loop setup": setup_s, "  of which epochs": epochs,
+            "  reports, checkpoint, shutdown": (end - start) - start_s - setup_s - epochs}
 
 
 def _port() -> int:
@@ -88,10 +111,11 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _distill(work: Path, teacher: str, epochs: int, env: dict[str, str]) -> dict[str, float]:
+def _distill(work: Path, teacher: str, epochs: int, env: dict[str, str],
+             extra: tuple[str, ...] = ()) -> dict[str, float]:
     argv = ["distill", str(REPO / "configs" / "digits-kd.yaml"), f"trainer.epochs={epochs}",
             f"teacher.weights={teacher}", f"storage.path={work / 'runs'}",
-            f"tracking.uri=sqlite:///{work / 'mlflow.db'}"]
+            f"tracking.uri=sqlite:///{work / 'mlflow.db'}", *extra]
     t = time.perf_counter()
     p = subprocess.run([sys.executable, __file__, "--child", *argv], cwd=work, env=env,
                        capture_output=True, text=True, timeout=600)
@@ -143,7 +167,7 @@ def main() -> None:
     teacher = teacher_weights(work)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
-    runs: dict[str, list[dict[str, float]]] = {"cold": [], "running head": []}
+    runs: dict[str, list[dict[str, float]]] = {"cold": [], "running head": [], "in-process": []}
     for _ in range(args.repeats):
         runs["cold"].append(_distill(work, teacher, args.epochs, env))
     head, address = _start_head(env)
@@ -153,6 +177,8 @@ def main() -> None:
         _distill(work, teacher, args.epochs, joined)  # head warm-up
         for _ in range(args.repeats):
             runs["running head"].append(_distill(work, teacher, args.epochs, joined))
+            runs["in-process"].append(_distill(work, teacher, args.epochs, joined,
+                                               ("scaling.num_workers=0",)))
     finally:  # stop exactly this head: its process group
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -162,10 +188,11 @@ def main() -> None:
     keys = [*PHASES, "start + exit (outside main)", "process wall"]
     med = {m: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in keys}
            for m, rs in runs.items()}
-    lines = ["| phase (s, median) | cold local Ray | running head (`RAY_ADDRESS`) |",
-             "|---|---|---|"]
+    lines = ["| phase (s, median) | cold local Ray | running head (`RAY_ADDRESS`) | running head, "
+             "`scaling.num_workers=0` |", "|---|---|---|---|"]
     lines += [f"| {k.strip()}{' (inside fit)' if k.startswith(' ') else ''} | "
-              f"{med['cold'][k]:.2f} | {med['running head'][k]:.2f} |" for k in keys]
+              f"{med['cold'][k]:.2f} | {med['running head'][k]:.2f} | {med['in-process'][k]:.2f} |"
+              for k in keys]
     table = "\n".join(lines)
     print(table)
     load = os.getloadavg()

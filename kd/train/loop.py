@@ -84,13 +84,18 @@ def run_loop(spec: dict[str, Any]) -> Worker:
     and inspects the trained state, e.g. a test comparing ranks)."""
     import ray.train
 
+    entered = time.time()  # wall clock: the driver compares it with its own (bench/fixed_cost)
     w = _setup(spec)
+    # the first report of an attempt says when the worker entered the loop and how long
+    # setup (build, broadcast, restore) took: where a short run's fixed cost goes
+    started = {"time/loop_entered_unix": entered, "time/setup_s": time.time() - entered}
     train_ds = ray.train.get_dataset_shard("train")
     val_ds = ray.train.get_dataset_shard("val")
     global_step = w.start_epoch * spec["steps_per_epoch"]
     for epoch in range(w.start_epoch, w.exp.trainer.epochs):
         sums, global_step = _train_epoch(w, train_ds, epoch, global_step)
-        metrics = _epoch_metrics(w, sums, val_ds, epoch)
+        metrics = {**_epoch_metrics(w, sums, val_ds, epoch), **started}
+        started = {}
         _report(w, metrics, epoch)
     return w
 
