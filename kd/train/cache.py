@@ -32,7 +32,8 @@ import numpy as np
 
 from kd import storage
 from kd.config import Experiment
-from kd.data import Splits, data_task_cpus
+from kd.data import Splits
+from kd.data.shards import shard_dataset
 from kd.errors import InputError
 from kd.train.columns import TEACHER_FEATURE, TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
 
@@ -249,10 +250,8 @@ def ensure_cache(exp: Experiment, splits: Splits, force: bool = False) -> Teache
 def cache_dataset(cache: TeacherCache) -> Any:
     """The cache's rows (``x``, ``y``, ``idx`` and the teacher columns) as a lazy Ray
     Dataset read block by block from its parquet shards: the train set of a cached run."""
-    import ray.data
-
     fs, path = storage.arrow_fs(cache.data_uri, cache.endpoint)
-    return ray.data.read_parquet(path, filesystem=fs, num_cpus=data_task_cpus())
+    return shard_dataset(fs, path)
 
 
 def cache_teacher(exp: Experiment, force: bool = False) -> TeacherCache:
