@@ -47,21 +47,35 @@ def child(argv: list[str]) -> None:
 
     times: dict[str, float] = {"imports": time.perf_counter() - T0}
 
+    stack: list[float] = []  # time spent in nested timed calls, per open call
+
     def timed(owner: object, attr: str, phase: str) -> None:
+        """Time ``owner.attr`` into ``phase``, exclusive of timed calls inside it (Ray
+        started inside load_splits counts as ray, not data)."""
         fn = getattr(owner, attr)
 
         def wrapper(*a, **k):  # noqa: ANN002, ANN003, ANN202
             t = time.perf_counter()
+            stack.append(0.0)
             try:
                 return fn(*a, **k)
             finally:
-                times[phase] = times.get(phase, 0.0) + time.perf_counter() - t
+                took = time.perf_counter() - t
+                inner = stack.pop()
+                times[phase] = times.get(phase, 0.0) + took - inner
+                if stack:
+                    stack[-1] += took
         setattr(owner, attr, wrapper)
 
+    from kd import runtime
+
+    timed(runtime, "ensure_ray", "ray")
     for attr, phase in [("load_splits", "data"), ("preflight", "preflight"),
                         ("ensure_ray", "ray"), ("fit", "fit"), ("evaluate", "holdout eval"),
+                        ("evaluate_with_confusion", "holdout eval"),
                         ("primary_teacher", "holdout eval"), ("save_weights", "weights"),
-                        ("build_spec", "weights"), ("load_state_dict", "weights")]:
+                        ("build_spec", "weights"), ("load_state_dict", "weights"),
+                        ("log_lineage", "mlflow logging"), ("log_run_figures", "mlflow logging")]:
         timed(run, attr, phase)
     timed(storage, "put", "weights")
     for attr in ("start_run", "resume_run"):

@@ -244,3 +244,27 @@ def test_stratify_is_refused_with_the_reason() -> None:
     with pytest.raises(ValidationError, match="stratification was removed: the split hashes each row's key"):
         DataConfig(split={"stratify": True})
     assert DataConfig(split={"stratify": False}).split.stratify is False
+
+
+def test_the_profile_is_counted_once_per_data_hash(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many small experiments on the same data pay the counting pass once; a changed
+    file (new size / mtime: a new data hash) is counted again."""
+    import sys
+
+    prof = sys.modules["kd.data.profile"]  # kd.data.profile the attribute is the function
+    monkeypatch.setenv("KD_DATA_CACHE", str(tmp_path / "cache"))
+    x, y = _arrays()
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    cfg = DataConfig(source=str(tmp_path / "d.npz"))
+    first = load_splits(cfg)
+    calls: list[int] = []
+    real = prof.profile
+    monkeypatch.setattr(prof, "profile", lambda src: calls.append(1) or real(src))
+    again = load_splits(cfg)
+    assert calls == [] and again.data_hash == first.data_hash
+    assert (len(again.train), len(again.val), again.num_classes) == \
+        (len(first.train), len(first.val), first.num_classes)
+    np.savez(tmp_path / "d.npz", x=x[:-3], y=y[:-3])
+    changed = load_splits(cfg)
+    assert calls == [1] and changed.data_hash != first.data_hash

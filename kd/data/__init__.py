@@ -17,7 +17,7 @@ from kd.config import DataConfig
 from kd.data import builtin  # noqa: F401  (registers the built-in sets)
 from kd.data.base import UNLABELED, ArraySplit
 from kd.data.manifest import Manifest, build_manifest
-from kd.data.profile import SplitCounts, check_split_classes, profile, resolve_classes
+from kd.data.profile import SplitCounts, cached_profile, check_split_classes, profile, resolve_classes
 from kd.data.readers import Columns
 from kd.data.registry import DATASETS
 from kd.data.splits import Splits, StreamSplit
@@ -85,7 +85,7 @@ def load_splits(cfg: DataConfig, endpoint: str | None = None) -> Splits:
 
     src, digest = source_of(cfg, endpoint)  # a missing file or object fails here, before Ray
     ensure_ray()
-    prof = profile(src)
+    prof = cached_profile(src, digest)
     where = cfg.source
     num_classes = resolve_classes(prof, cfg.args.get("num_classes"), src.manifest.metadata, where)
     check_split_classes(prof, num_classes, where)

@@ -9,11 +9,19 @@ sample (``StreamSplit.sample``) or a built-in set's arrays before they are writt
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 UNLABELED = -1
+
+
+def data_cache_root() -> Path:
+    """``$KD_DATA_CACHE``, default ``~/.cache/kdflow/datasets``: built-in sets written
+    to parquet and the profiles of sources already counted."""
+    return Path(os.environ.get("KD_DATA_CACHE") or Path.home() / ".cache" / "kdflow" / "datasets")
 
 
 @dataclass

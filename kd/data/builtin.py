@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,14 +50,14 @@ def materialise(name: str, args: dict[str, Any]) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from kd.data.base import content_hash
+    from kd.data.base import content_hash, data_cache_root
 
     try:
         x, y = DATASETS.get(name)(**args)
     except TypeError as e:
         raise InputError(f"data.args: {e}") from None
     digest = content_hash(x, y, extra=name)
-    root = Path(os.environ.get("KD_DATA_CACHE") or Path.home() / ".cache" / "kdflow" / "datasets")
+    root = data_cache_root()
     path = root / f"{name.replace(':', '_').replace('/', '_')}-{digest}.parquet"
     if path.is_file():
         return str(path)

@@ -11,10 +11,12 @@ every class reaches val and holdout), the input shape and dtype.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import os
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from kd.data.base import data_cache_root
 from kd.data.stream import SPLITS, Source, dataset, input_errors
 from kd.errors import InputError
 
@@ -86,6 +88,28 @@ def profile(src: Source) -> Profile:
                          f"({', '.join(sorted(shapes))}); set data.args.shape or data.args.size")
     dtype = "int64" if dtypes == {"int64"} else "float32"
     return Profile(out, tuple(json.loads(shapes.pop())), dtype)
+
+
+def cached_profile(src: Source, key: str) -> Profile:
+    """`profile`, remembered under ``$KD_DATA_CACHE/profiles/<key>.json``. ``key`` is the
+    data hash: the manifest digest (every file's path, size and mtime or ETag, the
+    schema) plus the split and column settings, so a changed file or setting counts
+    again. A run of many small experiments on the same data then pays the counting pass
+    once (about 3 s on digits against a running head). An unreadable entry is counted
+    again; only a pass that succeeded is remembered."""
+    path = data_cache_root() / "profiles" / f"{key}.json"
+    try:
+        d = json.loads(path.read_text())
+        return Profile({k: SplitCounts(**v) for k, v in d["splits"].items()},
+                       tuple(d["input_shape"]), d["input_dtype"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    p = profile(src)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({**asdict(p), "input_shape": list(p.input_shape)}))
+    os.replace(tmp, path)  # atomic: a reader sees a whole entry or none
+    return p
 
 
 def resolve_classes(p: Profile, declared: int | None, metadata: dict[str, str], source: str) -> int:
