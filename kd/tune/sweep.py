@@ -28,9 +28,9 @@ from typing import Any
 from kd import storage, tracking
 from kd.config import Experiment, experiment_from_dict
 from kd.errors import InputError
-from kd.tune.report import choose, rank, table
+from kd.tune.report import NoEligibleTrial, choose, ineligible_reason, rank, table
 from kd.tune.runs import clear_tag, collect, finish_children, log_parent, mark_interrupted
-from kd.tune.space import Dist, parse_space, trial_doc
+from kd.tune.space import Dist, parse_space, probe_students, trial_doc
 
 STATE_SUFFIX = ".latest.json"
 TRIAL_CPU = 0.01
@@ -211,13 +211,14 @@ def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> Swe
     """`kd tune` (see the module docstring); prints the top trials and the choice."""
     from kd.data import load_splits
     from kd.runtime import ensure_ray
-    from kd.train.driver import preflight
+    from kd.train.driver import preflight, sample_batch
 
     if exp.student is None:
         raise InputError("student: section is required for `kd tune`")
     space = parse_space(exp)
     splits = load_splits(exp.data, exp.storage.endpoint_url)
     preflight(exp, "student", splits)
+    probe_students(exp, space, splits.input_shape, splits.num_classes, sample_batch(splits))
     ensure_ray()
     uri = tracking.tracking_uri(exp)
     root = storage.join(exp.storage.path, "tune")
@@ -237,6 +238,9 @@ def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> Swe
             mark_interrupted(uri, parent, exp, sweep, ended)
         chosen, closest = choose(rows, exp.tune.constraints, exp.tune.mode)
         log_parent(uri, parent, exp, rows, chosen)
+        why = ineligible_reason(rows)
+        if why:  # every trial failed, was pruned or wrote no weights: a failed sweep
+            raise NoEligibleTrial(f"sweep {sweep}: {why}")
         if resume:
             clear_tag(uri, parent, "kd.stopped")
         ok = True
