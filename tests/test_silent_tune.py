@@ -116,3 +116,28 @@ def test_kd_tune_reports_a_failing_probe_as_bad_input(workdir: Path,
     assert code == 2, err
     assert err.strip().splitlines()[-1].startswith(
         "kd: error: tune.space.student.args.in_features: value 32:")
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_trials_all_fail_is_a_clear_failure(
+        workdir: Path, ray_session: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """One trial, lr 1e9: it diverges (ERROR, no weights). Before the fix the sweep said
+    "no trial met tune.constraints" (there are none) and its parent run ended FINISHED;
+    now `kd tune` exits 1 with one line naming the cause, and the parent ends FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    code = cli.run(["tune", str(TUNE), "teacher=null", "distill.losses=[]",
+                    "distill.ce_weight=1.0", f"storage.path={workdir / 'runs'}",
+                    "tune.num_samples=1", "tune.max_concurrent_trials=1", "trainer.epochs=1",
+                    "tune.search.name=random", "tune.scheduler={name: none}",
+                    "tune.max_failures=0", "tune.space={optim.lr: 'choice([1.0e9])'}",
+                    "tune.constraints={}", "tune.resources.cpus_per_worker=0.25"])
+    out = capsys.readouterr()
+    assert code == 1, out.err
+    assert ("kd: run failed: NoEligibleTrial: sweep digits-tune-sweep-" in out.err
+            and "no trial finished with weights to choose from (1 ERROR)" in out.err), out.err
+    c = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    eid = c.get_experiment_by_name("kdflow-digits").experiment_id
+    parents = [r for r in c.search_runs([eid]) if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FAILED"
+    assert parents[0].data.tags["kd.best"].startswith("no trial finished with weights")

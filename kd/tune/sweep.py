@@ -238,18 +238,18 @@ def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> Swe
             mark_interrupted(uri, parent, exp, sweep, ended)
         chosen, closest = choose(rows, exp.tune.constraints, exp.tune.mode)
         log_parent(uri, parent, exp, rows, chosen)
-        why = ineligible_reason(rows)
-        if why:  # every trial failed, was pruned or wrote no weights: a failed sweep
-            raise NoEligibleTrial(f"sweep {sweep}: {why}")
         if resume:
             clear_tag(uri, parent, "kd.stopped")
-        ok = True
+        why = ineligible_reason(rows)  # every trial failed, was pruned or wrote no weights
+        ok = why is None
     finally:
         if not interrupted:
             tracking.end_run(uri, parent, ok)
     outcome = SweepOutcome(parent, path, rows, chosen, closest, mode)
     if not quiet:
         _print_summary(exp, list(space), outcome, uri)
+    if why:
+        raise NoEligibleTrial(f"sweep {sweep}: {why}")
     return outcome
 
 
@@ -290,6 +290,8 @@ def _print_summary(exp: Experiment, paths: list[str], o: SweepOutcome, uri: str)
               f"{chosen['metric']:.4f}  params {int(chosen['params'])}  "
               f"latency {chosen['latency_ms']:.3f} ms  "
               + "  ".join(f"{p}={chosen[p]}" for p in paths))
+    elif ineligible_reason(o.rows):
+        print(f"\n{ineligible_reason(o.rows)}")
     else:
         cons = exp.tune.constraints.model_dump(exclude_none=True)
         print(f"\nno trial meets tune.constraints {cons}; the closest:")
