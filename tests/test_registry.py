@@ -114,6 +114,7 @@ def champion(trained: SimpleNamespace) -> str:
 
 def test_gate_check_thresholds() -> None:
     from kd.config import GateConfig
+    from kd.errors import InputError
 
     gate = GateConfig(min_accuracy=0.5, max_accuracy_drop=0.01, max_params=100)
     new = {"accuracy": 0.6, "params": 50.0}
@@ -123,7 +124,8 @@ def test_gate_check_thresholds() -> None:
     assert not ok and any("fails >= champion 0.7" in r for r in why)
     ok, why = gate_check(GateConfig(min_teacher_agreement=0.9), new, None)
     assert not ok and "teacher_agreement unavailable" in why[0]
-    assert gate_check(GateConfig(), new, None) == (True, ["no gate thresholds configured"])
+    with pytest.raises(InputError, match="registry.gate names no criterion"):
+        gate_check(GateConfig(), new, None)  # an empty gate is refused, never a pass
 
 
 def test_cli_registry_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -58,6 +58,8 @@ def test_choose_respects_constraints() -> None:
          "val/teacher_agreement": 0.85},
         {"trial_id": "d", "metric": math.nan, "params": 500.0, "latency_ms": 1.0},
     ]
+    for r in rows:
+        r.update(status="DONE", weights=f"{r['trial_id']}.safetensors")
     best, closest = choose(rows, TuneConstraints(), "max")
     assert best["trial_id"] == "a" and not closest
     best, _ = choose(rows, TuneConstraints(max_params=5000, min_teacher_agreement=0.9), "max")

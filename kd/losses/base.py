@@ -9,11 +9,13 @@ Feature losses name the module paths they read with the params ``student`` and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from kd.errors import InputError
 from kd.plugins import Registry
 
 LOSSES = Registry("loss")
@@ -101,3 +103,21 @@ def required_paths(terms: list[dict]) -> tuple[list[str], list[str]]:
         s_paths += [p for p in s if p not in s_paths]
         t_paths += [p for p in t if p not in t_paths]
     return s_paths, t_paths
+
+
+def check_number(value: object, name: str, positive: bool = False) -> float:
+    """``value`` as a float, or an `InputError` naming the param ``name``.
+
+    Accepts ints, floats and numeric strings (YAML reads ``1e-3`` as a string); refuses
+    booleans, other strings, NaN and infinities, and values < 0 (<= 0 when ``positive``).
+    """
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(value, bool):
+        raise InputError(f"{name}: must be a finite number {bound}, got {value!r}")
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: must be a finite number {bound}, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise InputError(f"{name}: must be a finite number {bound}, got {value!r}")
+    return v

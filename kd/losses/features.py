@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd.errors import InputError
-from kd.losses.base import LOSSES, DistillBatch, LossContext
+from kd.losses.base import LOSSES, DistillBatch, LossContext, check_number
 
 
 def _pairs(name: str, student: str | list[str], teacher: str | list[str]) -> list[tuple[str, str]]:
@@ -94,13 +94,14 @@ class FitNetLoss(PairLoss):
         self.adapters = nn.ModuleList(adapters)
 
     def pair(self, f_s: Tensor, f_t: Tensor, i: int) -> Tensor:
-        f_s, f_t = _pool_to_common(self.adapters[i](f_s), f_t)
-        return F.mse_loss(f_s, f_t)
+        with torch.autocast(f_s.device.type, enabled=False):  # float32, like the others
+            f_s, f_t = _pool_to_common(self.adapters[i](f_s.float()), f_t.float())
+            return F.mse_loss(f_s, f_t)
 
 
 @LOSSES.register("fitnet")
 def fitnet(ctx: LossContext, student: str | list[str], teacher: str | list[str]) -> nn.Module:
-    """FitNets hints (Romero et al., 2015): ``mean((adapter(f_s) − f_t)²)``.
+    """FitNets hints (Romero et al., 2015): ``mean((adapter(f_s) − f_t)²)``, in float32.
 
     The adapter is a learned 1x1 conv (4-D) or Linear (2-D) from the student's to the
     teacher's channels, sized from ``ctx.student_shapes`` / ``ctx.teacher_shapes``
@@ -122,8 +123,10 @@ def fitnet(ctx: LossContext, student: str | list[str], teacher: str | list[str])
 
 
 def attention_map(f: Tensor, p: float = 2.0) -> Tensor:
-    """``a(f) = normalize(mean_c f^p flattened)``: ``[B, H·W]``, unit L2 norm per row."""
-    return F.normalize(f.pow(p).mean(dim=1).reshape(f.shape[0], -1), dim=1)
+    """``a(f) = normalize(mean_c |f|^p flattened)``: ``[B, H·W]``, unit L2 norm per row,
+    in float32. The absolute value is the paper's: signed (pre-ReLU) features with an odd
+    ``p`` would otherwise give signed maps, and a fractional ``p`` NaN."""
+    return F.normalize(f.float().abs().pow(p).mean(dim=1).reshape(f.shape[0], -1), dim=1)
 
 
 class ATLoss(PairLoss):
@@ -146,10 +149,10 @@ def at(
     ctx: LossContext, student: str | list[str], teacher: str | list[str], p: float = 2.0
 ) -> nn.Module:
     """Attention transfer (Zagoruyko & Komodakis, 2017), mdistiller/torchdistill form:
-    ``mean((a(f_s) − a(f_t))²)``, ``a(f) = normalize(mean_c f^p flattened)``, summed
+    ``mean((a(f_s) − a(f_t))²)``, ``a(f) = normalize(mean_c |f|^p flattened)``, summed
     over path pairs. Spatial sizes are adaptive-avg-pooled to the smaller one; channel
-    counts may differ. Typically weighted ~1000."""
-    return ATLoss(_pairs("at", student, teacher), float(p))
+    counts may differ. Typically weighted ~1000. ``p`` must be a finite number > 0."""
+    return ATLoss(_pairs("at", student, teacher), check_number(p, "p", positive=True))
 
 
 def _pdist(e: Tensor, eps: float = 1e-12) -> Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd.errors import InputError
-from kd.losses.base import LOSSES, DistillBatch, LossContext
+from kd.losses.base import LOSSES, DistillBatch, LossContext, check_number
 
 
 def _temperature(value: float | None, ctx: LossContext) -> float:
@@ -160,8 +160,11 @@ def kd(ctx: LossContext, temperature: float | None = None) -> nn.Module:
 def dkd(
     ctx: LossContext, alpha: float = 1.0, beta: float = 8.0, temperature: float | None = None
 ) -> nn.Module:
-    """Decoupled KD: ``α · T² · TCKD + β · T² · NCKD``, batch-averaged."""
-    return DKDLoss(alpha, beta, _temperature(temperature, ctx))
+    """Decoupled KD: ``α · T² · TCKD + β · T² · NCKD``, batch-averaged.
+
+    ``alpha`` and ``beta`` must be finite numbers >= 0 (else an `InputError` naming them)."""
+    return DKDLoss(check_number(alpha, "alpha"), check_number(beta, "beta"),
+                   _temperature(temperature, ctx))
 
 
 @LOSSES.register("multi_kd")

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from kd.config import Experiment, GateConfig
+from kd.config import EMPTY_GATE, Experiment, GateConfig
 from kd.errors import GateRejected, InputError
 from kd.registry.register import CHALLENGER, CHAMPION, run_config, teacher_and_holdout
 from kd.registry.store import (
@@ -66,8 +66,13 @@ def gate_check(gate: GateConfig, new: dict[str, float],
 
     accuracy >= min_accuracy; accuracy >= champion accuracy - max_accuracy_drop (only
     with a champion); teacher_agreement >= min_teacher_agreement; params <= max_params;
-    latency_ms <= max_latency_ms. A threshold whose metric is missing fails.
+    latency_ms <= max_latency_ms. A threshold whose metric is missing fails. A gate with
+    no threshold passes only with ``allow_any: true``; otherwise it is an `InputError`.
     """
+    if gate.allow_any:
+        return True, ["the gate allows any model (registry.gate.allow_any: true)"]
+    if not gate.criteria():
+        raise InputError(EMPTY_GATE)
     findings: list[tuple[bool, str]] = []
 
     def check(metric: str, ok_fn: Any, limit: float, text: str) -> None:
@@ -91,8 +96,8 @@ def gate_check(gate: GateConfig, new: dict[str, float],
     if gate.max_latency_ms is not None:
         check("latency_ms", lambda v, t: v <= t, gate.max_latency_ms,
               f"<= {gate.max_latency_ms:g} ms")
-    if not findings:
-        return True, ["no gate thresholds configured"]
+    if not findings:  # only max_accuracy_drop, and no champion yet
+        return True, ["first champion: max_accuracy_drop has no champion to compare with"]
     return all(ok for ok, _ in findings), [text for _, text in findings]
 
 
@@ -227,6 +232,8 @@ def promote(name: str, exp: Experiment | None = None, version: str | None = None
             return Decision(name, new.version, old.version, True, ["already champion"])
         exp = exp or run_config(c, new.run_id)
         gate = exp.registry.gate
+        if not (gate.allow_any or gate.criteria()):
+            raise InputError(EMPTY_GATE)  # before any scoring
         teacher, x, y = teacher_and_holdout(exp)
         new_m = score_version(c, new, exp, teacher, x, y)
         old_m = score_version(c, old, exp, teacher, x, y) if old is not None else None
@@ -269,9 +276,25 @@ def _record(c: Any, d: Decision) -> None:
         raise explain(e, f"{d.name}: recording the decision") from None
 
 
+def _deleted(c: Any, name: str, version: str) -> bool:
+    """True only when the server says version ``version`` does not exist
+    (RESOURCE_DOES_NOT_EXIST); any other failure (network, auth, server error) is an
+    `InputError`, so a rollback never skips a version it could not read."""
+    try:
+        c.get_model_version(name, version)
+        return False
+    except Exception as e:
+        if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return True
+        raise explain(e, f"{name}: rollback stopped, {CHAMPION} left where it was; reading "
+                         f"v{version}") from None
+
+
 def rollback(name: str) -> str:
     """Move ``champion`` back to the previous champion in ``kd.champion_history``
-    (skipping versions deleted since); returns the version now champion."""
+    (skipping versions deleted since: only a RESOURCE_DOES_NOT_EXIST answer counts as
+    deleted; any other error stops the rollback with the alias and history untouched);
+    returns the version now champion."""
     c = registry_client()
     _model_tags(c, name)
     with promotion_lock(c, name):
@@ -280,13 +303,9 @@ def rollback(name: str) -> str:
         if stack and current is not None and stack[-1] != current.version:
             stack.append(current.version)  # the alias was moved outside kdflow
         dropped = stack.pop() if stack else None
-        while stack:
-            try:
-                c.get_model_version(name, stack[-1])
-                break
-            except Exception:
-                print(f"[kd] {name} v{stack[-1]} was deleted; skipping it", flush=True)
-                stack.pop()
+        while stack and _deleted(c, name, stack[-1]):
+            print(f"[kd] {name} v{stack[-1]} was deleted; skipping it", flush=True)
+            stack.pop()
         if not stack:
             raise InputError(f"{name}: no previous champion to roll back to "
                              f"(history: {_model_tags(c, name).get(HISTORY_TAG, '[]')})")

@@ -30,7 +30,7 @@ from kd.models.weights import WEIGHTS_FILE
 from kd.registry import card as model_card
 from kd.registry import loader as serving
 from kd.registry.store import SHA_TAG, explain, registry_client
-from kd.storage import sha256_file
+from kd.storage import join, put, sha256_file
 from kd.train.figures import write_curves
 from kd.train.lineage import git_commit, teacher_sha
 
@@ -230,21 +230,34 @@ def _tag_version(c: Any, name: str, version: str, tags: dict[str, str], card: st
         raise explain(e, f"tag {name} version {version}") from None
 
 
+def write_record(doc: dict[str, Any], uri: str, endpoint: str | None = None) -> None:
+    """Write the registration record ``doc`` as JSON to ``uri`` through `kd.storage`:
+    an S3 object for s3:// (never a local folder named ``s3:``), an atomic rename on disk."""
+    with tempfile.TemporaryDirectory(prefix="kd-record-") as d:
+        tmp = Path(d) / RECORD
+        tmp.write_text(json.dumps(doc, indent=1))
+        put(tmp, uri, endpoint)
+
+
 def register_outcome(run_id: str, weights_uri: str, weights_sha256: str, exp: Experiment,
                      record_dir: str | Path) -> tuple[str, str]:
-    """`register_run` after `kd distill --register`; first writes a local record of the run
-    (``record_dir/registration.json``) so nothing is lost when the server is unreachable:
-    ``kd register RUN_ID`` retries from it."""
-    record = Path(record_dir) / RECORD
-    record.parent.mkdir(parents=True, exist_ok=True)
+    """`register_run` after `kd distill --register`; first writes a record of the run
+    (``record_dir/registration.json``, local or s3://, see `write_record`) so nothing is
+    lost when the server is unreachable: ``kd register RUN_ID`` retries from it."""
+    record = join(str(record_dir), RECORD)
+    endpoint = exp.storage.endpoint_url
     doc = {"run_id": run_id, "weights": weights_uri, "weights_sha256": weights_sha256,
            "model_name": exp.registry.model_name, "status": "pending", "at": time.time()}
-    record.write_text(json.dumps(doc, indent=1))
+    try:
+        write_record(doc, record, endpoint)
+    except InputError as e:
+        raise InputError(f"{e} (writing the registration record; run {run_id} is not "
+                         f"registered: retry with: kd register {run_id})") from None
     try:
         name, version = register_run(run_id, exp.registry.model_name, exp)
     except InputError as e:
         raise InputError(f"{e} (run recorded in {record}; retry with: "
                          f"kd register {run_id})") from None
     doc.update(status="registered", version=version)
-    record.write_text(json.dumps(doc, indent=1))
+    write_record(doc, record, endpoint)
     return name, version

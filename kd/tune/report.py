@@ -14,6 +14,10 @@ BASE_COLUMNS = ("trial_id", "status", "epochs", "epochs_trained", "metric", "val
                 "val/teacher_agreement", "params", "latency_ms")
 
 
+class NoEligibleTrial(RuntimeError):
+    """No trial of a sweep finished with weights: there is nothing to choose (exit 1)."""
+
+
 def _num(v: Any) -> float:
     try:
         f = float(v)
@@ -25,17 +29,39 @@ def _num(v: Any) -> float:
 def violation(row: dict[str, Any], c: TuneConstraints) -> float:
     """How far a trial is from meeting the constraints: the sum of relative excesses
     ``max(0, params/max_params - 1) + max(0, latency/max_latency - 1)
-    + max(0, (min_agreement - agreement)/min_agreement)``; 0 means it meets them."""
+    + max(0, (min_agreement - agreement)/min_agreement)``; 0 means it meets them.
+    A constrained value that is missing or NaN fails its constraint (infinite excess)."""
     v = 0.0
     if c.max_params is not None:
-        v += max(0.0, _num(row.get("params")) / c.max_params - 1.0)
+        v += _excess(_num(row.get("params")) / c.max_params - 1.0)
     if c.max_latency_ms is not None:
-        v += max(0.0, _num(row.get("latency_ms")) / c.max_latency_ms - 1.0)
+        v += _excess(_num(row.get("latency_ms")) / c.max_latency_ms - 1.0)
     if c.min_teacher_agreement is not None:
         agree = _num(row.get("val/teacher_agreement"))
-        agree = 0.0 if math.isnan(agree) else agree
-        v += max(0.0, (c.min_teacher_agreement - agree) / max(c.min_teacher_agreement, 1e-9))
-    return 0.0 if math.isnan(v) else v
+        v += _excess((c.min_teacher_agreement - agree) / max(c.min_teacher_agreement, 1e-9))
+    return v
+
+
+def _excess(x: float) -> float:
+    """``max(0, x)``, with NaN as infinitely far (``max(0.0, nan)`` is 0.0 in Python)."""
+    return math.inf if math.isnan(x) else max(0.0, x)
+
+
+def eligible(row: dict[str, Any]) -> bool:
+    """A trial that may be chosen: it finished (``DONE``) and its run wrote weights."""
+    return row.get("status") == "DONE" and bool(row.get("weights"))
+
+
+def ineligible_reason(rows: list[dict[str, Any]]) -> str | None:
+    """None when some trial is `eligible`; else one line saying why none is."""
+    if any(eligible(r) for r in rows):
+        return None
+    counts: dict[str, int] = {}
+    for r in rows:
+        key = str(r.get("status")) if r.get("status") != "DONE" else "DONE without weights"
+        counts[key] = counts.get(key, 0) + 1
+    seen = ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no trials"
+    return f"no trial finished with weights to choose from ({seen})"
 
 
 def rank(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
@@ -46,9 +72,10 @@ def rank(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
 
 def choose(rows: list[dict[str, Any]], c: TuneConstraints, mode: str
            ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """(best trial meeting the constraints or None, the closest trials when none does:
-    ranked by `violation`, then by the metric)."""
-    ranked = rank(rows, mode)
+    """(best `eligible` trial meeting the constraints or None, the closest eligible trials
+    when none does: ranked by `violation`, then by the metric). ERROR, PRUNED and
+    INTERRUPTED trials, and trials whose run wrote no weights, are never chosen."""
+    ranked = rank([r for r in rows if eligible(r)], mode)
     feasible = [r for r in ranked if violation(r, c) == 0.0]
     if feasible:
         return feasible[0], []

@@ -14,7 +14,7 @@ from kd import tracking
 from kd.config import Experiment, experiment_from_dict
 from kd.dotted import flatten
 from kd.errors import InputError, one_line
-from kd.tune.report import plots, write_csv
+from kd.tune.report import ineligible_reason, plots, write_csv
 from kd.tune.space import Dist, apply_values, trial_doc
 
 _model_cache: dict[str, tuple[float, float]] = {}
@@ -100,6 +100,7 @@ def collect(results: Any, exp: Experiment, space: dict[str, Dist], base: dict[st
             "distill.temperature": float(flat.get("distill.temperature", "nan")),
             **{p: cfg.get(p) for p in space},
             "error": "" if res.error is None else one_line(res.error)[:500],
+            "weights": "",  # the child run's kd.weights_uri, filled by finish_children
             "history": hist,
         }
         rows.append(row)
@@ -110,6 +111,8 @@ def finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str,
                      base: dict[str, Any], sweep: str) -> None:
     """Child runs left RUNNING (ASHA-stopped or interrupted) end KILLED; a failed trial
     without a child run (it failed before training) gets one, FAILED, with its error.
+    Each row gets ``run_id`` and ``weights`` (its run's ``kd.weights_uri`` tag, "" when the
+    run wrote none), which `kd.tune.report.choose` requires of the chosen trial.
 
     ``row["epochs"]`` is what Tune saw when it decided; ``row["epochs_trained"]`` is read
     back from the child run's ``epoch`` metric, because a stop reaches the workers
@@ -137,6 +140,7 @@ def finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str,
         if run is None:
             continue
         row["run_id"] = run.info.run_id
+        row["weights"] = run.data.tags.get("kd.weights_uri", "")  # set once weights are saved
         if row["status"] == "PRUNED" and run.info.status != "KILLED":
             # Tune stops a trial by raising inside it: train_run saw that as a failure
             if "kd.error" in run.data.tags:
@@ -177,7 +181,8 @@ def log_parent(uri: str, parent: str, exp: Experiment, rows: list[dict[str, Any]
         "sweep/errors": sum(r["status"] == "ERROR" for r in rows),
         "sweep/epochs_trained": sum(r["epochs_trained"] for r in rows)}, step=0)
     if chosen is None:
-        tracking.set_tags(uri, parent, {"kd.best": "no trial met tune.constraints"})
+        tracking.set_tags(uri, parent, {"kd.best": ineligible_reason(rows)
+                                        or "no trial met tune.constraints"})
         return
     existing = c.get_run(parent).data.params
     params = [Param(f"best.{p}", str(chosen[p])) for p in exp.tune.space

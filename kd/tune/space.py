@@ -6,6 +6,9 @@ and ``choice([v1, v2, ...])`` (a non-empty list of literals). Arguments are read
 with `ast.literal_eval` (literals only). Each path must name a field of the
 resolved config (lists by index, e.g. ``distill.losses.0.weight``; keys inside a
 model's ``args`` may be new), and the distribution's extreme values must validate.
+`probe_students` then builds and runs the student at the extremes of each ``student.*``
+key on the data's real input shape and class count (the sweep calls it once the data
+is loaded).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any
 
 from kd.config import Experiment, experiment_from_dict
 from kd.dotted import check_exists, with_values
-from kd.errors import InputError
+from kd.errors import InputError, one_line
 
 KINDS = ("loguniform", "uniform", "randint", "choice")
 _CALL = re.compile(r"^\s*([A-Za-z_]\w*)\s*\((.*)\)\s*$", re.S)
@@ -100,22 +103,46 @@ def parse_space(exp: Experiment) -> dict[str, Dist]:
         _check_path(doc, path)
         for value in dist.extremes():
             try:
-                trial = experiment_from_dict(with_values(doc, {path: value}), "trial")
+                experiment_from_dict(with_values(doc, {path: value}), "trial")
             except InputError as e:
                 raise InputError(f"tune.space.{path}: value {value!r} is not valid here "
                                  f"({str(e).removeprefix('trial: ')})") from None
-            if path.startswith("student.") and trial.student is not None:
-                from kd.models import build_model
-
-                try:
-                    build_model(trial.student.model, trial.student.args, (1, 8, 8), 2,
-                                trial.student.width)
-                except InputError as e:
-                    raise InputError(f"tune.space.{path}: value {value!r}: {e}") from None
-                except Exception:  # noqa: BLE001 - shape-specific models: checked at trial time
-                    pass
         space[path] = dist
     return space
+
+
+def probe_students(exp: Experiment, space: dict[str, Dist], input_shape: tuple[int, ...],
+                   num_classes: int, sample: Any = None) -> None:
+    """Build the student at each extreme value of every ``student.*`` key of ``space`` for
+    the data's real ``input_shape`` and ``num_classes`` and, given a ``sample`` batch, run
+    it and check the output is ``[B, num_classes]``. Any failure is an `InputError`
+    naming ``tune.space.<key>``, the value and the shape; nothing is swallowed."""
+    import torch
+
+    from kd.models import build_model
+
+    doc = exp.model_dump(mode="json")
+    for path, dist in space.items():
+        if not path.startswith("student."):
+            continue
+        for value in dist.extremes():
+            st = experiment_from_dict(with_values(doc, {path: value}), "trial").student
+            if st is None:
+                continue
+            try:
+                model = build_model(st.model, st.args, input_shape, num_classes, st.width)
+                if sample is not None:
+                    model.eval()
+                    with torch.no_grad():
+                        out = model(sample)
+                    if out.ndim != 2 or out.shape[1] != num_classes:
+                        raise InputError(f"outputs shape {tuple(out.shape)}, expected "
+                                         f"[batch, {num_classes}]")
+            except Exception as e:  # noqa: BLE001 - every failure is reported, as input
+                why = str(e) if isinstance(e, InputError) else one_line(e)
+                raise InputError(f"tune.space.{path}: value {value!r}: the student "
+                                 f"{st.model!r} does not work on this data (input shape "
+                                 f"{list(input_shape)}, {num_classes} classes): {why}") from None
 
 
 def trial_doc(base: dict[str, Any], values: dict[str, Any], trial_id: str) -> dict[str, Any]:

@@ -30,9 +30,9 @@ from kd import storage, tracking
 from kd.config import Experiment, experiment_from_dict
 from kd.data import DATA_TASK_CPUS_ENV
 from kd.errors import InputError
-from kd.tune.report import choose, rank, table
+from kd.tune.report import NoEligibleTrial, choose, ineligible_reason, rank, table
 from kd.tune.runs import clear_tag, collect, finish_children, log_parent, mark_interrupted
-from kd.tune.space import Dist, parse_space, trial_doc
+from kd.tune.space import Dist, parse_space, probe_students, trial_doc
 
 STATE_SUFFIX = ".latest.json"
 TRIAL_CPU = 0.01
@@ -219,13 +219,14 @@ def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> Swe
     """`kd tune` (see the module docstring); prints the top trials and the choice."""
     from kd.data import load_splits
     from kd.runtime import ensure_ray
-    from kd.train.driver import preflight
+    from kd.train.driver import preflight, sample_batch
 
     if exp.student is None:
         raise InputError("student: section is required for `kd tune`")
     space = parse_space(exp)
     splits = load_splits(exp.data, exp.storage.endpoint_url)
     preflight(exp, "student", splits)
+    probe_students(exp, space, splits.input_shape, splits.num_classes, sample_batch(splits))
     ensure_ray()
     uri = tracking.tracking_uri(exp)
     root = storage.join(exp.storage.path, "tune")
@@ -247,13 +248,16 @@ def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> Swe
         log_parent(uri, parent, exp, rows, chosen)
         if resume:
             clear_tag(uri, parent, "kd.stopped")
-        ok = True
+        why = ineligible_reason(rows)  # every trial failed, was pruned or wrote no weights
+        ok = why is None
     finally:
         if not interrupted:
             tracking.end_run(uri, parent, ok)
     outcome = SweepOutcome(parent, path, rows, chosen, closest, mode)
     if not quiet:
         _print_summary(exp, list(space), outcome, uri)
+    if why:
+        raise NoEligibleTrial(f"sweep {sweep}: {why}")
     return outcome
 
 
@@ -294,6 +298,8 @@ def _print_summary(exp: Experiment, paths: list[str], o: SweepOutcome, uri: str)
               f"{chosen['metric']:.4f}  params {int(chosen['params'])}  "
               f"latency {chosen['latency_ms']:.3f} ms  "
               + "  ".join(f"{p}={chosen[p]}" for p in paths))
+    elif ineligible_reason(o.rows):
+        print(f"\n{ineligible_reason(o.rows)}")
     else:
         cons = exp.tune.constraints.model_dump(exclude_none=True)
         print(f"\nno trial meets tune.constraints {cons}; the closest:")
