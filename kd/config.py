@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +29,33 @@ from kd.sections import (  # noqa: F401  (re-exported: kd.config is where sectio
     TuneSchedulerConfig,
     TuneSearchConfig,
 )
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NAME_MAX = 100
+
+
+def name_problem(value: object, max_len: int | None = NAME_MAX) -> str | None:
+    """Why ``value`` is not a valid run / experiment name (None when it is): 1..100
+    characters of letters, digits, ``_ . -``, starting with a letter or digit, so it is
+    always one safe path component (no ``/``, no ``..`` of its own). The one rule behind
+    ``name:`` in the config and the ``--run-name`` flag; ``max_len=None`` checks only the
+    characters (run names kdflow derives from a valid name may be longer)."""
+    if not isinstance(value, str):
+        return "expected a string"
+    if not NAME_RE.fullmatch(value):
+        return (f"{value[:60]!r} is not a valid name: use letters, digits, '_', '.', '-', "
+                "starting with a letter or digit (it names a folder under storage.path)")
+    if max_len is not None and len(value) > max_len:
+        return f"at most {max_len} characters (got {len(value)})"
+    return None
+
+
+def check_name(value: str, what: str, max_len: int | None = NAME_MAX) -> str:
+    """``value`` when `name_problem` finds nothing, else an `InputError` naming ``what``."""
+    problem = name_problem(value, max_len)
+    if problem:
+        raise InputError(f"{what}: {problem}")
+    return value
 
 
 class SplitConfig(Strict):
@@ -201,7 +229,7 @@ class StorageConfig(Strict):
 class Experiment(Strict):
     """One kdflow experiment, the single source of truth for a run."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig | None = None
@@ -235,9 +263,10 @@ class Experiment(Strict):
 
     @field_validator("name")
     @classmethod
-    def _name_len(cls, v: str) -> str:
-        if len(v) > 100:
-            raise ValueError("at most 100 characters")
+    def _name(cls, v: str) -> str:
+        problem = name_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     def hash(self) -> str:
@@ -291,18 +320,35 @@ def experiment_from_dict(doc: dict[str, Any], source: str = "config") -> Experim
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML mapping; a missing file or bad YAML is an `InputError` naming the file."""
+    """Parse a YAML mapping. Every way a file can fail to be one (missing, a directory,
+    unreadable, not UTF-8 text, bad YAML, empty, not a mapping at the top) is one
+    `InputError` line naming the file."""
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{path}: is a directory, not a config file")
     if not p.is_file():
         raise InputError(f"{path}: config file not found")
     try:
-        doc = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); "
+                         "a config is a YAML text file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise InputError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise InputError(f"{path}:{where} invalid YAML ({problem})") from None
+    except RecursionError:
+        raise InputError(f"{path}: invalid YAML (nested too deeply)") from None
+    if doc is None:
+        raise InputError(f"{path}: the file is empty; expected a mapping of sections")
     if not isinstance(doc, dict):
-        raise InputError(f"{path}: expected a mapping of sections at the top level")
+        raise InputError(f"{path}: expected a mapping of sections at the top level, "
+                         f"got a {type(doc).__name__}")
     return doc
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kd import storage, tracking
-from kd.config import Experiment, ModelSpec
+from kd.config import Experiment, ModelSpec, check_name
 from kd.data import Splits, load_splits
 from kd.errors import InputError
 from kd.models import build_model
@@ -104,6 +104,8 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
     Without ``run_name``, under a KubeRay RayJob the name is `run_name_from_env` (so a
     retry resumes), else a fresh `default_run_name`."""
     run_name = run_name or run_name_from_env(role)  # under a RayJob: stable across retries
+    if run_name is not None:  # one folder under storage.path, never a path out of it
+        check_name(run_name, "run name", max_len=None)
     splits = load_splits(exp.data, exp.storage.endpoint_url)
     preflight(exp, role, splits)
     splits = balance_by_teacher(exp, role, splits)
