@@ -97,6 +97,14 @@ def _cached_columns(exp: Experiment, role: Role, splits: Splits,
     return load_columns(cache, len(splits.train))
 
 
+def given_run_name(run_name: str | None, role: Role) -> str | None:
+    """``run_name``, else under a KubeRay RayJob `run_name_from_env` (stable across
+    retries), else None; held to the rule of ``name:`` (`kd.config.check_name`, without
+    the length cap): one folder under storage.path, never a path out of it."""
+    name = run_name or run_name_from_env(role)
+    return None if name is None else check_name(name, "run name", max_len=None)
+
+
 def train_run(exp: Experiment, role: Role, run_name: str | None = None,
               extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None,
               callbacks: list[Any] | None = None) -> RunOutcome:
@@ -106,9 +114,7 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
     Without ``run_name``, under a KubeRay RayJob the name is `run_name_from_env` (so a
     retry resumes), else a fresh `default_run_name`. The weights go to this run's own
     file, then to the name's latest copy (`kd.train.output.publish_weights`)."""
-    run_name = run_name or run_name_from_env(role)  # under a RayJob: stable across retries
-    if run_name is not None:  # one folder under storage.path, never a path out of it
-        check_name(run_name, "run name", max_len=None)
+    run_name = given_run_name(run_name, role)
     splits = load_splits(exp.data, exp.storage.endpoint_url)
     preflight(exp, role, splits)
     splits = balance_by_teacher(exp, role, splits)
