@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kd.dotted import set_in
+from kd.dotted import label, plain_data_problem, set_in
 from kd.errors import InputError
 from kd.sections import (  # noqa: F401  (re-exported: kd.config is where sections are looked up)
     RetrainConfig,
@@ -32,6 +32,7 @@ from kd.sections import (  # noqa: F401  (re-exported: kd.config is where sectio
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 NAME_MAX = 100
+SEED_MAX = 2**31 - 1  # numpy's legacy seed is < 2**32, and the loop adds the rank
 
 
 def name_problem(value: object, max_len: int | None = NAME_MAX) -> str | None:
@@ -65,7 +66,7 @@ class SplitConfig(Strict):
     val: float = Field(0.2, gt=0, lt=1)
     holdout: float = Field(0.2, ge=0, lt=1)
     stratify: bool = True
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
@@ -230,7 +231,7 @@ class Experiment(Strict):
     """One kdflow experiment, the single source of truth for a run."""
 
     name: str
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig | None = None
     student: StudentConfig | None = None
@@ -301,8 +302,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     """One line: ``SOURCE: field.path: message`` for each problem, joined by '; '."""
     items = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        loc = label(list(e["loc"]))
+        msg = " ".join(e["msg"].split())  # one line, whatever the input held
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif e["type"] == "missing":
@@ -312,7 +313,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def experiment_from_dict(doc: dict[str, Any], source: str = "config") -> Experiment:
-    """Validate a plain dict; errors become one `InputError` line naming the fields."""
+    """Validate a plain dict; errors become one `InputError` line naming the fields
+    (a value that is not plain data, `kd.dotted.plain_data_problem`, included)."""
+    found = plain_data_problem(doc)
+    if found:
+        raise InputError(f"{source}: {found[0]}: {found[1]}")
     try:
         return Experiment.model_validate(doc)
     except ValidationError as e:
