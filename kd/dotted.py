@@ -9,6 +9,7 @@ import copy
 import difflib
 import json
 import math
+import numbers
 from typing import Any
 
 from kd.errors import InputError
@@ -119,7 +120,7 @@ def plain_data_problem(doc: Any, path: list[Any] | None = None) -> tuple[str, st
             if found:
                 return found
         return None
-    if isinstance(doc, list):
+    if isinstance(doc, (list, tuple)):  # tuples: documents built in Python
         for i, v in enumerate(doc):
             found = plain_data_problem(v, [*path, i])
             if found:
@@ -127,9 +128,9 @@ def plain_data_problem(doc: Any, path: list[Any] | None = None) -> tuple[str, st
         return None
     if doc is None or isinstance(doc, bool):
         return None
-    if isinstance(doc, int):
-        return None if -INT64 <= doc < INT64 else (label(path), "integer out of the 64-bit range")
-    if isinstance(doc, float):
+    if isinstance(doc, numbers.Integral):  # numpy integers too (a sampled tune value)
+        return None if -INT64 <= int(doc) < INT64 else (label(path), "integer out of the 64-bit range")
+    if isinstance(doc, numbers.Real):
         return None if math.isfinite(doc) else (label(path), f"{doc} is not a finite number")
     if isinstance(doc, str):
         return None if "\x00" not in doc else (label(path), "the text holds a NUL byte")

@@ -104,3 +104,49 @@ def test_a_directory_given_as_config(tmp_path: Path, no_ray: None,
     code = cli.run(["distill", str(tmp_path)])
     err = one_error_line(capsys)
     assert code == 2 and err == f"kd: error: {tmp_path}: is a directory, not a config file"
+
+
+# Found by the property-based corpus (tests/test_bad_input_corpus.py); each was accepted
+# as a valid config (and failed later, or did not survive the logged resolved config's
+# round trip), or raised something other than InputError.
+NOT_PLAIN = [
+    ("storage.path=runs\x00", "storage.path: the text holds a NUL byte"),  # was ValueError, exit 1
+    ("data.source=digits\x00", "data.source: the text holds a NUL byte"),
+    ("teacher.weights=/w\x00.safetensors", "teacher.weights: the text holds a NUL byte"),
+    ("optim.momentum=.inf", "optim.momentum: inf is not a finite number"),
+    ("optim.lr=.inf", "optim.lr: inf is not a finite number"),
+    ("distill.losses=[{name: kd, alpha: .nan}]", "distill.losses.0.alpha: nan is not a finite number"),
+    ("data.args={a: !!binary AAAA}", "data.args.a: expected plain config data (text, number, list, "
+                                     "mapping), got bytes"),
+    ("data.args={a: 2001-12-14}", "data.args.a: expected plain config data (text, number, list, "
+                                  "mapping), got date"),
+    ("data.args={a: !!set {x}}", "data.args.a: expected plain config data (text, number, list, "
+                                 "mapping), got set"),
+    ("student.args={a: {1: 2}}", "student.args.a.1: keys must be strings, got int 1"),
+    ("trainer.epochs=100000000000000000000", "trainer.epochs: integer out of the 64-bit range"),
+    ("seed=-1", "seed: Input should be greater than or equal to 0"),
+    ("seed=4294967296", "seed: Input should be less than or equal to 2147483647"),
+    ("data.split.seed=-3", "data.split.seed: Input should be greater than or equal to 0"),
+    ("tune.seed=99999999999", "tune.seed: Input should be less than or equal to 2147483647"),
+]
+
+
+@pytest.mark.parametrize(("override", "expected"), NOT_PLAIN, ids=[o for o, _ in NOT_PLAIN])
+def test_config_values_that_are_not_plain_data(override: str, expected: str, tmp_path: Path,
+                                               no_ray: None, capsys: pytest.CaptureFixture[str]) -> None:
+    config = CONFIGS / "digits-kd.yaml"
+    code = cli.run(["distill", str(config), override, f"storage.path={tmp_path}"]
+                   if not override.startswith("storage.path") else ["distill", str(config), override])
+    err = one_error_line(capsys)
+    assert code == 2, err
+    assert err.startswith(f"kd: error: {config}: ") and expected in err, err
+
+
+def test_an_odd_mapping_key_keeps_the_error_on_one_line(tmp_path: Path) -> None:
+    """A YAML key holding a newline used to split the error over two lines."""
+    path = tmp_path / "k.yaml"
+    path.write_text('name: x\n"\\n": 1\ntrainer: {"ep\\tochs": 2}\n')
+    with pytest.raises(InputError) as e:
+        load_experiment(path)
+    assert "\n" not in str(e.value)
+    assert "'\\n': unknown field" in str(e.value) and "trainer.'ep\\tochs': unknown field" in str(e.value)
