@@ -287,7 +287,7 @@ def run(argv: list[str] | None = None) -> int:
     fn: Callable[[argparse.Namespace], int] = args.fn
     try:
         if getattr(args, "run_name", None) is not None:
-            from kd.config import check_name
+            from kd.names import check_name
 
             check_name(args.run_name, "--run-name")  # the rule of name: (a folder under storage.path)
         from kd.registry.store import install_resolver

@@ -67,7 +67,7 @@ def test_train_run_refuses_a_run_name_that_leaves_storage(no_ray: None, tmp_path
 
 
 def test_a_name_with_a_trailing_newline_is_refused() -> None:
-    """``re.match`` with ``$`` accepts "name\\n"; the rule uses fullmatch."""
+    """Python's ``re`` with ``$`` would accept "name\\n": the rule uses fullmatch."""
     assert name_problem("ok-name") is None
     assert name_problem("ok-name\n") is not None
 

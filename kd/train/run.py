@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from kd import tracking
-from kd.config import Experiment, ModelSpec, check_name
+from kd.config import Experiment, ModelSpec
 from kd.data import Splits, load_splits
 from kd.errors import InputError
 from kd.models import build_model
 from kd.models.weights import WEIGHTS_FILE, freeze, load_into, load_state_dict, save_weights
+from kd.names import check_name
 from kd.runtime import ensure_ray, run_name_from_env
 from kd.train.assemble import Role, build_spec, primary_teacher, trainee_spec
 from kd.train.driver import fit, preflight
@@ -99,7 +100,7 @@ def _cached_columns(exp: Experiment, role: Role, splits: Splits,
 
 def given_run_name(run_name: str | None, role: Role) -> str | None:
     """``run_name``, else under a KubeRay RayJob `run_name_from_env` (stable across
-    retries), else None; held to the rule of ``name:`` (`kd.config.check_name`, without
+    retries), else None; held to the rule of ``name:`` (`kd.names.check_name`, without
     the length cap): one folder under storage.path, never a path out of it."""
     name = run_name or run_name_from_env(role)
     return None if name is None else check_name(name, "run name", max_len=None)
