@@ -1,7 +1,7 @@
 """Count the bad-input corpus: run tests/test_bad_input_corpus.py (hypothesis) and print
 how many cases each property tried and how each ended, as a markdown table.
 
-    python bench/bad_input_corpus.py                 # the CI size (400 examples a test)
+    python bench/bad_input_corpus.py                 # the CI size (300 examples a test)
     python bench/bad_input_corpus.py --examples 2000 --random   # a bigger, fresh sample
 
 A case ends as a clean one-line InputError (exit 2 through the CLI) or a valid config;
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--examples", type=int, default=400, help="hypothesis examples per test")
+    p.add_argument("--examples", type=int, default=300, help="hypothesis examples per test")
     p.add_argument("--random", action="store_true", help="a fresh random sample (default: "
                    "derandomized, the same cases as CI)")
     args = p.parse_args()
