@@ -286,6 +286,10 @@ def run(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn
     try:
+        if getattr(args, "run_name", None) is not None:
+            from kd.names import check_name
+
+            check_name(args.run_name, "--run-name")  # the rule of name: (a folder under storage.path)
         from kd.registry.store import install_resolver
 
         install_resolver()  # models:/ weights URIs are read with verification

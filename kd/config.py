@@ -16,8 +16,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kd.dotted import set_in
+from kd.dotted import label, plain_data_problem, set_in
 from kd.errors import InputError
+from kd.names import NAME_MAX, SEED_MAX, check_name, name_problem  # noqa: F401  (re-exported)
 from kd.sections import (  # noqa: F401  (re-exported: kd.config is where sections are looked up)
     RetrainConfig,
     SnapshotChecks,
@@ -38,7 +39,7 @@ class SplitConfig(Strict):
     holdout: float = Field(0.2, ge=0, lt=1)
     stratify: bool = Field(False, description="removed: the split hashes each row's key "
                            "(docs/data.md); only false is accepted")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
     @field_validator("stratify")
     @classmethod
@@ -240,8 +241,8 @@ class StorageConfig(Strict):
 class Experiment(Strict):
     """One kdflow experiment, the single source of truth for a run."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
+    name: str
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig | None = None
     student: StudentConfig | None = None
@@ -274,9 +275,10 @@ class Experiment(Strict):
 
     @field_validator("name")
     @classmethod
-    def _name_len(cls, v: str) -> str:
-        if len(v) > 100:
-            raise ValueError("at most 100 characters")
+    def _name(cls, v: str) -> str:
+        problem = name_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     def hash(self) -> str:
@@ -311,8 +313,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     """One line: ``SOURCE: field.path: message`` for each problem, joined by '; '."""
     items = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
+        loc = label(list(e["loc"]))
+        msg = " ".join(e["msg"].split())  # one line, whatever the input held
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
         elif e["type"] == "missing":
@@ -322,7 +324,11 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def experiment_from_dict(doc: dict[str, Any], source: str = "config") -> Experiment:
-    """Validate a plain dict; errors become one `InputError` line naming the fields."""
+    """Validate a plain dict; errors become one `InputError` line naming the fields
+    (a value that is not plain data, `kd.dotted.plain_data_problem`, included)."""
+    found = plain_data_problem(doc)
+    if found:
+        raise InputError(f"{source}: {found[0]}: {found[1]}")
     try:
         return Experiment.model_validate(doc)
     except ValidationError as e:
@@ -330,18 +336,35 @@ def experiment_from_dict(doc: dict[str, Any], source: str = "config") -> Experim
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML mapping; a missing file or bad YAML is an `InputError` naming the file."""
+    """Parse a YAML mapping. Every way a file can fail to be one (missing, a directory,
+    unreadable, not UTF-8 text, bad YAML, empty, not a mapping at the top) is one
+    `InputError` line naming the file."""
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{path}: is a directory, not a config file")
     if not p.is_file():
         raise InputError(f"{path}: config file not found")
     try:
-        doc = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); "
+                         "a config is a YAML text file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise InputError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise InputError(f"{path}:{where} invalid YAML ({problem})") from None
+    except RecursionError:
+        raise InputError(f"{path}: invalid YAML (nested too deeply)") from None
+    if doc is None:
+        raise InputError(f"{path}: the file is empty; expected a mapping of sections")
     if not isinstance(doc, dict):
-        raise InputError(f"{path}: expected a mapping of sections at the top level")
+        raise InputError(f"{path}: expected a mapping of sections at the top level, "
+                         f"got a {type(doc).__name__}")
     return doc
 
 

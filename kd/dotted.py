@@ -1,12 +1,15 @@
 """Dotted paths into a nested dict/list document (``trainer.epochs``, ``distill.losses.0.weight``):
 one walker for config overrides (`kd.config.apply_overrides`) and the tune search space
-(`kd.tune.space`); `flatten` for MLflow params and near-miss hints."""
+(`kd.tune.space`); `flatten` for MLflow params and near-miss hints; `plain_data_problem`
+for what a config document may hold."""
 
 from __future__ import annotations
 
 import copy
 import difflib
 import json
+import math
+import numbers
 from typing import Any
 
 from kd.errors import InputError
@@ -86,3 +89,49 @@ def flatten(doc: Any, prefix: str = "") -> dict[str, str]:
     else:
         out[prefix.rstrip(".")] = json.dumps(doc) if isinstance(doc, (list, dict)) else str(doc)
     return out
+
+
+INT64 = 2**63
+
+
+def label(parts: list[Any]) -> str:
+    """A dotted path for messages; a key with odd characters (a hand-written YAML key
+    can be anything) is quoted, so the message stays one line."""
+    out = []
+    for p in parts:
+        text = str(p)
+        out.append(text if text and text.isprintable() and text.strip() == text else repr(text))
+    return ".".join(out) or "(top level)"
+
+
+def plain_data_problem(doc: Any, path: list[Any] | None = None) -> tuple[str, str] | None:
+    """The first value of ``doc`` that is not plain config data, as ``(dotted path, why)``;
+    None when all is plain. Plain: mappings with string keys, lists, strings without NUL
+    bytes, booleans, 64-bit integers, finite floats, null. What YAML adds beyond that
+    (``!!binary``, timestamps, sets, ``.nan``/``.inf``, non-string keys, huge integers)
+    would not survive the round trip through the logged resolved config (JSON / YAML),
+    or would fail later inside torch / numpy / a file system call."""
+    path = path or []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if not isinstance(k, str):
+                return label([*path, k]), f"keys must be strings, got {type(k).__name__} {k!r}"[:200]
+            found = plain_data_problem(v, [*path, k])
+            if found:
+                return found
+        return None
+    if isinstance(doc, (list, tuple)):  # tuples: documents built in Python
+        for i, v in enumerate(doc):
+            found = plain_data_problem(v, [*path, i])
+            if found:
+                return found
+        return None
+    if doc is None or isinstance(doc, bool):
+        return None
+    if isinstance(doc, numbers.Integral):  # numpy integers too (a sampled tune value)
+        return None if -INT64 <= int(doc) < INT64 else (label(path), "integer out of the 64-bit range")
+    if isinstance(doc, numbers.Real):
+        return None if math.isfinite(doc) else (label(path), f"{doc} is not a finite number")
+    if isinstance(doc, str):
+        return None if "\x00" not in doc else (label(path), "the text holds a NUL byte")
+    return label(path), f"expected plain config data (text, number, list, mapping), got {type(doc).__name__}"

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from kd.names import SEED_MAX
+
 
 class Strict(BaseModel):
     """Base for every section: unknown keys are errors."""
@@ -56,7 +58,7 @@ class TuneConfig(Strict):
     num_samples: int = Field(8, ge=1)
     max_concurrent_trials: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     scheduler: TuneSchedulerConfig = Field(default_factory=TuneSchedulerConfig)
     search: TuneSearchConfig = Field(default_factory=TuneSearchConfig)
     space: dict[str, str] = Field(default_factory=dict)

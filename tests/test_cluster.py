@@ -110,8 +110,9 @@ def test_two_workers_s3_fault_resume_fallback(ray_session: None, s3_server: str,
     assert "resuming from epoch 2/2" in notice[0] and "rank " in notice[0], notice
     kd_lines = "\n".join(ln for ln in logged.splitlines() if "[kd]" in ln)
     assert "[kd] resumed from the epoch 1 checkpoint: continuing with epoch 2/2" in logged, kd_lines
-    assert out.weights == f"s3://{bucket}/runs/cluster/model.safetensors"
-    assert s3.head_object(Bucket=bucket, Key="runs/cluster/model.safetensors")["ContentLength"] > 0
+    assert out.weights == f"s3://{bucket}/runs/cluster/runs/r1/model.safetensors"  # the run's own file
+    for key in ("runs/cluster/runs/r1/model.safetensors", "runs/cluster/model.safetensors"):  # + latest
+        assert s3.head_object(Bucket=bucket, Key=key)["ContentLength"] > 0
 
     # Fit 2: same run name, epochs 4 -> resumes after epoch 2: only epochs 3..4 train.
     exp2 = _exp(workdir, bucket, epochs=4)

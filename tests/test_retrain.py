@@ -345,7 +345,8 @@ def test_overlapping_pipelines_exactly_one_runs_and_drift_is_reported(
     assert len(parents) == 1
     # the retrained teacher is what the cache and the final distillation used
     teacher = ran[0]["stages"]["teacher"]["out"]["weights"]
-    assert teacher.endswith(f"-rt-{ran[0]['pipeline_id'][:8]}-teacher/model.safetensors")
+    pid = ran[0]["pipeline_id"]  # the teacher stage's own weights file (kd.train.output)
+    assert teacher.endswith(f"-rt-{pid[:8]}-teacher/runs/digits-retrain-retrain-{pid}-teacher/model.safetensors")
     assert ran[0]["stages"]["teacher_cache"]["out"]["computed"] is True
     distilled = pipeline.c.get_run(ran[0]["stages"]["distill"]["out"]["run_id"])
     assert distilled.data.tags["kd.teacher_uri"] == teacher

@@ -59,7 +59,8 @@ def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
 
 
 def final_weights_uri(exp: Experiment) -> str:
-    """Where a finished run's weights go: ``<storage.path>/<name>/model.safetensors``."""
+    """The latest copy of a name's weights: ``<storage.path>/<name>/model.safetensors``
+    (each run's own file is `kd.train.output.run_weights_uri`)."""
     from kd import storage
 
     return storage.join(exp.storage.path, exp.name, WEIGHTS_FILE)

@@ -16,18 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd import storage, tracking
+from kd import tracking
 from kd.config import Experiment, ModelSpec
 from kd.data import Splits, load_splits
 from kd.errors import InputError
 from kd.models import build_model
 from kd.models.weights import WEIGHTS_FILE, freeze, load_into, load_state_dict, save_weights
+from kd.names import check_name
 from kd.runtime import ensure_ray, run_name_from_env
 from kd.train.assemble import Role, build_spec, primary_teacher, trainee_spec
-from kd.train.driver import final_weights_uri, fit, preflight
+from kd.train.driver import fit, preflight
 from kd.train.evaluate import evaluate, evaluate_with_confusion
 from kd.train.figures import log_run_figures
 from kd.train.lineage import log_lineage
+from kd.train.output import OWNER_KEY, publish_weights
 from kd.train.semisup import balance_by_teacher
 
 
@@ -50,7 +52,7 @@ def default_run_name(exp: Experiment, role: Role) -> str:
 
 
 def weights_metadata(spec: ModelSpec, splits: Splits, exp: Experiment, role: Role,
-                     run_id: str) -> dict[str, str]:
+                     run_id: str, ray_run_name: str = "") -> dict[str, str]:
     """What a weights file needs to rebuild its model and trace where it came from."""
     return {
         "kd.model": spec.model, "kd.args": json.dumps(spec.args), "kd.width": str(spec.width),
@@ -58,6 +60,7 @@ def weights_metadata(spec: ModelSpec, splits: Splits, exp: Experiment, role: Rol
         "kd.input_shape": json.dumps(list(splits.input_shape)),
         "kd.input_dtype": splits.input_dtype, "kd.role": role,
         "kd.data_hash": splits.data_hash, "kd.config_hash": exp.hash(), "kd.run_id": run_id,
+        OWNER_KEY: ray_run_name,  # whose file it is (kd.train.output)
     }
 
 
@@ -103,6 +106,14 @@ def _log_json(uri: str, run_id: str, folder: str, name: str, doc: Any) -> None:
         tracking.log_artifact(uri, run_id, path, folder)
 
 
+def given_run_name(run_name: str | None, role: Role) -> str | None:
+    """``run_name``, else under a KubeRay RayJob `run_name_from_env` (stable across
+    retries), else None; held to the rule of ``name:`` (`kd.names.check_name`, without
+    the length cap): one folder under storage.path, never a path out of it."""
+    name = run_name or run_name_from_env(role)
+    return None if name is None else check_name(name, "run name", max_len=None)
+
+
 def train_run(exp: Experiment, role: Role, run_name: str | None = None,
               extra_tags: dict[str, str] | None = None, parent_run_id: str | None = None,
               callbacks: list[Any] | None = None) -> RunOutcome:
@@ -110,8 +121,9 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
     With ``teacher.cache`` the teacher outputs come from `kd.train.cache.ensure_cache`
     (computed once, then reused); ``parent_run_id`` makes the MLflow run a child.
     Without ``run_name``, under a KubeRay RayJob the name is `run_name_from_env` (so a
-    retry resumes), else a fresh `default_run_name`."""
-    run_name = run_name or run_name_from_env(role)  # under a RayJob: stable across retries
+    retry resumes), else a fresh `default_run_name`. The weights go to this run's own
+    file, then to the name's latest copy (`kd.train.output.publish_weights`)."""
+    run_name = given_run_name(run_name, role)
     splits = load_splits(exp.data, exp.storage.endpoint_url)  # joins Ray: the profile streams
     preflight(exp, role, splits)
     splits = balance_by_teacher(exp, role, splits)
@@ -142,9 +154,8 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
             model = build_spec(spec, role, splits.input_shape, splits.num_classes, False)
             load_into(model, state, what=f"{role} checkpoint")
             out = Path(d) / WEIGHTS_FILE
-            sha = save_weights(model, out, weights_metadata(spec, splits, exp, role, run_id))
-            weights_uri = final_weights_uri(exp)
-            storage.put(out, weights_uri, exp.storage.endpoint_url)
+            sha = save_weights(model, out, weights_metadata(spec, splits, exp, role, run_id, name))
+            weights_uri = publish_weights(out, exp, name)  # this run's own file (+ latest copy)
             tracking.log_artifact(uri, run_id, out, "weights")
         teacher = primary_teacher(exp, splits) if role == "student" else None
         holdout, confusion = evaluate_with_confusion(freeze(model), splits.holdout, teacher)
