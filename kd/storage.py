@@ -55,6 +55,11 @@ CHAIN_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", 
 STATIC_METHODS = frozenset({"env", "shared-credentials-file", "config-file", "explicit",
                             "boto-config"})
 _CLIENTS: dict[tuple, Any] = {}
+# Retries of S3 requests, deliberately bounded (tests/faults/test_fault_s3.py): botocore's
+# "standard" mode and the AWS C++ SDK's standard strategy (pyarrow) both retry throttling,
+# 5xx and connection errors with capped, jittered exponential backoff, up to this many
+# attempts in all; then the error names the object's URI.
+S3_ATTEMPTS = 3
 
 
 def _chain_key(kind: str, endpoint: str | None) -> tuple:
@@ -63,7 +68,7 @@ def _chain_key(kind: str, endpoint: str | None) -> tuple:
     return (os.getpid(), kind, endpoint, tuple(os.environ.get(k) for k in CHAIN_ENV))
 
 
-def s3_client(endpoint: str | None = None, attempts: int = 3):  # noqa: ANN201 - boto3 type is dynamic
+def s3_client(endpoint: str | None = None, attempts: int = S3_ATTEMPTS):  # noqa: ANN201 - boto3 type is dynamic
     """A boto3 S3 client with bounded retries and connect timeouts, built once per process
     and credential source. Its credentials come from a session of its own, which refreshes
     expiring ones (botocore's ``RefreshableCredentials``); nothing is frozen here."""
@@ -73,7 +78,9 @@ def s3_client(endpoint: str | None = None, attempts: int = 3):  # noqa: ANN201 -
     ep = endpoint_url(endpoint)
     key = _chain_key(f"s3-{attempts}", ep)
     if key not in _CLIENTS:
-        cfg = Config(retries={"max_attempts": attempts, "mode": "standard"},
+        # total_max_attempts counts the first try; botocore's max_attempts counts retries
+        # only (max_attempts=1 was 2 requests, so the preflight's "no retries" retried).
+        cfg = Config(retries={"total_max_attempts": attempts, "mode": "standard"},
                      connect_timeout=5 if attempts > 1 else 3,
                      read_timeout=30 if attempts > 1 else 10)
         _CLIENTS[key] = boto3.session.Session().client("s3", endpoint_url=ep, config=cfg)
@@ -206,6 +213,7 @@ def arrow_fs(uri: str, endpoint: str | None = None) -> tuple[Any, str]:
         "region": (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
                    or "us-east-1"),
         "connect_timeout": 5, "request_timeout": 30,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
     }
     ep = endpoint_url(endpoint)
     if ep:

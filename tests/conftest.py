@@ -104,12 +104,13 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def launch_mlflow_server(backend_uri: str, artifacts: str, log: Path,
-                         s3_endpoint: str | None = None) -> tuple[subprocess.Popen, str]:
-    """Start ``mlflow server`` on a free loopback port with proxied artifacts
-    (``--serve-artifacts``) and wait until it answers /health; returns (process, URL)."""
+                         s3_endpoint: str | None = None,
+                         port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """Start ``mlflow server`` on ``port`` (default: a free loopback port) with proxied
+    artifacts (``--serve-artifacts``) and wait until it answers /health; returns (process, URL)."""
     import urllib.request
 
-    port = free_port()
+    port = port or free_port()
     # MLflow 3.x servers start ~6 huey job-consumer processes (GenAI jobs kdflow does
     # not use) that cost ~40% of a core on a 2-core CI machine: off in tests.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

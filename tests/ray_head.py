@@ -29,7 +29,8 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 @pytest.fixture
 def ray_head(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[str, dict[str, str]]]:
-    """A 2-CPU Ray head on loopback with token auth; yields (dashboard URL, env)."""
+    """A 2-CPU Ray head on loopback with token auth; yields (dashboard URL, env); env's
+    ``KD_TEST_RAY_GCS`` is the head's GCS address (host:port)."""
     token = secrets.token_hex(32)
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PYTHONPATH": str(REPO), **getattr(request, "param", {})}
@@ -58,7 +59,8 @@ def ray_head(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[s
         if head.poll() is not None or time.time() >= deadline:
             pytest.fail("ray start --head did not come up:\n"
                         + (tmp_path / "head.log").read_text()[-2000:])
-        yield f"http://127.0.0.1:{dash}", env
+        # the GCS address, for a driver that joins this head directly (RAY_ADDRESS)
+        yield f"http://127.0.0.1:{dash}", {**env, "KD_TEST_RAY_GCS": f"127.0.0.1:{gcs}"}
     finally:
         # Stop exactly this head: SIGTERM to its process group, SIGKILL what is left.
         try:

@@ -4,6 +4,7 @@ load the newest readable one, prune old ones."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ def checkpoint_state(trainee: nn.Module, loss: nn.Module,
     return {k: v.detach().cpu() for k, v in unwrap(trainee).state_dict().items()}, opt.state_dict()
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, a quota, an I/O error); the message
+    names the checkpoint folder and the file. The previous checkpoint is untouched."""
+
+
 def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], loss: nn.Module,
                      opt_state: Any, epoch: int, rngs: list[torch.Tensor],
                      extra: dict[str, Any] | None = None) -> None:
@@ -44,18 +50,30 @@ def save_checkpoint(path: Path, model_state: dict[str, torch.Tensor], loss: nn.M
     GradScaler's state under ``scaler``), then ``manifest.json`` (size and
     sha256 of each file) LAST: a folder without a matching manifest is incomplete.
     The folder is a private temp dir; Ray copies it into storage and registers it
-    only after the copy finished, so a half-written checkpoint is never the latest."""
+    only after the copy finished, so a half-written checkpoint is never the latest.
+    A failed write (e.g. ENOSPC) removes what was written (freeing the space) and raises
+    `CheckpointWriteError` naming the folder and file."""
     from safetensors.torch import save_file
 
-    save_file({k: v.contiguous() for k, v in model_state.items()}, str(path / WEIGHTS_FILE))
-    if any(True for _ in loss.state_dict()):
-        save_weights(loss, path / CKPT_LOSS)
-    torch.save({"optimizer": opt_state, "epoch": epoch, "torch_rng": rngs[0],
-                "torch_rng_per_rank": rngs,
-                **(extra or {})}, path / CKPT_STATE)
-    files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
-             for f in sorted(path.iterdir()) if f.is_file()}
-    (path / CKPT_MANIFEST).write_text(json.dumps({"epoch": epoch + 1, "files": files}))
+    current = path / WEIGHTS_FILE
+    try:
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(current))
+        if any(True for _ in loss.state_dict()):
+            current = path / CKPT_LOSS
+            save_weights(loss, current)
+        current = path / CKPT_STATE
+        torch.save({"optimizer": opt_state, "epoch": epoch, "torch_rng": rngs[0],
+                    "torch_rng_per_rank": rngs, **(extra or {})}, current)
+        files = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)}
+                 for f in sorted(path.iterdir()) if f.is_file()}
+        current = path / CKPT_MANIFEST
+        current.write_text(json.dumps({"epoch": epoch + 1, "files": files}))
+    except Exception as e:  # OSError, safetensors' and torch's own wrappers of ENOSPC / EIO
+        shutil.rmtree(path, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"checkpoint of epoch {epoch + 1} not written: {current}: "
+            f"{(str(e).strip().splitlines() or [type(e).__name__])[0][:300]} "
+            "(the previous checkpoint is kept)") from None
 
 
 class IncompleteCheckpoint(ValueError):

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kd import tracking_spool
 from kd.config import Experiment
 from kd.data.transforms import build_transforms
 from kd.errors import TrainingDiverged
@@ -97,6 +98,8 @@ def run_loop(spec: dict[str, Any]) -> Worker:
         metrics = {**_epoch_metrics(w, sums, val_ds, epoch), **started}
         started = {}
         _report(w, metrics, epoch)
+    if w.rank == 0:  # epochs spooled while MLflow was down are uploaded before the run ends
+        tracking_spool.flush(spec["tracking_uri"], spec["run_id"])
     return w
 
 
@@ -240,12 +243,10 @@ def _report(w: Worker, metrics: dict[str, float], epoch: int) -> None:
     """Log (rank 0), stop on a non-finite loss, checkpoint when due, ``ray.train.report``."""
     import ray.train
 
-    from kd import tracking
-
     exp = w.exp
     save = epoch + 1 == exp.trainer.epochs or (epoch + 1) % exp.checkpoint.every_epochs == 0
     if w.rank == 0:
-        tracking.log_metrics(w.spec["tracking_uri"], w.spec["run_id"], metrics, step=epoch + 1)
+        tracking_spool.log_metrics(w.spec["tracking_uri"], w.spec["run_id"], metrics, step=epoch + 1)
         shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in
                           ("train/loss", "val/accuracy", "val/teacher_agreement") if k in metrics)
         print(f"[kd] epoch {epoch + 1}/{exp.trainer.epochs}  {shown}  "
