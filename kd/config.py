@@ -20,6 +20,10 @@ from kd.dotted import label, plain_data_problem, set_in
 from kd.errors import InputError
 from kd.names import NAME_MAX, SEED_MAX, check_name, name_problem  # noqa: F401  (re-exported)
 from kd.sections import (  # noqa: F401  (re-exported: kd.config is where sections are looked up)
+    EMPTY_GATE,
+    GATE_CRITERIA,
+    GateConfig,
+    RegistryConfig,
     RetrainConfig,
     SnapshotChecks,
     Strict,
@@ -185,50 +189,6 @@ class TrackingConfig(Strict):
     uri: str | None = None
     experiment: str = "kdflow"
     run_name: str | None = None
-
-
-class GateConfig(Strict):
-    """Promotion gate thresholds; a missing threshold is not checked. A gate names at
-    least one threshold, or says ``allow_any: true`` (promote whatever is registered)."""
-
-    min_accuracy: float | None = None
-    max_accuracy_drop: float | None = None
-    min_teacher_agreement: float | None = None
-    max_params: int | None = None
-    max_latency_ms: float | None = None
-    allow_any: bool = False
-
-    def criteria(self) -> list[str]:
-        """The names of the thresholds that are set."""
-        return [k for k in GATE_CRITERIA if getattr(self, k) is not None]
-
-    @model_validator(mode="after")
-    def _not_both(self) -> GateConfig:
-        if self.allow_any and self.criteria():
-            raise ValueError(f"allow_any: true contradicts the thresholds set "
-                             f"({', '.join(self.criteria())}); keep one or the other")
-        return self
-
-
-GATE_CRITERIA = ("min_accuracy", "max_accuracy_drop", "min_teacher_agreement", "max_params",
-                 "max_latency_ms")
-EMPTY_GATE = ("registry.gate names no criterion: set at least one of "
-              + ", ".join(GATE_CRITERIA) + ", or registry.gate.allow_any: true to promote "
-              "any model")
-
-
-class RegistryConfig(Strict):
-    """Model registry name and the promotion gate (required once ``model_name`` is set:
-    a registered model is gated)."""
-
-    model_name: str | None = None
-    gate: GateConfig = Field(default_factory=GateConfig)
-
-    @model_validator(mode="after")
-    def _gated(self) -> RegistryConfig:
-        if self.model_name and not (self.gate.allow_any or self.gate.criteria()):
-            raise ValueError(EMPTY_GATE)
-        return self
 
 
 class StorageConfig(Strict):
