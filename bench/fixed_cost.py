@@ -96,6 +96,9 @@ def child(argv: list[str]) -> None:
     times["other"] = times["total"] - sum(v for k, v in times.items()
                                           if k != "total" and not k.startswith("  "))
     print(MARK + json.dumps({"rc": code, **times}), flush=True)
+    from kd.runtime import end_process
+
+    end_process(code)  # as `kd` itself ends (kd.cli.main)
 
 
 def fit_phases(uri: str, run_id: str, start: float, end: float) -> dict[str, float]:

@@ -311,8 +311,11 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    sys.exit(run())
+    """Console-script entry point: `run`, then `kd.runtime.end_process` (no slow
+    interpreter teardown after a Ray run)."""
+    from kd.runtime import end_process
+
+    end_process(run())
 
 
 if __name__ == "__main__":

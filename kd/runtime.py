@@ -96,3 +96,26 @@ def quiet_logs() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
+
+
+def end_process(code: int) -> None:
+    """End the ``kd`` process with ``code`` now: flush logging and the standard streams,
+    disconnect from Ray (which stops a local Ray this process started), then
+    ``os._exit``. Measured on a small ``kd distill`` against a running head: Ray's own
+    exit hook sleeps 0.5 s and the interpreter's teardown of Ray's core worker, torch and
+    pyarrow took another ~2 s after all work was done. Everything kdflow writes (MLflow
+    calls, weights, checkpoints, S3 puts) is synchronous and finished before this point."""
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to say
+            pass
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    os._exit(code)

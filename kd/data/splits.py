@@ -14,7 +14,7 @@ import numpy as np
 
 from kd.data.base import ArraySplit
 from kd.data.profile import SplitCounts
-from kd.data.stream import Source, data_task_cpus, dataset
+from kd.data.stream import Source, data_task_cpus, dataset, read_head
 
 
 @dataclass
@@ -50,10 +50,15 @@ class StreamSplit:
         return ds
 
     def sample(self, n: int) -> ArraySplit:
-        """The first ``n`` rows (fewer if the split is smaller), read through Ray Data."""
+        """The first ``n`` rows (fewer if the split is smaller): read in this process
+        (`kd.data.stream.read_head`), or through Ray Data when ``maps`` apply."""
         if n <= 0 or not len(self):
             return ArraySplit(np.zeros((0,)), np.zeros(0, np.int64))
-        batch = self.dataset().limit(n).take_batch(n, batch_format="numpy")
+        if not self.maps:
+            parts = [b for s in self.sources for b in read_head(s, n)]
+            batch = {k: np.concatenate([b[k] for b in parts])[:n] for k in ("x", "y", "idx")}
+        else:
+            batch = self.dataset().limit(n).take_batch(n, batch_format="numpy")
         return ArraySplit(np.array(batch["x"]), np.array(batch["y"], np.int64),
                           np.asarray(batch["idx"], np.int64))
 

@@ -167,6 +167,24 @@ def _tasks(src: Source) -> list[list[Any]]:
     return [[f] for f in files]
 
 
+def read_head(src: Source, n: int) -> Iterator[dict[str, np.ndarray]]:
+    """The first ``n`` rows of ``src``'s split as numpy columns, read in this process
+    file by file in manifest order; it stops once ``n`` rows are read (bounded memory,
+    no Ray Data execution: a sample for a shape or a latency probe costs a file read,
+    not a task start)."""
+    got = 0
+    for files in _tasks(src):
+        for block in _read_file(src, files):
+            if not block.num_rows:
+                continue
+            part = block.slice(0, n - got)
+            got += part.num_rows
+            yield {"x": np.asarray(part.column("x").combine_chunks().to_numpy_ndarray()),
+                   "y": part.column("y").to_numpy(), "idx": part.column("idx").to_numpy()}
+            if got >= n:
+                return
+
+
 def dataset(src: Source) -> Any:
     """The lazy Ray Dataset of ``src`` (one read task per file / image chunk)."""
     import ray.data

@@ -45,11 +45,11 @@ def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
     if exp.teacher is not None and exp.teacher.shard and exp.scaling.strategy != "fsdp":
         raise InputError("teacher.shard: sharding the teacher needs scaling.strategy: fsdp "
                          "(with ddp every worker holds a replica)")
+    check_label_use(exp, role, splits)
     if exp.trainer.batch_size > len(splits.train):
         raise InputError(f"trainer.batch_size: {exp.trainer.batch_size} is larger than the training "
                          f"split ({len(splits.train)} rows of {exp.data.source}): every epoch "
                          f"would be one short step; use at most {len(splits.train)}")
-    check_label_use(exp, role, splits)
     check_output_is_not_a_teacher(exp, role)
     build_transforms(exp.data.transforms, splits.input_shape, splits.integer_inputs)
     from kd import storage
