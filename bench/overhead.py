@@ -59,7 +59,7 @@ def experiment(work: Path, teacher: str, rows: int, epochs: int, workers: int, e
         "name": "overhead", "seed": 0,
         "data": {"source": "synthetic", "args": {"n": rows, "num_classes": CLASSES,
                                                  "shape": SHAPE},
-                 "split": {"train": 0.8, "val": 0.1, "holdout": 0.1, "stratify": True}},
+                 "split": {"train": 0.8, "val": 0.1, "holdout": 0.1}},
         "teacher": {"model": "resnet56", "weights": teacher},
         "student": {"model": "resnet20"},
         "distill": {"temperature": T, "ce_weight": 0.1, "losses": [{"name": "kd", "weight": 0.9}]},
@@ -139,8 +139,9 @@ def main() -> None:
     save_weights(teacher, tpath)
     base = experiment(work, str(tpath), args.rows, args.epochs, args.workers, [])
     splits = load_splits(base.data)  # the same train rows the kdflow run trains on
-    x = torch.as_tensor(splits.train.x)
-    y = torch.as_tensor(splits.train.y)
+    train = splits.train.sample(len(splits.train))  # all of it: a few thousand rows
+    x = torch.as_tensor(train.x)
+    y = torch.as_tensor(train.y)
     rows = []
     for k, (mode, extra) in enumerate(MODES.items()):
         if k not in args.modes:

@@ -12,6 +12,7 @@ import torch
 
 from kd.config import Experiment
 from kd.data import Splits
+from kd.data.splits import held_for_epochs
 from kd.data.transforms import build_transforms
 from kd.errors import InputError
 from kd.models.weights import WEIGHTS_FILE, resolvers
@@ -95,13 +96,22 @@ def run_dir(exp: Experiment, run_name: str) -> str:
     return storage.join(exp.storage.path, run_name)
 
 
+def _epoch_datasets(splits: Splits, train_dataset: Any | None) -> dict[str, Any]:
+    """train (the cache's rows when given) and val, each held in the object store for
+    the epochs when small (`kd.data.splits.held_for_epochs`)."""
+    row = 4 * math.prod(splits.input_shape) + 8 * (2 + splits.num_classes)  # x, y, idx, logits
+    train = train_dataset if train_dataset is not None else splits.train.dataset()
+    return {"train": held_for_epochs(train, len(splits.train), row),
+            "val": held_for_epochs(splits.val.dataset(), len(splits.val), row)}
+
+
 def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: str,
         run_name: str, train_dataset: Any | None = None,
         callbacks: list[Any] | None = None) -> FitResult:
     """Run the loop under a `TorchTrainer` and return the final metrics and checkpoint.
     ``train_dataset`` replaces the train split's stream (the teacher cache's rows);
-    both datasets stay lazy: Ray Train streams them to the workers (train split
-    across them, val whole, each worker keeping its ``idx % world`` rows).
+    Ray Train streams both to the workers (train split across them, val whole, each
+    worker keeping its ``idx % world`` rows), from the object store when small.
     A ``run_name`` whose folder already holds checkpoints resumes from the latest."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -135,8 +145,7 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=[*(callbacks or []), FailureNotice(
                 exp.trainer.max_failures, fs, f"{storage_path}/{run_name}", exp.trainer.epochs)]),
-        datasets={"train": train_dataset if train_dataset is not None else splits.train.dataset(),
-                  "val": splits.val.dataset()},
+        datasets=_epoch_datasets(splits, train_dataset),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     result = trainer.fit()
