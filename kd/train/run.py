@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd import storage, tracking
+from kd import sse, storage, tracking
 from kd.config import Experiment, ModelSpec
 from kd.data import Splits, load_splits
 from kd.errors import InputError
@@ -144,7 +144,7 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
             out = Path(d) / WEIGHTS_FILE
             sha = save_weights(model, out, weights_metadata(spec, splits, exp, role, run_id))
             weights_uri = final_weights_uri(exp)
-            storage.put(out, weights_uri, exp.storage.endpoint_url)
+            storage.put(out, weights_uri, exp.storage.endpoint_url, sse.of(exp.storage))
             tracking.log_artifact(uri, run_id, out, "weights")
         teacher = primary_teacher(exp, splits) if role == "student" else None
         holdout, confusion = evaluate_with_confusion(freeze(model), splits.holdout, teacher)
