@@ -7,8 +7,8 @@ writes the teacher cache with. So when SSE is configured, `kd.storage.arrow_fs` 
 it in `SSEHandler` (a ``pyarrow.fs.PyFileSystem``): reads, listings and deletes go to
 pyarrow's own S3 filesystem unchanged; every object opened for writing is spooled to a
 local temp file and uploaded with boto3 on close, with the SSE headers and its sha256
-as user metadata; copies and moves inside the bucket are ``CopyObject`` calls with
-the same headers. The handler pickles (Ray ships it to workers) without its client.
+as user metadata; copies and moves inside the bucket are ``CopyObject`` calls, and
+folder markers ``PutObject`` calls, with the same headers. The handler pickles (Ray ships it to workers) without its client.
 """
 
 from __future__ import annotations
@@ -130,19 +130,40 @@ class SSEHandler(pafs.FileSystemHandler):
         return self.inner.get_file_info(selector)
 
     def create_dir(self, path: str, recursive: bool) -> None:
-        self.inner.create_dir(path, recursive=recursive)
+        """An empty ``<key>/`` marker object (what pyarrow writes), encrypted like the rest:
+        a bucket policy that denies unencrypted puts would refuse pyarrow's own."""
+        bucket, key = _bucket_key(path)
+        if key and self.inner.get_file_info(path).type == pafs.FileType.NotFound:
+            self.client().put_object(Bucket=bucket, Key=key.rstrip("/") + "/", Body=b"",
+                                     **self.sse)
+
+    # Deletes are boto3 calls too: pyarrow re-creates a deleted object's parent folder
+    # marker, unencrypted.
+    def _delete_under(self, path: str, keep_marker: bool) -> int:
+        bucket, key = _bucket_key(path)
+        prefix = key.rstrip("/") + "/" if key else ""
+        keys = [o["Key"] for page in self.client().get_paginator("list_objects_v2").paginate(
+                    Bucket=bucket, Prefix=prefix) for o in page.get("Contents", [])
+                if not (keep_marker and o["Key"] == prefix)]
+        for i in range(0, len(keys), 1000):
+            self.client().delete_objects(Bucket=bucket, Delete={
+                "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+        return len(keys)
 
     def delete_dir(self, path: str) -> None:
-        self.inner.delete_dir(path)
+        self._delete_under(path, keep_marker=False)
 
     def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
-        self.inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+        if not missing_dir_ok and self.inner.get_file_info(path).type == pafs.FileType.NotFound:
+            raise FileNotFoundError(path)
+        self._delete_under(path, keep_marker=True)
 
     def delete_root_dir_contents(self) -> None:
         raise OSError("kd: refusing to delete the contents of every bucket")
 
     def delete_file(self, path: str) -> None:
-        self.inner.delete_file(path)
+        bucket, key = _bucket_key(path)
+        self.client().delete_object(Bucket=bucket, Key=key)
 
     def copy_file(self, src: str, dest: str) -> None:
         sb, sk = _bucket_key(src)
@@ -155,10 +176,10 @@ class SSEHandler(pafs.FileSystemHandler):
             for info in self.inner.get_file_info(pafs.FileSelector(src, recursive=True)):
                 if info.type == pafs.FileType.File:
                     self.move(info.path, dest.rstrip("/") + info.path[len(src.rstrip("/")):])
-            self.inner.delete_dir(src)
+            self.delete_dir(src)
             return
         self.copy_file(src, dest)
-        self.inner.delete_file(src)
+        self.delete_file(src)
 
     def open_input_stream(self, path: str) -> Any:
         return self.inner.open_input_stream(path)
