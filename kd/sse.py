@@ -8,7 +8,9 @@ it in `SSEHandler` (a ``pyarrow.fs.PyFileSystem``): reads, listings and deletes 
 pyarrow's own S3 filesystem unchanged; every object opened for writing is spooled to a
 local temp file and uploaded with boto3 on close, with the SSE headers and its sha256
 as user metadata; copies and moves inside the bucket are ``CopyObject`` calls, and
-folder markers ``PutObject`` calls, with the same headers. The handler pickles (Ray ships it to workers) without its client.
+folder markers ``PutObject`` calls, with the same headers; deletes are boto3 calls
+(pyarrow re-creates a deleted object's parent marker, unencrypted). The handler
+pickles (Ray ships it to workers) without its client.
 """
 
 from __future__ import annotations

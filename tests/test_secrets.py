@@ -118,8 +118,10 @@ def test_a_run_leaks_no_credentials(mlflow_server: str, s3_server: str, bucket: 
     texts["workdir"] = "\n".join(p.read_bytes().decode("latin-1")
                                  for p in workdir.rglob("*") if p.is_file())
     assert "kd.config_hash" in texts["mlflow"] and "tracking.uri" in texts["mlflow"]
-    assert "epoch_" in texts["bucket"]  # the scan saw the run's checkpoints
-    leaks = [f"{where}: {c[:6]}..." for where, text in texts.items() for c in CANARIES
+    assert "model.safetensors" in texts["bucket"]  # the scan saw the run's weights
+    names = dict(zip(CANARIES, ("access key", "secret key", "session token",
+                                "MLflow password", "API token"), strict=True))
+    leaks = [f"{where}: {names[c]}" for where, text in texts.items() for c in CANARIES
              if c in text]
     assert not leaks, leaks
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRET  # the run had them all along
