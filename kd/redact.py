@@ -12,7 +12,7 @@
 It is applied where configs are logged (MLflow params and the ``config.yaml``
 artifact: `kd.tracking.start_run`), to every tag kdflow sets, and to the one line the
 CLI prints for an error; `RedactingStream` wraps the CLI's stdout/stderr so Ray's
-forwarded worker logs are redacted too. Values shorter than `MIN_LEN` are left alone
+forwarded worker logs are redacted too. Values shorter than `MIN_LEN` (8) are left alone
 (redacting ``"1"`` everywhere would garble the output and protect nothing).
 """
 
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 MASK = "***"
-MIN_LEN = 6
+MIN_LEN = 8
 SECRET_SUFFIXES = ("_KEY", "_SECRET", "_TOKEN", "_PASSWORD", "_ACCESS_KEY_ID", "_SECRET_KEY")
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
               "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")

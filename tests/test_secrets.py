@@ -26,16 +26,16 @@ CANARIES = (ACCESS, SECRET, SESSION, MLFLOW_PW, API_TOKEN)
 
 def test_redact_rules(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SOME_SERVICE_PASSWORD", "hunter2hunter2")
-    monkeypatch.setenv("MY_API_TOKEN", "tok-123456")
-    monkeypatch.setenv("SHORT_KEY", "abc")  # too short to mask: left alone
+    monkeypatch.setenv("MY_API_TOKEN", "tok-12345678")
+    monkeypatch.setenv("SHORT_KEY", "abc1234")  # under 8 characters: left alone
     text = ("uri http://alice:pw%21x@host:5000/api and https://ghp_tok@example.com/x, "
             "postgresql://u:p@db/x, s3://bucket/key, sqlite:///a/b.db, "
-            "password hunter2hunter2, token tok-123456, abc")
+            "password hunter2hunter2, token tok-12345678, abc1234")
     out = redact(text)
     assert "pw%21x" not in out and "http://alice:***@host:5000/api" in out
     assert "https://***@example.com/x" in out and "postgresql://u:***@db/x" in out
     assert "s3://bucket/key" in out and "sqlite:///a/b.db" in out
-    assert "hunter2hunter2" not in out and "tok-123456" not in out and out.endswith(", abc")
+    assert "hunter2hunter2" not in out and "tok-12345678" not in out and out.endswith(", abc1234")
     # a secret split over two writes is still masked (line-buffered)
     import io
 
