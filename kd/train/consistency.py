@@ -133,5 +133,6 @@ def _load_path(fs: Any, path: str) -> tuple[dict[str, Any] | None, str]:
             out = read_checkpoint(Path(d), path)
         out["path"] = path
         return out, ""
-    except Exception as e:
-        return None, str(e)
+    except Exception as e:  # read_checkpoint's errors already name the file
+        msg = str(e)
+        return None, msg if path.rstrip("/") in msg else f"{path}: {msg}"
