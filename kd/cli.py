@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from kd.errors import GateRejected, InputError, one_line
+from kd.redact import redact, redacted_output
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_GATE = 0, 1, 2, 3
 
@@ -285,6 +286,12 @@ def run(argv: list[str] | None = None) -> int:
     """Run one command; return its exit code (errors printed as one line)."""
     args = parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn
+    with redacted_output():
+        return _run(fn, args)
+
+
+def _run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Call ``fn``; map its errors to exit codes, each printed as one redacted line."""
     try:
         if getattr(args, "run_name", None) is not None:
             from kd.names import check_name
@@ -295,10 +302,10 @@ def run(argv: list[str] | None = None) -> int:
         install_resolver()  # models:/ weights URIs are read with verification
         return fn(args)
     except InputError as e:
-        print(f"kd: error: {e}", file=sys.stderr)
+        print(f"kd: error: {redact(e)}", file=sys.stderr)
         return EXIT_INPUT
     except GateRejected as e:
-        print(f"kd: gate rejected: {e}", file=sys.stderr)
+        print(f"kd: gate rejected: {redact(e)}", file=sys.stderr)
         return EXIT_GATE
     except KeyboardInterrupt:
         print("kd: interrupted", file=sys.stderr)
@@ -306,7 +313,7 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as e:  # a failed run: one line, the details are in the Ray/MLflow logs
         if os.environ.get("KD_DEBUG"):
             raise
-        print(f"kd: run failed: {one_line(e)}", file=sys.stderr)
+        print(f"kd: run failed: {redact(one_line(e))}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -196,6 +196,18 @@ class StorageConfig(Strict):
 
     path: str = "./kdflow-runs"
     endpoint_url: str | None = None
+    sse: Literal["AES256", "aws:kms"] | None = Field(
+        None, description="S3 server-side encryption passed on every write (docs/config.md)")
+    sse_kms_key_id: str | None = Field(None, min_length=1,
+                                       description="the KMS key id or ARN for sse: aws:kms")
+
+    @model_validator(mode="after")
+    def _kms_needs_key(self) -> StorageConfig:
+        if self.sse == "aws:kms" and not self.sse_kms_key_id:
+            raise ValueError("sse_kms_key_id: required when sse is aws:kms (the KMS key id or ARN)")
+        if self.sse_kms_key_id and self.sse != "aws:kms":
+            raise ValueError("sse_kms_key_id is only used with sse: aws:kms")
+        return self
 
 
 class Experiment(Strict):
@@ -246,6 +258,9 @@ class Experiment(Strict):
         doc = self.model_dump(mode="json")
         if doc.get("retrain") is None:  # configs without a retrain: section keep their hash
             doc.pop("retrain", None)
+        for k in ("sse", "sse_kms_key_id"):  # configs without encryption keep their hash
+            if doc.get("storage", {}).get(k) is None:
+                doc.get("storage", {}).pop(k, None)
         blob = json.dumps(doc, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

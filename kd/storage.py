@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from kd import integrity
 from kd.errors import InputError
 
 
@@ -108,12 +109,16 @@ def _s3_error(uri: str, err: Exception) -> InputError:
 def fetch(uri: str, endpoint: str | None = None, cache_dir: str | None = None) -> Path:
     """A local path holding the file at ``uri`` (downloaded for s3://).
 
-    Local paths must exist; a missing file is an `InputError`.
+    Local paths must exist; a missing file is an `InputError`. A file that `put` wrote
+    is checked against the sha256 recorded then (S3 metadata ``sha256``, or the local
+    sidecar ``<file>.sha256``): a mismatch is a `kd.integrity.IntegrityError` naming it.
     """
     if not is_s3(uri):
         path = Path(uri).expanduser()
         if not path.exists():
             raise InputError(f"{uri}: no such file or directory")
+        if path.is_file():
+            integrity.verify_sidecar(path, uri)
         return path
     bucket, key = split_s3(uri)
     base = Path(cache_dir or tempfile.mkdtemp(prefix="kd-s3-"))
@@ -127,6 +132,12 @@ def fetch(uri: str, endpoint: str | None = None, cache_dir: str | None = None) -
         if "no such object" in str(err) and not bucket_exists(client, bucket):
             err = InputError(f"{uri}: bucket does not exist")
         raise err from None
+    try:
+        recorded = client.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get(
+            integrity.META_KEY)
+    except Exception as e:
+        raise _s3_error(uri, e) from None
+    integrity.verify_file(local, recorded, uri)
     return local
 
 
@@ -139,20 +150,27 @@ def bucket_exists(client: object, bucket: str) -> bool:
         return False
 
 
-def put(local: str | Path, uri: str, endpoint: str | None = None) -> None:
-    """Copy a local file to ``uri``: an S3 upload, or an atomic rename on disk."""
+def put(local: str | Path, uri: str, endpoint: str | None = None,
+        sse: dict[str, str] | None = None) -> str:
+    """Copy a local file to ``uri`` and record its sha256 (returned): an S3 upload with
+    the hash as user metadata ``sha256`` and the server-side encryption headers ``sse``
+    (`kd.sse.of(exp.storage)`), or an atomic rename on disk with a sidecar
+    ``<file>.sha256`` (`kd.integrity.record`). `fetch` checks the hash."""
+    sha = integrity.sha256_file(local)
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            s3_client(endpoint).upload_file(str(local), bucket, key)
+            s3_client(endpoint).upload_file(str(local), bucket, key, ExtraArgs={
+                **(sse or {}), "Metadata": {integrity.META_KEY: sha}})
         except Exception as e:
             raise _s3_error(uri, e) from None
-        return
+        return sha
     dest = Path(uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     tmp.write_bytes(Path(local).read_bytes())
     os.replace(tmp, dest)
+    return integrity.record(dest, sha)
 
 
 def join(base: str, *parts: str) -> str:
@@ -162,13 +180,7 @@ def join(base: str, *parts: str) -> str:
     return str(Path(base).joinpath(*parts))
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256_file = integrity.sha256_file  # re-exported: hex sha256 of a local file
 
 
 def _credentials() -> Any:
@@ -194,7 +206,8 @@ def static_credentials() -> tuple[str, str, str | None] | None:
     return f.access_key, f.secret_key, f.token
 
 
-def arrow_fs(uri: str, endpoint: str | None = None) -> tuple[Any, str]:
+def arrow_fs(uri: str, endpoint: str | None = None,
+             sse: dict[str, str] | None = None) -> tuple[Any, str]:
     """``(pyarrow filesystem, path inside it)`` for ``uri``: a local filesystem and
     the absolute path, or an ``S3FileSystem`` and ``bucket/prefix``.
 
@@ -202,7 +215,9 @@ def arrow_fs(uri: str, endpoint: str | None = None) -> tuple[Any, str]:
     ``AWS_ENDPOINT_URL_S3``; scheme and host:port split as pyarrow wants them). It
     carries keys only when the chain's are static (`static_credentials`); otherwise
     pyarrow's own chain resolves and refreshes them in every process that uses it, a
-    Ray worker that unpickled it included (see the module docstring).
+    Ray worker that unpickled it included (see the module docstring). With ``sse``
+    (`kd.sse.of(exp.storage)`) every write through it is server-side encrypted
+    (`kd.sse.wrap`); give it wherever the filesystem writes.
     """
     import pyarrow.fs as pafs
 
@@ -223,7 +238,10 @@ def arrow_fs(uri: str, endpoint: str | None = None) -> tuple[Any, str]:
     creds = static_credentials()
     if creds is not None:
         kwargs.update(access_key=creds[0], secret_key=creds[1], session_token=creds[2])
-    return pafs.S3FileSystem(**kwargs), "/".join(p for p in (bucket, key.strip("/")) if p)
+    from kd.sse import wrap
+
+    fs = wrap(pafs.S3FileSystem(**kwargs), sse or {}, ep, creds)
+    return fs, "/".join(p for p in (bucket, key.strip("/")) if p)
 
 
 def check_writable(uri: str, endpoint: str | None = None) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from kd.config import Experiment
 from kd.dotted import flatten
 from kd.errors import InputError
+from kd.redact import redact, redact_map
 
 PARAM_CHUNK = 100
 
@@ -49,23 +50,26 @@ def experiment_id(c: Any, name: str) -> str:
 def start_run(exp: Experiment, kind: str, tags: dict[str, str] | None = None,
               parent_run_id: str | None = None) -> str:
     """Create the run, log the flattened resolved config as params and the config
-    YAML as an artifact; returns the run id."""
+    YAML as an artifact; returns the run id. Params, tags and the YAML are redacted
+    (`kd.redact`): a password in ``tracking.uri`` or a key in the environment is
+    logged as ``***``."""
     from mlflow.entities import Param
 
     uri = tracking_uri(exp)
     c = client(uri)
-    all_tags = {"kd.kind": kind, "kd.config_hash": exp.hash(), **(tags or {})}
+    all_tags = redact_map({"kd.kind": kind, "kd.config_hash": exp.hash(), **(tags or {})})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(c, exp.tracking.experiment),
                        run_name=exp.tracking.run_name or f"{exp.name}-{kind}", tags=all_tags)
     run_id = run.info.run_id
-    params = [Param(k, v[:6000]) for k, v in flatten(exp.model_dump(mode="json")).items()]
+    params = [Param(k, v[:6000])
+              for k, v in redact_map(flatten(exp.model_dump(mode="json"))).items()]
     for i in range(0, len(params), PARAM_CHUNK):
         c.log_batch(run_id, params=params[i:i + PARAM_CHUNK])
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "config.yaml"
-        path.write_text(exp.to_yaml())
+        path.write_text(redact(exp.to_yaml()))
         c.log_artifact(run_id, str(path))
     return run_id
 
@@ -90,9 +94,9 @@ def log_artifact(uri: str, run_id: str, path: str | Path, artifact_path: str | N
 
 
 def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
-    """Set string tags on a run."""
+    """Set string tags on a run (values redacted, `kd.redact`)."""
     c = client(uri)
-    for k, v in tags.items():
+    for k, v in redact_map(tags).items():
         c.set_tag(run_id, k, v)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 import kd
+from kd import sse
 from kd.config import Experiment, load_experiment
 from kd.errors import InputError
 from kd.models.weights import WEIGHTS_FILE
@@ -230,13 +231,15 @@ def _tag_version(c: Any, name: str, version: str, tags: dict[str, str], card: st
         raise explain(e, f"tag {name} version {version}") from None
 
 
-def write_record(doc: dict[str, Any], uri: str, endpoint: str | None = None) -> None:
+def write_record(doc: dict[str, Any], uri: str, endpoint: str | None = None,
+                 sse_args: dict[str, str] | None = None) -> None:
     """Write the registration record ``doc`` as JSON to ``uri`` through `kd.storage`:
-    an S3 object for s3:// (never a local folder named ``s3:``), an atomic rename on disk."""
+    an S3 object for s3:// (never a local folder named ``s3:``, encrypted as
+    ``sse_args`` say), an atomic rename on disk."""
     with tempfile.TemporaryDirectory(prefix="kd-record-") as d:
         tmp = Path(d) / RECORD
         tmp.write_text(json.dumps(doc, indent=1))
-        put(tmp, uri, endpoint)
+        put(tmp, uri, endpoint, sse_args)
 
 
 def register_outcome(run_id: str, weights_uri: str, weights_sha256: str, exp: Experiment,
@@ -249,7 +252,7 @@ def register_outcome(run_id: str, weights_uri: str, weights_sha256: str, exp: Ex
     doc = {"run_id": run_id, "weights": weights_uri, "weights_sha256": weights_sha256,
            "model_name": exp.registry.model_name, "status": "pending", "at": time.time()}
     try:
-        write_record(doc, record, endpoint)
+        write_record(doc, record, endpoint, sse.of(exp.storage))
     except InputError as e:
         raise InputError(f"{e} (writing the registration record; run {run_id} is not "
                          f"registered: retry with: kd register {run_id})") from None
@@ -259,5 +262,5 @@ def register_outcome(run_id: str, weights_uri: str, weights_sha256: str, exp: Ex
         raise InputError(f"{e} (run recorded in {record}; retry with: "
                          f"kd register {run_id})") from None
     doc.update(status="registered", version=version)
-    write_record(doc, record, endpoint)
+    write_record(doc, record, endpoint, sse.of(exp.storage))
     return name, version

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from kd import storage, tracking
+from kd import sse, storage, tracking
 from kd.config import Experiment, RetrainConfig
 from kd.errors import GateRejected, InputError, one_line
 from kd.retrain import lock, report, snapshot, stages
@@ -152,7 +152,7 @@ def _open(exp: Experiment, model: str, pid: str, splits: Any, prof: dict[str, An
     fresh = {"pipeline_id": pid, "model": model, "order": list(ORDER), "parent_run_id": parent,
              "snapshot": {k: prof[k] for k in ("source", "hash", "samples")},
              "stages": from_tags(run.data.tags) if run is not None else {}}
-    state = State.load(folder, exp.storage.endpoint_url, fresh)
+    state = State.load(folder, exp.storage.endpoint_url, fresh, sse.of(exp.storage))
     state.save()
     return stages.Context(exp, model, pid, splits, prof, uri, parent, folder, state, champ)
 
@@ -200,7 +200,8 @@ def _run_stages(ctx: stages.Context) -> tuple[str, str]:
 def _finish(ctx: stages.Context, status: str, message: str) -> str:
     """Write the report (storage + parent run), end the parent run, print a summary."""
     doc = report.build(ctx.state.doc, status, message, ctx.parent, ctx.uri)
-    where = report.write(doc, ctx.folder, ctx.endpoint, ctx.uri, ctx.parent)
+    where = report.write(doc, ctx.folder, ctx.endpoint, ctx.uri, ctx.parent,
+                         sse.of(ctx.exp.storage))
     drift = doc.get("drift") or {}
     tags = {"kd.retrain.status": status, "kd.retrain.exit_code": str(doc["exit_code"]),
             "kd.retrain.drift": str(bool(drift.get("drifted"))).lower()}

@@ -91,15 +91,16 @@ def markdown(doc: dict[str, Any]) -> str:
 
 
 def write(doc: dict[str, Any], folder: str, endpoint: str | None, uri: str,
-          parent: str) -> str:
-    """Write both files to ``folder`` (storage) and the parent run; returns the JSON's URI.
+          parent: str, sse: dict[str, str] | None = None) -> str:
+    """Write both files to ``folder`` (storage; S3 writes encrypted per ``sse``) and the
+    parent run; returns the JSON's URI.
     A failure to reach MLflow only prints: the storage copy is the record."""
     with tempfile.TemporaryDirectory() as d:
         js, md = Path(d) / "report.json", Path(d) / "report.md"
         js.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str))
         md.write_text(markdown(doc))
         for p in (js, md):
-            storage.put(p, storage.join(folder, p.name), endpoint)
+            storage.put(p, storage.join(folder, p.name), endpoint, sse)
         try:
             tracking.log_artifact(uri, parent, js, "retrain")
             tracking.log_artifact(uri, parent, md, "retrain")

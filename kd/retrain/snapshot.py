@@ -98,13 +98,14 @@ def profile_uri(folder: str, snapshot_hash: str) -> str:
     return storage.join(folder, "snapshots", f"{snapshot_hash}.json")
 
 
-def save_profile(folder: str, prof: dict[str, Any], endpoint: str | None) -> str:
+def save_profile(folder: str, prof: dict[str, Any], endpoint: str | None,
+                 sse: dict[str, str] | None = None) -> str:
     """Write the profile atomically; returns its URI."""
     uri = profile_uri(folder, prof["hash"])
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "profile.json"
         p.write_text(json.dumps(prof, indent=1))
-        storage.put(p, uri, endpoint)
+        storage.put(p, uri, endpoint, sse)
     return uri
 
 

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from kd import storage, tracking
+from kd import sse, storage, tracking
 from kd.config import Experiment, RetrainConfig, experiment_from_dict
 from kd.data import Splits
 from kd.errors import GateRejected, InputError
@@ -84,7 +84,8 @@ def validate(ctx: Context) -> dict[str, Any]:
     failed = [f"{n}: {f}" for n, ok, f in checks if not ok]
     if failed:
         raise BadSnapshot(f"snapshot {ctx.exp.data.source} rejected: " + "; ".join(failed))
-    uri = snapshot.save_profile(ctx.model_folder, ctx.profile, ctx.endpoint)
+    uri = snapshot.save_profile(ctx.model_folder, ctx.profile, ctx.endpoint,
+                                sse.of(ctx.exp.storage))
     return {"hash": ctx.profile["hash"], "samples": ctx.profile["samples"], "profile": uri,
             "previous": prev_hash or ""}
 

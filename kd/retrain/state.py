@@ -26,18 +26,28 @@ PIPELINE_TAG = "kd.retrain.pipeline_id"
 class State:
     """The state document of one pipeline and where it lives."""
 
-    def __init__(self, uri: str, endpoint: str | None, doc: dict[str, Any]) -> None:
-        self.uri, self.endpoint, self.doc = uri, endpoint, doc
+    def __init__(self, uri: str, endpoint: str | None, doc: dict[str, Any],
+                 sse: dict[str, str] | None = None) -> None:
+        self.uri, self.endpoint, self.doc, self.sse = uri, endpoint, doc, sse
 
     @classmethod
-    def load(cls, folder: str, endpoint: str | None, fresh: dict[str, Any]) -> State:
-        """The stored state of the pipeline in ``folder``, else ``fresh``."""
+    def load(cls, folder: str, endpoint: str | None, fresh: dict[str, Any],
+             sse: dict[str, str] | None = None) -> State:
+        """The stored state of the pipeline in ``folder``, else ``fresh`` when there is
+        none. A state file that exists but is corrupt or truncated (its recorded sha256
+        differs, or it is not a JSON object) is an `InputError` naming it: starting over
+        silently would repeat stages that finished."""
         uri = storage.join(folder, "state.json")
+        if not exists(uri, endpoint):
+            return cls(uri, endpoint, fresh, sse)
         try:
             doc = json.loads(storage.fetch(uri, endpoint).read_text())
-        except InputError:
-            doc = fresh
-        return cls(uri, endpoint, doc)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{uri}: not a readable retrain state file ({type(e).__name__}); "
+                             "corrupt or truncated") from None
+        if not isinstance(doc, dict):
+            raise InputError(f"{uri}: not a retrain state file (a JSON object expected)")
+        return cls(uri, endpoint, doc, sse)
 
     @property
     def stages(self) -> dict[str, dict[str, Any]]:
@@ -71,7 +81,18 @@ class State:
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / "state.json"
             p.write_text(json.dumps(self.doc, indent=1, sort_keys=True, default=str))
-            storage.put(p, self.uri, self.endpoint)
+            storage.put(p, self.uri, self.endpoint, self.sse)
+
+
+def exists(uri: str, endpoint: str | None) -> bool:
+    """True when the file at ``uri`` (local or s3://) exists."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.arrow_fs(uri, endpoint)
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.File
+    except OSError as e:
+        raise InputError(f"{uri}: cannot read ({e})") from None
 
 
 def stage_tags(name: str, rec: dict[str, Any]) -> dict[str, str]:

@@ -14,7 +14,11 @@ transforms, outputs requested, precision, format)``: change any of them and the 
 changes, so the cache is recomputed, never silently reused.
 
 Atomicity: rows go into ``<key>/data-<uuid>/``; the manifest ``<key>/_SUCCESS``
-(JSON: the key's inputs, the data folder's name, the row count) is written last.
+(JSON: the key's inputs, the data folder's name, the row count, and the size and
+sha256 of every parquet shard) is written last. `cache_dataset` checks every shard
+against it before Ray Data reads one (`kd.integrity.verify_tree`): a corrupt,
+truncated, missing or added shard, or an unreadable manifest, is an `InputError`
+naming the file.
 A cache without a manifest is invisible (and replaced); a manifest whose recorded
 teacher or data hash differs from what is expected is logged and recomputed.
 """
@@ -30,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from kd import storage
+from kd import integrity, sse, storage
 from kd.config import Experiment
 from kd.data import Splits
 from kd.data.shards import shard_dataset
@@ -39,7 +43,7 @@ from kd.train.columns import TEACHER_FEATURE, TEACHER_LOGITS, TEACHER_TOPK_INDIC
 
 CACHE_DIR = "teacher-cache"
 MARKER = "_SUCCESS"
-FORMAT_VERSION = 2  # 2: the rows' inputs and labels are stored with the outputs
+FORMAT_VERSION = 3  # 2: the rows' inputs and labels are stored with the outputs; 3: shard sha256s
 LOGITS = "logits"
 
 
@@ -105,14 +109,28 @@ def cache_root(exp: Experiment) -> str:
     return storage.join(exp.storage.path, CACHE_DIR)
 
 
-def _read_manifest(fs: Any, path: str) -> dict[str, Any] | None:
+def _read_manifest(fs: Any, path: str, uri: str) -> dict[str, Any] | None:
+    """The cache's manifest, None when there is none; an `InputError` naming it when it
+    is not the JSON object `compute_cache` writes (corrupt or truncated)."""
     import pyarrow.fs as pafs
 
     info = fs.get_file_info(f"{path}/{MARKER}")
     if info.type != pafs.FileType.File:
         return None
     with fs.open_input_stream(f"{path}/{MARKER}") as f:
-        return json.loads(f.read().decode())
+        raw = f.read()
+    name = storage.join(uri, MARKER)
+    try:
+        doc = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{name}: teacher cache manifest unreadable ({type(e).__name__}); "
+                         "corrupt or truncated: rebuild it with kd cache-teacher --force") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("data_dir"), str) \
+            or (doc.get("facts", {}).get("format") == FORMAT_VERSION
+                and not isinstance(doc.get("files"), dict)):
+        raise InputError(f"{name}: not a teacher cache manifest (fields missing); corrupt: "
+                         "rebuild it with kd cache-teacher --force")
+    return doc
 
 
 def _write_manifest(fs: Any, path: str, manifest: dict[str, Any]) -> None:
@@ -134,7 +152,7 @@ def find_cache(exp: Experiment, splits: Splits) -> TeacherCache | None:
     key = cache_key(facts)
     uri = storage.join(cache_root(exp), key)
     fs, path = storage.arrow_fs(uri, exp.storage.endpoint_url)
-    manifest = _read_manifest(fs, path)
+    manifest = _read_manifest(fs, path, uri)
     if manifest is None:
         return None
     recorded = manifest.get("facts", {})
@@ -203,7 +221,7 @@ def compute_cache(exp: Experiment, splits: Splits, batch_size: int = 256) -> Tea
     facts = key_facts(exp, splits)
     key = cache_key(facts)
     uri = storage.join(cache_root(exp), key)
-    fs, path = storage.arrow_fs(uri, exp.storage.endpoint_url)
+    fs, path = storage.arrow_fs(uri, exp.storage.endpoint_url, sse.of(exp.storage))
     _clear(fs, path)  # a half-written attempt (no manifest) is never read: start over
     data_dir = f"data-{uuid.uuid4().hex[:8]}"
     use_gpu = exp.scaling.use_gpu
@@ -222,12 +240,13 @@ def compute_cache(exp: Experiment, splits: Splits, batch_size: int = 256) -> Tea
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if use_gpu else 0)
     out.write_parquet(f"{path}/{data_dir}", filesystem=fs)
+    files = integrity.hash_tree(fs, f"{path}/{data_dir}")  # read back once: shard sha256s
     seconds = time.perf_counter() - t0
     manifest = {"facts": facts, "key": key, "data_dir": data_dir, "rows": len(splits.train),
                 "columns": [*([TEACHER_TOPK_VALUES, TEACHER_TOPK_INDICES]
                               if exp.teacher.cache_top_k else [TEACHER_LOGITS]),
                             *[TEACHER_FEATURE + p for p in facts["outputs"][1:]]],
-                "seconds": round(seconds, 3),
+                "files": files, "seconds": round(seconds, 3),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     _write_manifest(fs, path, manifest)  # last: only now is the cache visible
     print(f"[kd] teacher cache: wrote {uri} in {seconds:.1f}s", flush=True)
@@ -249,8 +268,11 @@ def ensure_cache(exp: Experiment, splits: Splits, force: bool = False) -> Teache
 
 def cache_dataset(cache: TeacherCache) -> Any:
     """The cache's rows (``x``, ``y``, ``idx`` and the teacher columns) as a lazy Ray
-    Dataset read block by block from its parquet shards: the train set of a cached run."""
+    Dataset read block by block from its parquet shards: the train set of a cached run.
+    Every shard is checked against the manifest's size and sha256 first (one streamed
+    read in this process; `kd.integrity.verify_tree`)."""
     fs, path = storage.arrow_fs(cache.data_uri, cache.endpoint)
+    integrity.verify_tree(fs, path, cache.manifest.get("files") or {}, cache.data_uri)
     return shard_dataset(fs, path)
 
 

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kd.errors import InputError, one_line
+from kd.integrity import IntegrityError, verify_file
 from kd.models.weights import WEIGHTS_FILE, save_weights
 from kd.storage import sha256_file
 from kd.train.parallel import is_fsdp, state_container, unwrap
@@ -81,24 +83,46 @@ class IncompleteCheckpoint(ValueError):
     a file the manifest lists is absent): e.g. its writer died during the upload."""
 
 
-def read_checkpoint(d: Path) -> dict[str, Any]:
+def _manifest_files(d: Path, where: str) -> dict[str, dict[str, Any]]:
+    """The ``files`` table of ``d/manifest.json``; `InputError` naming it when unreadable."""
+    try:
+        files = json.loads((d / CKPT_MANIFEST).read_text())["files"]
+        if not isinstance(files, dict) or WEIGHTS_FILE not in files:
+            raise ValueError("no files table")
+        return files
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{where}/{CKPT_MANIFEST}: not a checkpoint manifest "
+                         f"({type(e).__name__}); corrupt or truncated") from None
+
+
+def read_checkpoint(d: Path, where: str | None = None) -> dict[str, Any]:
     """Verify the manifest (every file present, same size and sha256) and load the
-    tensors without unpickling code; raise ValueError naming what is wrong
-    (`IncompleteCheckpoint` for a folder that was never completed)."""
+    tensors without unpickling code. Errors name the file as ``<where>/<name>`` (where:
+    the checkpoint's storage path, default ``d``): `IncompleteCheckpoint` for a folder
+    that was never completed, `kd.integrity.IntegrityError` for a file that differs from
+    its manifest, `InputError` for an unreadable manifest or a train state that pickles
+    anything but tensors and plain containers (refused by ``weights_only``, never run)."""
     from safetensors.torch import load_file
 
+    where = str(where or d).rstrip("/")
     if not (d / CKPT_MANIFEST).exists():
-        raise IncompleteCheckpoint("no manifest.json (incomplete checkpoint)")
-    manifest = json.loads((d / CKPT_MANIFEST).read_text())
-    for name, meta in manifest["files"].items():
+        raise IncompleteCheckpoint(f"{where}: no manifest.json (incomplete checkpoint)")
+    for name, meta in _manifest_files(d, where).items():
         f = d / name
         if not f.exists():
-            raise IncompleteCheckpoint(f"{name} missing (incomplete checkpoint)")
-        if f.stat().st_size != meta["size"] or sha256_file(f) != meta["sha256"]:
-            raise ValueError(f"{name} does not match its manifest (truncated or corrupt)")
+            raise IncompleteCheckpoint(f"{where}/{name} missing (incomplete checkpoint)")
+        if f.stat().st_size != meta["size"]:
+            raise IntegrityError(f"{where}/{name}", f"{meta['size']} bytes",
+                                 f"{f.stat().st_size} bytes", "size")
+        verify_file(f, meta["sha256"], f"{where}/{name}")
+    try:
+        state = torch.load(d / CKPT_STATE, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for a disallowed global, RuntimeError for a bad zip
+        raise InputError(f"{where}/{CKPT_STATE}: refused: not a plain train state "
+                         f"({one_line(e)[:200]})") from None
     return {"model": load_file(d / WEIGHTS_FILE),
             "loss": load_file(d / CKPT_LOSS) if (d / CKPT_LOSS).exists() else None,
-            "state": torch.load(d / CKPT_STATE, map_location="cpu", weights_only=True)}
+            "state": state}
 
 
 def checkpoint_candidates(fs: Any, run_path: str, registered: Any = None) -> list[Any]:
@@ -142,7 +166,7 @@ def load_latest_good(candidates: list[Any], verbose: bool) -> dict[str, Any] | N
     for c in candidates:
         try:
             with c.as_directory() as d:
-                out = read_checkpoint(Path(d))
+                out = read_checkpoint(Path(d), c.path)
         except Exception as e:
             errors.append(f"{c.path}: {e}")
             damaged = damaged or not isinstance(e, IncompleteCheckpoint)
@@ -181,7 +205,8 @@ def run_location(spec: dict[str, Any]) -> tuple[Any, str]:
     here from ``run_dir`` (for callers that assemble their own spec)."""
     if spec.get("storage_fs") is not None and spec.get("run_path"):
         return spec["storage_fs"], spec["run_path"]
-    from kd import storage
+    from kd import sse, storage
 
-    return storage.arrow_fs(spec["run_dir"], spec["exp"]["storage"].get("endpoint_url"))
+    return storage.arrow_fs(spec["run_dir"], spec["exp"]["storage"].get("endpoint_url"),
+                            sse.of(spec["exp"]["storage"]))
 

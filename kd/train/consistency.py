@@ -130,8 +130,9 @@ def _load_path(fs: Any, path: str) -> tuple[dict[str, Any] | None, str]:
 
     try:
         with ray.train.Checkpoint(path, filesystem=fs).as_directory() as d:
-            out = read_checkpoint(Path(d))
+            out = read_checkpoint(Path(d), path)
         out["path"] = path
         return out, ""
-    except Exception as e:
-        return None, f"{path}: {e}"
+    except Exception as e:  # read_checkpoint's errors already name the file
+        msg = str(e)
+        return None, msg if path.rstrip("/") in msg else f"{path}: {msg}"

@@ -116,10 +116,11 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from kd import storage
+    from kd import sse, storage
     from kd.train.failures import FailureNotice
 
-    fs, storage_path = storage.arrow_fs(exp.storage.path, exp.storage.endpoint_url)
+    fs, storage_path = storage.arrow_fs(exp.storage.path, exp.storage.endpoint_url,
+                                        sse.of(exp.storage))
     spec = {
         "exp": exp.model_dump(mode="json"), "role": role, "run_id": run_id,
         "tracking_uri": tracking_uri, "input_shape": list(splits.input_shape),

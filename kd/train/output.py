@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kd import storage
+from kd import sse, storage
 from kd.config import Experiment
 from kd.errors import InputError
 from kd.models.weights import WEIGHTS_FILE, read_metadata
@@ -90,7 +90,7 @@ def _keep_unrecorded(latest: str, exp: Experiment) -> str:
     with tempfile.TemporaryDirectory() as d:
         local = storage.fetch(latest, endpoint, cache_dir=d)
         kept = run_weights_uri(exp, f"unrecorded-{storage.sha256_file(local)[:12]}")
-        storage.put(local, kept, endpoint)
+        storage.put(local, kept, endpoint, sse.of(exp.storage))
     return kept
 
 
@@ -99,11 +99,11 @@ def publish_weights(local: Path, exp: Experiment, ray_run_name: str) -> str:
     the name's latest copy (`final_weights_uri`); returns the run's own URI."""
     endpoint = exp.storage.endpoint_url
     own = run_weights_uri(exp, ray_run_name)
-    storage.put(local, own, endpoint)
+    storage.put(local, own, endpoint, sse.of(exp.storage))
     latest = final_weights_uri(exp)
     owner = weights_owner(latest, endpoint)
     kept = _keep_unrecorded(latest, exp) if owner == UNKNOWN else None
-    storage.put(local, latest, endpoint)
+    storage.put(local, latest, endpoint, sse.of(exp.storage))
     if owner is not None and owner != ray_run_name:
         before = (f"run {owner}'s, which stay at {run_weights_uri(exp, owner)}" if kept is None
                   else f"weights that named no run, kept at {kept}")

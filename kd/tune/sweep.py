@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kd import storage, tracking
+from kd import sse, storage, tracking
 from kd.config import Experiment, experiment_from_dict
 from kd.data import DATA_TASK_CPUS_ENV
 from kd.errors import InputError
@@ -188,7 +188,7 @@ def _save_state(exp: Experiment, state: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "state.json"
         p.write_text(json.dumps(state))
-        storage.put(p, _state_uri(exp), exp.storage.endpoint_url)
+        storage.put(p, _state_uri(exp), exp.storage.endpoint_url, sse.of(exp.storage))
 
 
 def _load_state(exp: Experiment) -> dict[str, Any]:
