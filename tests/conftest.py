@@ -42,8 +42,11 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """One local Ray runtime for the whole test session (2 CPUs)."""
+def ray_session(s3_server: str) -> Iterator[None]:
+    """One local Ray runtime for the whole test session (2 CPUs). Started after the S3
+    test server has set the AWS environment: Ray's workers inherit the environment of
+    the process that starts Ray, so a worker that reads s3:// (a teacher loaded in a
+    Ray Data actor) has the test credentials whichever test starts Ray first."""
     import ray
 
     from kd.runtime import ensure_ray

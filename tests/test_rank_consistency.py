@@ -202,5 +202,5 @@ def test_incomplete_checkpoints_are_absent_damaged_ones_are_errors(tmp_path: Pat
     out = load_latest_good(checkpoint_candidates(fs, run), verbose=False)
     assert out is not None and out["path"].endswith("epoch_00002")
     (tmp_path / "run" / "epoch_00002" / "model.safetensors").write_bytes(b"torn")
-    with pytest.raises(RuntimeError, match="epoch_00002: model.safetensors does not match"):
+    with pytest.raises(RuntimeError, match="epoch_00002/model.safetensors: size mismatch"):
         load_latest_good(checkpoint_candidates(fs, run), verbose=False)
