@@ -89,3 +89,26 @@ def test_run_and_cache_writes_all_kms_encrypted(s3_server: str, bucket: str, wor
     plain = {k: (h.get("ServerSideEncryption"), h.get("SSEKMSKeyId")) for k, h in heads.items()
              if (h.get("ServerSideEncryption"), h.get("SSEKMSKeyId")) != ("aws:kms", KMS_KEY)}
     assert not plain, plain
+
+
+def test_sweep_state_is_encrypted_too(s3_server: str, bucket: str, workdir: Path,
+                                      digits_teacher: str, ray_session: None) -> None:
+    """Ray Tune writes its own state (tuner.pkl, experiment and trial state) under
+    ``<storage.path>/tune/<sweep>/``: with ``storage.sse`` it goes through kdflow's
+    encrypting filesystem like every other write (before: plain objects)."""
+    from kd.tune.sweep import run_sweep
+
+    exp = load_experiment(CONFIGS / "digits-tune.yaml", [
+        f"teacher.weights={digits_teacher}", f"storage.path=s3://{bucket}/runs",
+        "storage.sse=aws:kms", f"storage.sse_kms_key_id={KMS_KEY}",
+        f"tracking.uri=sqlite:///{workdir}/m.db", "tune.num_samples=1",
+        "tune.max_concurrent_trials=1", "trainer.epochs=1", "tune.scheduler={name: none}",
+        "tune.space={optim.lr: 'choice([0.05])'}", "tune.constraints={}",
+        "tune.resources.cpus_per_worker=0.25"])
+    run_sweep(exp, quiet=True)
+    heads = _heads(s3_server, bucket)
+    tune_keys = [k for k in heads if k.startswith("runs/tune/") and "/" in k[len("runs/tune/"):]]
+    assert any(k.endswith("tuner.pkl") for k in tune_keys), sorted(heads)
+    plain = {k: heads[k].get("ServerSideEncryption") for k in tune_keys
+             if (heads[k].get("ServerSideEncryption"), heads[k].get("SSEKMSKeyId")) != ("aws:kms", KMS_KEY)}
+    assert not plain, plain

@@ -137,6 +137,18 @@ def teacher_mode(exp: Experiment, splits: Any) -> tuple[str, dict[str, str]]:
     return "online", {"kd.teacher_mode": "online", "kd.teacher_online_reason": reason}
 
 
+def _tune_storage(exp: Experiment, uri: str) -> tuple[Any, str]:
+    """(filesystem, path) for Tune's own state under ``uri``: with ``storage.sse`` on
+    S3, kdflow's encrypting filesystem (`kd.sse`) so tuner.pkl and the trial state are
+    encrypted like every other write; otherwise (None, ``uri``) and Tune builds its own."""
+    from kd import sse
+
+    args = sse.of(exp.storage)
+    if not (args and storage.is_s3(uri)):
+        return None, uri
+    return storage.arrow_fs(uri, exp.storage.endpoint_url, args)
+
+
 def _tuner(exp: Experiment, space: dict[str, Dist], base: dict[str, Any], parent: str,
            sweep: str, root: str, restore: str | None) -> Any:
     from ray import tune
@@ -149,9 +161,12 @@ def _tuner(exp: Experiment, space: dict[str, Dist], base: dict[str, Any], parent
     _, own, _ = trial_resources(exp)
     trainable = tune.with_resources(
         tune.with_parameters(trial, base=base, parent_run_id=parent, sweep=sweep), own)
+    fs, where = _tune_storage(exp, root)
     if restore:
-        return tune.Tuner.restore(restore, trainable=trainable, resume_unfinished=True,
-                                  resume_errored=False, restart_errored=False)
+        _, at = _tune_storage(exp, restore)
+        return tune.Tuner.restore(at, trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False,
+                                  storage_filesystem=fs)
     if t.scheduler.name == "asha":
         # max_t one past the last epoch: ASHA stops a trial that reaches max_t, which
         # would kill a finishing trial before it saves its weights and holdout metrics
@@ -174,7 +189,8 @@ def _tuner(exp: Experiment, space: dict[str, Dist], base: dict[str, Any], parent
         tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
                                     max_concurrent_trials=t.max_concurrent_trials,
                                     scheduler=scheduler, search_alg=search),
-        run_config=tune.RunConfig(name=sweep, storage_path=root, verbose=0,
+        run_config=tune.RunConfig(name=sweep, storage_path=where, storage_filesystem=fs,
+                                  verbose=0,
                                   callbacks=[LiveTable(list(space), t.metric, t.mode)],
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures)),
     )
