@@ -365,3 +365,11 @@ def test_composite_unexpected_and_missing_param() -> None:
         build_composite([{"name": "fitnet", "teacher": "t"}], ce_weight=1.0, ctx=ctx())
     with pytest.raises(InputError, match="nothing to train"):
         build_composite([], ce_weight=0.0, ctx=ctx())
+
+
+@pytest.mark.parametrize("bad", [-1, "heavy", True, float("nan"), float("inf")])
+def test_composite_refuses_a_bad_weight_naming_the_term(bad: object) -> None:
+    with pytest.raises(InputError, match=r"distill\.losses\[0\] \(kd\): weight: must be a finite"):
+        build_composite([{"name": "kd", "weight": bad}], ce_weight=1.0, ctx=ctx())
+    with pytest.raises(InputError, match=r"distill\.ce_weight: must be a finite number >= 0"):
+        build_composite([{"name": "kd"}], ce_weight=bad, ctx=ctx())  # type: ignore[arg-type]

@@ -11,14 +11,13 @@ together with the student, and it must be moved to the student's device.
 from __future__ import annotations
 
 import inspect
-import math
 from collections import Counter
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd.errors import InputError
-from kd.losses.base import LOSSES, DistillBatch, LossContext
+from kd.losses.base import LOSSES, DistillBatch, LossContext, check_number
 
 
 def hard_label_ce(logits: Tensor, labels: Tensor) -> Tensor:
@@ -37,18 +36,6 @@ def teacher_confidence(teacher_logits: Tensor) -> Tensor:
     return F.softmax(teacher_logits.detach().float(), dim=-1).amax(dim=-1)
 
 
-def _check_weight(value: object, where: str) -> float:
-    if isinstance(value, bool):
-        raise InputError(f"{where}: weight must be a number, got {value!r}")
-    try:
-        w = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InputError(f"{where}: weight must be a number, got {value!r}") from None
-    if not math.isfinite(w) or w < 0:
-        raise InputError(f"{where}: weight must be a finite number >= 0, got {value!r}")
-    return w
-
-
 def _build_term(i: int, term: dict, ctx: LossContext) -> tuple[str, float, dict, nn.Module]:
     """One ``distill.losses[i]`` entry -> (name, weight, params, module)."""
     if not isinstance(term, dict) or not isinstance(term.get("name"), str):
@@ -56,7 +43,7 @@ def _build_term(i: int, term: dict, ctx: LossContext) -> tuple[str, float, dict,
     params = dict(term)
     name = params.pop("name")
     where = f"distill.losses[{i}] ({name})"
-    weight = _check_weight(params.pop("weight", 1.0), where)
+    weight = check_number(params.pop("weight", 1.0), f"{where}: weight")
     try:
         factory = LOSSES.get(name)
     except InputError as e:
@@ -149,7 +136,7 @@ def build_composite(terms: list[dict], ce_weight: float, ctx: LossContext,
     `InputError` prefixed ``distill.losses[i] (name):``. No terms and ``ce_weight == 0``
     is an `InputError` (nothing to train). ``min_teacher_confidence`` (in [0, 1]) is
     the confidence filter of `CompositeLoss`."""
-    ce_w = _check_weight(ce_weight, "distill.ce_weight")
+    ce_w = check_number(ce_weight, "distill.ce_weight")
     built = [_build_term(i, term, ctx) for i, term in enumerate(terms or [])]
     if not built and ce_w == 0:
         raise InputError("distill: no loss terms and ce_weight is 0, so there is nothing to train")
