@@ -148,7 +148,13 @@ def test_kustomize_overlays_validate(tools: Path, overlay: str) -> None:
     ns = {"dev": "kdflow-dev", "prod": "kdflow"}[overlay]
     assert {d["metadata"].get("namespace") for d in docs} == {ns}
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "RayJob"} == {
-        "kdflow-distill", "kdflow-tune", "kdflow-retrain"}
+        "kdflow-distill", "kdflow-tune", "kdflow-retrain", "kdflow-predict"}
+    serve = yaml.safe_load(_by_kind(docs, "RayService")["spec"]["serveConfigV2"])
+    assert serve["applications"][0]["import_path"] == "kd.serve.app:build"
+    predict = next(d for d in docs if d["metadata"]["name"] == "kdflow-predict")
+    limits = predict["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"][
+        "containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in limits  # the workflow jobs' GPU patches skip batch inference
     binding = _by_kind(docs, "RoleBinding")
     assert binding["subjects"][0]["namespace"] == ns
     cron = _by_kind(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
