@@ -139,7 +139,7 @@ def test_bad_input_one_line_exit_2(champion: str, tmp_path: Path, bucket: str,
     narrow.to_parquet(tmp_path / "in" / "b.parquet")
     cases = [
         (["--input", str(tmp_path / "none-*.parquet"), "--output", str(tmp_path / "o1")],
-         "matches no file"),
+         f"--input {tmp_path / 'none-*.parquet'}: the pattern matches no file"),
         (["--input", str(tmp_path / "in" / "a.parquet"), "--output", f"{tmp_path}/o2/",
           "--key", "order_id"], "--key order_id: no such column"),
         (["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o3")],
@@ -147,9 +147,51 @@ def test_bad_input_one_line_exit_2(champion: str, tmp_path: Path, bucket: str,
         (["--input", str(tmp_path / "in" / "a.parquet"), "--output",
           "s3://no-such-bucket-kd/out/"], "--output s3://no-such-bucket-kd/out/: bucket"),
         (["--input", str(tmp_path / "in")], "--output: required"),
+        (["--input", str(tmp_path / "in" / "a.parquet"), "--key", "id"],
+         "--key, --concurrency, --gpus-per-worker: batch predict only"),
+        (["--input", str(tmp_path / "in"), "--output", f"{tmp_path}/o5/", "--key", "pred"],
+         "--key pred: clashes with an output column"),
     ]
+    cases.append((["--input", f"s3://{bucket}/nothing/*.parquet", "--output", str(tmp_path / "o4")],
+                  f"--input s3://{bucket}/nothing/*.parquet: no such object"))
     for args, msg in cases:
         capsys.readouterr()
         assert kd_run(["predict", champion, *args]) == 2, args
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and msg in err, (args, err)
+
+
+def test_gpu_actor(champion: str, tmp_path: Path) -> None:
+    """--gpus-per-worker 1: the Predictor actor runs the model on CUDA; the predictions
+    still equal the pyfunc's (CPU). Needs a GPU that the session's Ray sees."""
+    import pandas as pd
+    import ray
+    import torch
+
+    if not torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("no CUDA GPU visible to torch and Ray")
+    x = np.random.default_rng(2).random((300, WIDTH), dtype=np.float32)
+    (tmp_path / "in").mkdir()
+    pd.DataFrame({"x": list(x)}).to_parquet(tmp_path / "in" / "a.parquet")
+    assert kd_run(["predict", champion, "--input", str(tmp_path / "in"), "--output",
+                   str(tmp_path / "out"), "--gpus-per-worker", "1"]) == 0
+    out = read_output(str(tmp_path / "out")).sort_values("row")
+    np.testing.assert_allclose(out[[f"p{i}" for i in range(10)]].to_numpy(),
+                               reference(champion, x), atol=1e-4)
+
+
+def test_class_names_and_batch_path_choice(tmp_path: Path) -> None:
+    """The label column comes from kd_model.json's class_names (one per class, else none);
+    one local file keeps the in-process path, anything else is a batch job."""
+    from kd.registry.batch import class_names, is_batch
+
+    assert class_names({"num_classes": 2, "class_names": ["cat", "dog"]}) == ["cat", "dog"]
+    assert class_names({"num_classes": 3, "class_names": ["cat", "dog"]}) is None
+    assert class_names({"num_classes": 2, "class_names": []}) is None
+    assert class_names({"num_classes": 2}) is None
+    f = tmp_path / "a.parquet"
+    f.write_bytes(b"")
+    assert not is_batch([str(f)], None) and not is_batch([str(f)], str(tmp_path / "o.csv"))
+    assert is_batch([str(f), str(f)], None) and is_batch([str(tmp_path)], None)
+    assert is_batch(["s3://b/in/"], None) and is_batch([str(tmp_path / "*.parquet")], None)
+    assert is_batch([str(f)], "s3://b/out/") and is_batch([str(f)], f"{tmp_path}/new/")

@@ -34,7 +34,7 @@ from kd.errors import InputError
 from kd.registry.batch_read import ReadPlan, check_head, dataset, key_column, list_inputs
 
 DEFAULT_BATCH = 1024
-LABEL_KEYS = ("class_names", "labels")  # where kd_model.json may record the class names
+LABEL_KEY = "class_names"  # kd_model.json: the class names recorded at training ([] = none)
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,9 @@ def is_batch(inputs: list[str], output: str | None) -> bool:
 
 def class_names(cfg: dict[str, Any]) -> list[str] | None:
     """The class names a model recorded at training (``kd_model.json``), else None."""
-    for k in LABEL_KEYS:
-        names = cfg.get(k)
-        if isinstance(names, list) and names and len(names) == int(cfg["num_classes"]):
-            return [str(n) for n in names]
+    names = cfg.get(LABEL_KEY)
+    if isinstance(names, list) and names and len(names) == int(cfg["num_classes"]):
+        return [str(n) for n in names]
     return None
 
 
@@ -168,10 +167,13 @@ def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = 
     check_output(output, endpoint)
     ensure_ray()
     job = uuid.uuid4().hex[:8]
+    import ray.data
+
     ds = dataset(plan).map_batches(
         Predictor, fn_constructor_kwargs={"model_uri": pinned, "tracking_uri": tracking_uri(),
                                           "use_gpu": gpus_per_worker > 0},
-        batch_size=batch_size, batch_format="numpy", concurrency=concurrency,
+        batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=1, num_gpus=gpus_per_worker or None)
     fs, path = storage.arrow_fs(output, endpoint)
     try:

@@ -67,7 +67,10 @@ def list_inputs(inputs: list[str], endpoint: str | None = None) -> list[FileTask
 
     tasks: list[FileTask] = []
     for source in inputs:
-        m: Manifest = build_manifest(source, "auto", endpoint)
+        try:
+            m: Manifest = build_manifest(source, "auto", endpoint)
+        except InputError as e:
+            raise InputError(f"--input {e}") from None
         if m.fmt not in READERS:
             raise InputError(f"--input {source}: {m.fmt} is not supported by batch predict "
                              f"(expected {', '.join(sorted(READERS))} files)")
