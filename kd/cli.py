@@ -81,10 +81,21 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Predict class probabilities of a registered model for a file."""
+    """Predict class probabilities of a registered model: one local file in-process,
+    or many files / s3:// as a Ray Data job (kd.registry.batch)."""
+    from kd.registry.batch import is_batch, predict_batch
     from kd.registry.predict import predict_file
 
-    predict_file(args.model, args.input, args.output)
+    if not is_batch(args.input, args.output):
+        if args.key or args.concurrency != 1 or args.gpus_per_worker:
+            raise InputError("--key, --concurrency, --gpus-per-worker: batch predict only "
+                             "(give --output a folder or s3:// prefix)")
+        predict_file(args.model, args.input[0], args.output)
+    elif args.output is None:
+        raise InputError("--output: required for batch predict (a folder or s3:// prefix)")
+    else:
+        predict_batch(args.model, args.input, args.output, args.batch_size, args.concurrency,
+                      args.gpus_per_worker, args.key)
     return EXIT_OK
 
 
@@ -236,10 +247,18 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
                    help="move champion back to the previous champion")
     p.set_defaults(fn=cmd_promote)
 
-    p = sub.add_parser("predict", help="class probabilities of a registered model for a file")
+    p = sub.add_parser("predict", help="class probabilities of a registered model for a file, "
+                       "or for many files / s3:// as a Ray Data job")
     p.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    p.add_argument("--input", required=True, help=".npz / .parquet / .csv file")
-    p.add_argument("--output", help=".npz / .csv / .parquet file (default: print)")
+    p.add_argument("--input", required=True, nargs="+", help=".npz / .parquet / .csv file, "
+                   "or folders / globs / s3:// prefixes (batch)")
+    p.add_argument("--output", help=".npz / .csv / .parquet file (default: print); batch: a "
+                   "folder or s3:// prefix for parquet")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per model call (batch)")
+    p.add_argument("--concurrency", type=int, default=1, help="predictor actors (batch)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (batch)")
+    p.add_argument("--key", help="row-key column written beside the predictions (batch; "
+                   "default: 'id' if present, else file + row)")
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("evaluate", help="evaluate weights on the holdout split")

@@ -244,13 +244,13 @@ def arrow_fs(uri: str, endpoint: str | None = None,
     return fs, "/".join(p for p in (bucket, key.strip("/")) if p)
 
 
-def check_writable(uri: str, endpoint: str | None = None) -> None:
+def check_writable(uri: str, endpoint: str | None = None, what: str | None = None) -> None:
     """Preflight for ``storage.path``: before any worker starts, prove the location
     exists and accepts writes. S3: credentials resolve, the endpoint answers, the
     bucket exists (one ``HeadBucket``, no retries, so a dead endpoint fails in
     seconds). Local: the folder can be created. Any failure is one `InputError`
-    naming ``storage.path``."""
-    where = f"storage.path {uri}"
+    naming ``what`` (default ``storage.path URI``)."""
+    where = what or f"storage.path {uri}"
     if not is_s3(uri):
         try:
             Path(uri).expanduser().mkdir(parents=True, exist_ok=True)

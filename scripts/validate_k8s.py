@@ -125,10 +125,11 @@ def cross_field(doc: dict[str, Any]) -> list[str]:
 
 
 def pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """(where, pod template) of every Ray group in a RayJob / RayCronJob / RayCluster."""
+    """(where, pod template) of every Ray group in a RayJob / RayCronJob / RayCluster /
+    RayService."""
     spec = doc.get("spec") or {}
     spec = spec.get("jobTemplate", spec)
-    cluster = spec.get("rayClusterSpec", spec)
+    cluster = spec.get("rayClusterSpec", spec.get("rayClusterConfig", spec))
     out = []
     head = (cluster.get("headGroupSpec") or {}).get("template")
     if head:
@@ -163,14 +164,16 @@ def check_k8s(doc: dict[str, Any]) -> list[str]:
 
 
 def embedded_cluster(doc: dict[str, Any]) -> dict[str, Any] | None:
-    """The RayCluster a RayJob / RayCronJob makes (its rayClusterSpec as a RayCluster)."""
+    """The RayCluster a RayJob / RayCronJob / RayService makes (its rayClusterSpec /
+    rayClusterConfig as a RayCluster)."""
     spec = doc.get("spec") or {}
     spec = spec.get("jobTemplate", spec)
-    if doc.get("kind") not in ("RayJob", "RayCronJob") or "rayClusterSpec" not in spec:
+    key = "rayClusterConfig" if doc.get("kind") == "RayService" else "rayClusterSpec"
+    if doc.get("kind") not in ("RayJob", "RayCronJob", "RayService") or key not in spec:
         return None
     name = f"{(doc.get('metadata') or {}).get('name')}-cluster"
     return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": name},
-            "spec": spec["rayClusterSpec"]}
+            "spec": spec[key]}
 
 
 def validate(docs: list[dict[str, Any]]) -> list[str]:

@@ -148,7 +148,13 @@ def test_kustomize_overlays_validate(tools: Path, overlay: str) -> None:
     ns = {"dev": "kdflow-dev", "prod": "kdflow"}[overlay]
     assert {d["metadata"].get("namespace") for d in docs} == {ns}
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "RayJob"} == {
-        "kdflow-distill", "kdflow-tune", "kdflow-retrain"}
+        "kdflow-distill", "kdflow-tune", "kdflow-retrain", "kdflow-predict"}
+    serve = yaml.safe_load(_by_kind(docs, "RayService")["spec"]["serveConfigV2"])
+    assert serve["applications"][0]["import_path"] == "kd.serve.app:build"
+    predict = next(d for d in docs if d["metadata"]["name"] == "kdflow-predict")
+    limits = predict["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"][
+        "containers"][0]["resources"]["limits"]
+    assert "nvidia.com/gpu" not in limits  # the workflow jobs' GPU patches skip batch inference
     binding = _by_kind(docs, "RoleBinding")
     assert binding["subjects"][0]["namespace"] == ns
     cron = _by_kind(docs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
@@ -281,3 +287,102 @@ def test_shipped_experiments_are_valid_kdflow_configs() -> None:
     for source, text in (("values.yaml", chart), ("k8s/base", base["data"]["experiment.yaml"])):
         exp = experiment_from_dict(yaml.safe_load(text), source)
         assert exp.storage.path.startswith("s3://") and exp.scaling.use_gpu
+
+
+SERVE_ARGS = {"name", "alias", "poll_interval_s", "tracking_uri", "max_batch_size",
+              "batch_wait_timeout_s", "num_replicas", "webhook_secret_env"}  # kd.serve.app:build
+
+
+def test_rayservice_runs_the_serve_app(tools: Path) -> None:
+    """serve.enabled: a RayService (valid against KubeRay v1.7.0's closed CRD, pods valid
+    as Kubernetes 1.33 Pods) whose serveConfigV2 runs kd.serve.app:build with the chart's
+    model, alias, poll interval and MLflow URI; GPU workers, probes, the webhook secret."""
+    docs = V.helm_template(str(CHART / "ci" / "serve-predict-values.yaml"))
+    assert V.validate(docs) == []
+    rs = _by_kind(docs, "RayService")
+    assert rs["metadata"]["name"] == "kdflow-serve"
+    cfg = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    (app,) = cfg["applications"]
+    assert app["import_path"] == "kd.serve.app:build" and app["route_prefix"] == "/"
+    assert set(app["args"]) <= SERVE_ARGS
+    assert app["args"] == {"name": "digits-student", "alias": "champion", "poll_interval_s": 5,
+                           "tracking_uri": "http://kdflow-mlflow:5000", "num_replicas": 2,
+                           "max_batch_size": 128, "batch_wait_timeout_s": 0.005,
+                           "webhook_secret_env": "KD_WEBHOOK_SECRET"}
+    assert cfg["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    cluster = rs["spec"]["rayClusterConfig"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 2
+    pod = group["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    for _, template in V.pod_templates(rs):
+        (c,) = template["spec"]["containers"]
+        assert c["readinessProbe"]["httpGet"] == {"path": "/-/healthz", "port": 8000}
+        assert c["livenessProbe"]["httpGet"]["path"] == "/api/local_raylet_healthz"
+        assert {"name": "serve", "containerPort": 8000} in c["ports"]
+        hook = next(e for e in c["env"] if e["name"] == "KD_WEBHOOK_SECRET")
+        assert hook["valueFrom"]["secretKeyRef"] == {"name": "kdflow-mlflow-webhook", "key": "secret"}
+        assert template["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    policy = next(d for d in docs if d["kind"] == "NetworkPolicy"
+                  and d["metadata"]["name"] == "kdflow-serve")
+    assert policy["spec"]["ingress"][0]["ports"] == [{"port": 8000}]
+    bad = copy.deepcopy(rs)
+    bad["spec"]["serveConfigv2"] = bad["spec"].pop("serveConfigV2")
+    assert any("'serveConfigv2' was unexpected" in e for e in V.check_kuberay(bad))
+    bad = copy.deepcopy(rs)
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+        "readinesProbe"] = {}
+    assert any("RayCluster/kdflow-serve-cluster" in e and "readinesProbe" in e
+               for e in V.validate([bad]))
+
+
+def test_predict_rayjob_is_a_valid_kd_predict(tools: Path) -> None:
+    """predict.enabled: a RayJob whose entrypoint parses as `kd predict` with the chart's
+    values (the glob quoted for the shell), on GPU workers when gpusPerWorker > 0."""
+    import shlex
+
+    from kd.cli import parse_args
+
+    docs = V.helm_template(str(CHART / "ci" / "serve-predict-values.yaml"))
+    job = next(d for d in docs if d["kind"] == "RayJob" and d["metadata"]["name"] == "kdflow-predict")
+    assert V.validate([job]) == []
+    assert "'s3://kdflow/predict/in/*.parquet'" in job["spec"]["entrypoint"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:2] == ["kd", "predict"]
+    args = parse_args(argv[1:])
+    assert (args.model, args.input, args.output) == (
+        "models:/digits-student@champion", ["s3://kdflow/predict/in/*.parquet"],
+        "s3://kdflow/predict/out/")
+    assert (args.batch_size, args.concurrency, args.gpus_per_worker, args.key) == (
+        2048, 4, 0.5, "order_id")
+    spec = job["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 3600
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert "volumes" not in head  # kd predict reads no experiment file
+    (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["groupName"] == "predict" and group["replicas"] == 2
+    limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1" and limits["cpu"] == "8"
+    cpu = V.helm_template(sets=("predict.enabled=true",))
+    job = next(d for d in cpu if d["kind"] == "RayJob" and d["metadata"]["name"] == "kdflow-predict")
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert "tolerations" not in worker
+    assert "nvidia.com/gpu" not in worker["containers"][0]["resources"]["limits"]
+    assert "--gpus-per-worker" not in job["spec"]["entrypoint"]
+
+
+def test_serving_only_release(tools: Path) -> None:
+    """workflow: none renders no workflow job and no experiment ConfigMap; serving and
+    batch inference are off by default; a schedule needs a workflow."""
+    default = {d["kind"] for d in V.helm_template()}
+    assert "RayService" not in default
+    docs = V.helm_template(sets=("workflow=none", "serve.enabled=true"))
+    assert V.validate(docs) == []
+    kinds = {d["kind"] for d in docs}
+    assert "RayService" in kinds and not kinds & {"RayJob", "RayCronJob", "CronJob", "ConfigMap"}
+    res = _helm(tools, "template", "kd", "helm/kdflow", "--set", "workflow=none",
+                "--set", "schedule.enabled=true")
+    assert res.returncode != 0 and "schedule.enabled needs one" in res.stderr

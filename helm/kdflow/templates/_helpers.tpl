@@ -21,6 +21,9 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 
 {{/* RayJob / RayCronJob name, checked like kd/deploy/names.py (DNS-1035, 47 / 36). */}}
 {{- define "kdflow.jobName" -}}
+{{- if eq .Values.workflow "none" -}}
+{{- fail "workflow: none runs no workflow; schedule.enabled needs one (teacher, distill, tune, retrain)" -}}
+{{- end -}}
 {{- $name := printf "%s-%s" (include "kdflow.fullname" .) .Values.workflow -}}
 {{- $limit := ternary 36 47 (and .Values.schedule.enabled (eq .Values.schedule.kind "RayCronJob")) -}}
 {{- if gt (len $name) $limit -}}
@@ -64,7 +67,8 @@ readOnlyRootFilesystem: false
 runAsNonRoot: true
 {{- end -}}
 
-{{/* One Ray container; mirrors kd/deploy/render.py container(). Args: dict root name cpu memory gpus mount. */}}
+{{/* One Ray container; mirrors kd/deploy/render.py container(). Args: dict root name cpu memory gpus mount,
+and serve (true: the Serve port 8000, probes, the webhook secret; RayService only). */}}
 {{- define "kdflow.rayContainer" -}}
 {{- $v := .root.Values -}}
 name: {{ .name }}
@@ -77,6 +81,32 @@ env:
   - name: AWS_ENDPOINT_URL_S3
     value: {{ $v.s3.endpoint | quote }}
   {{- end }}
+  {{- if and .serve $v.serve.webhookSecret.name }}
+  - name: KD_WEBHOOK_SECRET
+    valueFrom:
+      secretKeyRef:
+        name: {{ $v.serve.webhookSecret.name }}
+        key: {{ $v.serve.webhookSecret.key }}
+  {{- end }}
+{{- if .serve }}
+ports:
+  - name: serve
+    containerPort: 8000
+{{/* Ready when this pod's Serve proxy routes requests (KubeRay's own rule for RayService
+pods); alive while its raylet answers the dashboard agent. */}}
+readinessProbe:
+  httpGet: {path: /-/healthz, port: 8000}
+  initialDelaySeconds: 10
+  periodSeconds: 5
+  timeoutSeconds: 2
+  failureThreshold: 2
+livenessProbe:
+  httpGet: {path: /api/local_raylet_healthz, port: 52365}
+  initialDelaySeconds: 30
+  periodSeconds: 10
+  timeoutSeconds: 2
+  failureThreshold: 12
+{{- end }}
 resources:
   {{- range list "requests" "limits" }}
   {{ . }}:
@@ -101,63 +131,93 @@ volumeMounts:
 {{- end }}
 {{- end -}}
 
-{{/* RayJob spec; mirrors kd/deploy/render.py rayjob_spec(). */}}
-{{- define "kdflow.rayJobSpec" -}}
-{{- $v := .Values -}}
-entrypoint: {{ printf "kd %s /etc/kdflow/experiment.yaml" $v.workflow }}
-shutdownAfterJobFinishes: true
-ttlSecondsAfterFinished: {{ $v.job.ttlSecondsAfterFinished }}
-activeDeadlineSeconds: {{ $v.job.activeDeadlineSeconds }}
-preRunningDeadlineSeconds: {{ $v.job.preRunningDeadlineSeconds }}
-backoffLimit: {{ $v.job.backoffLimit }}
-submitterConfig:
-  backoffLimit: {{ $v.job.submitterBackoffLimit }}
-rayClusterSpec:
-  rayVersion: {{ $v.rayVersion | quote }}
-  headGroupSpec:
-    rayStartParams:
-      num-cpus: "0"
-      dashboard-host: "0.0.0.0"
+{{/* A Ray cluster: a CPU head that runs no tasks (num-cpus "0") and one worker group of
+fixed size. Args: dict root mount serve group headCpu headMemory replicas cpu memory gpus gpuType
+tolerate (GPU taint toleration). The RayJob's rayClusterSpec and the RayService's rayClusterConfig. */}}
+{{- define "kdflow.rayCluster" -}}
+{{- $root := .root -}}
+rayVersion: {{ $root.Values.rayVersion | quote }}
+headGroupSpec:
+  rayStartParams:
+    num-cpus: "0"
+    dashboard-host: "0.0.0.0"
+  template:
+    metadata:
+      labels:
+        app.kubernetes.io/name: kdflow
+        app.kubernetes.io/component: ray
+        {{- if .serve }}
+        app.kubernetes.io/part-of: kdflow-serve
+        {{- end }}
+    spec:
+      serviceAccountName: {{ include "kdflow.serviceAccountName" $root }}
+      automountServiceAccountToken: false
+      securityContext:
+        {{- include "kdflow.podSecurityContext" $root | nindent 8 }}
+      containers:
+        - {{- include "kdflow.rayContainer" (dict "root" $root "name" "ray-head" "cpu" .headCpu "memory" .headMemory "gpus" 0 "mount" .mount "serve" .serve) | nindent 10 }}
+      {{- if .mount }}
+      volumes:
+        - name: experiment
+          configMap:
+            name: {{ include "kdflow.configMapName" $root }}
+      {{- end }}
+workerGroupSpecs:
+  - groupName: {{ .group }}
+    replicas: {{ .replicas }}
+    minReplicas: {{ .replicas }}
+    maxReplicas: {{ .replicas }}
+    rayStartParams: {}
     template:
       metadata:
         labels:
           app.kubernetes.io/name: kdflow
           app.kubernetes.io/component: ray
+          {{- if .serve }}
+          app.kubernetes.io/part-of: kdflow-serve
+          {{- end }}
       spec:
-        serviceAccountName: {{ include "kdflow.serviceAccountName" . }}
+        serviceAccountName: {{ include "kdflow.serviceAccountName" $root }}
         automountServiceAccountToken: false
         securityContext:
-          {{- include "kdflow.podSecurityContext" . | nindent 10 }}
+          {{- include "kdflow.podSecurityContext" $root | nindent 10 }}
+        {{- if .tolerate }}
+        tolerations:
+          - key: nvidia.com/gpu
+            operator: Exists
+            effect: NoSchedule
+        {{- end }}
+        {{- if .gpuType }}
+        nodeSelector:
+          nvidia.com/gpu.product: {{ .gpuType | quote }}
+        {{- end }}
         containers:
-          - {{- include "kdflow.rayContainer" (dict "root" . "name" "ray-head" "cpu" $v.head.cpu "memory" $v.head.memory "gpus" 0 "mount" true) | nindent 12 }}
-        volumes:
-          - name: experiment
-            configMap:
-              name: {{ include "kdflow.configMapName" . }}
-  workerGroupSpecs:
-    - groupName: gpu
-      replicas: {{ $v.workers.replicas }}
-      minReplicas: {{ $v.workers.replicas }}
-      maxReplicas: {{ $v.workers.replicas }}
-      rayStartParams: {}
-      template:
-        metadata:
-          labels:
-            app.kubernetes.io/name: kdflow
-            app.kubernetes.io/component: ray
-        spec:
-          serviceAccountName: {{ include "kdflow.serviceAccountName" . }}
-          automountServiceAccountToken: false
-          securityContext:
-            {{- include "kdflow.podSecurityContext" . | nindent 12 }}
-          tolerations:
-            - key: nvidia.com/gpu
-              operator: Exists
-              effect: NoSchedule
-          {{- if $v.gpu.type }}
-          nodeSelector:
-            nvidia.com/gpu.product: {{ $v.gpu.type | quote }}
-          {{- end }}
-          containers:
-            - {{- include "kdflow.rayContainer" (dict "root" . "name" "ray-worker" "cpu" $v.workers.cpu "memory" $v.workers.memory "gpus" $v.gpu.count "mount" false) | nindent 14 }}
+          - {{- include "kdflow.rayContainer" (dict "root" $root "name" "ray-worker" "cpu" .cpu "memory" .memory "gpus" .gpus "mount" false "serve" .serve) | nindent 12 }}
+{{- end -}}
+
+{{/* RayJob spec around an entrypoint; mirrors kd/deploy/render.py rayjob_spec(). */}}
+{{- define "kdflow.rayJobSpecFor" -}}
+{{- $v := .root.Values -}}
+entrypoint: {{ .entrypoint }}
+shutdownAfterJobFinishes: true
+ttlSecondsAfterFinished: {{ $v.job.ttlSecondsAfterFinished }}
+activeDeadlineSeconds: {{ $v.job.activeDeadlineSeconds }}
+preRunningDeadlineSeconds: {{ $v.job.preRunningDeadlineSeconds }}
+backoffLimit: {{ .backoffLimit }}
+submitterConfig:
+  backoffLimit: {{ $v.job.submitterBackoffLimit }}
+rayClusterSpec:
+  {{- include "kdflow.rayCluster" .cluster | nindent 2 }}
+{{- end -}}
+
+{{/* The workflow's RayJob spec (`kd <workflow> /etc/kdflow/experiment.yaml` on the GPU group). */}}
+{{- define "kdflow.rayJobSpec" -}}
+{{- $v := .Values -}}
+{{- $cluster := dict "root" . "mount" true "serve" false "group" "gpu" "headCpu" $v.head.cpu "headMemory" $v.head.memory "replicas" $v.workers.replicas "cpu" $v.workers.cpu "memory" $v.workers.memory "gpus" $v.gpu.count "gpuType" $v.gpu.type "tolerate" true -}}
+{{- include "kdflow.rayJobSpecFor" (dict "root" . "entrypoint" (printf "kd %s /etc/kdflow/experiment.yaml" $v.workflow) "backoffLimit" $v.job.backoffLimit "cluster" $cluster) -}}
+{{- end -}}
+
+{{/* RayService name: "<fullname>-serve" (<= 32 characters; KubeRay adds "-serve-svc"). */}}
+{{- define "kdflow.serveName" -}}
+{{- printf "%s-serve" (include "kdflow.fullname" .) -}}
 {{- end -}}

@@ -1,0 +1,197 @@
+"""Batch `kd predict` as a Ray Data job, against a real ``mlflow server`` (artifacts on
+moto's S3 server), the moto S3 server for inputs and outputs, and the session's local Ray.
+
+One tiny MLP student is trained once (1 epoch), registered and aliased ``champion``; every
+prediction is checked against ``mlflow.pyfunc.load_model`` on the same rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_registry import client, train_pair
+
+from kd.cli import run as kd_run
+
+pytestmark = pytest.mark.slow
+
+NAME = "kd-batch"
+WIDTH = 64
+
+
+@pytest.fixture(scope="module")
+def tracking(mlflow_server: str):  # noqa: ANN201
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        yield mlflow_server
+
+
+@pytest.fixture(scope="module")
+def champion(tracking: str, ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """``models:/kd-batch@champion``: a 1-epoch MLP student, registered and aliased."""
+    from kd.registry.register import register_run
+
+    trained = train_pair(tmp_path_factory.mktemp("batch"), epochs=1)
+    name, version = register_run(trained.run_id, NAME)
+    client().set_registered_model_alias(name, "champion", version)
+    return f"models:/{name}@champion"
+
+
+def reference(uri: str, x: np.ndarray) -> np.ndarray:
+    """The pyfunc's probabilities for ``x`` (what a consumer's own code gets)."""
+    import mlflow
+
+    return mlflow.pyfunc.load_model(uri).predict(x.astype(np.float32))
+
+
+def read_output(uri: str) -> object:
+    """Every parquet file under ``uri`` (local folder or s3://) as one pandas DataFrame."""
+    import pyarrow.dataset as pads
+
+    from kd import storage
+
+    fs, path = storage.arrow_fs(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pandas()
+
+
+def put_parquet(df: object, uri: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kd import storage
+
+    fs, path = storage.arrow_fs(uri)
+    with fs.open_output_stream(path) as f:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False), f)
+
+
+def test_s3_many_files_keyed_by_id(champion: str, bucket: str) -> None:
+    """Seven parquet files on S3 (one bigger than a read block) with an ``id`` column and
+    a list column ``x``: out come parquet files on S3 with every id once and the
+    pyfunc's predictions for that id's row."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    sizes = [3, 50, 120, 1, 77, 4500, 30]
+    frames, start = [], 0
+    for i, n in enumerate(sizes):
+        x = rng.random((n, WIDTH), dtype=np.float32) * 16
+        df = pd.DataFrame({"id": [f"r{start + j}" for j in range(n)], "x": list(x)})
+        put_parquet(df, f"s3://{bucket}/in/part-{i}.parquet")
+        frames.append(df)
+        start += n
+    put_parquet(frames[0], f"s3://{bucket}/in/other.csv.parquet.bak")  # not matched by the glob
+    assert kd_run(["predict", champion, "--input", f"s3://{bucket}/in/part-*.parquet",
+                   "--output", f"s3://{bucket}/out/", "--batch-size", "256"]) == 0
+    out = read_output(f"s3://{bucket}/out/")
+    inp = pd.concat(frames, ignore_index=True)
+    assert len(out) == len(inp) == sum(sizes)
+    assert sorted(out["id"]) == sorted(inp["id"])
+    out = out.set_index("id").loc[inp["id"]]
+    want = reference(champion, np.stack(inp["x"].to_numpy()))
+    got = out[[f"p{i}" for i in range(want.shape[1])]].to_numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert (out["pred"].to_numpy() == want.argmax(1)).all()
+    # file + row are kept beside the id: row r of file f is the id written there
+    big = out[out["file"] == f"s3://{bucket}/in/part-5.parquet"].sort_values("row")
+    assert list(big["row"]) == list(range(4500))
+
+
+def test_local_folder_keyed_by_file_and_row(champion: str, tmp_path: Path) -> None:
+    """Local folder of parquet files with one column per feature and a label column, no
+    id: the key is file + row (and kdflow's idx of them); predictions equal the pyfunc's."""
+    import pandas as pd
+
+    from kd.data.stream import key_idx
+
+    rng = np.random.default_rng(1)
+    xs = {}
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for rel, n in [("a.parquet", 40), ("sub/b.parquet", 25)]:
+        x = rng.random((n, WIDTH), dtype=np.float32)
+        df = pd.DataFrame(x, columns=[f"f{i}" for i in range(WIDTH)])
+        df["y"] = rng.integers(0, 10, n)
+        df.to_parquet(tmp_path / "in" / rel, index=False)
+        xs[rel] = x
+    assert kd_run(["predict", champion, "--input", str(tmp_path / "in"),
+                   "--output", str(tmp_path / "out"), "--batch-size", "16"]) == 0
+    out = read_output(str(tmp_path / "out"))
+    assert len(out) == 65 and "y" not in out.columns and "x" not in out.columns
+    for rel, x in xs.items():
+        part = out[out["file"] == str(tmp_path / "in" / rel)].sort_values("row")
+        assert list(part["row"]) == list(range(len(x)))
+        assert (part["idx"].to_numpy() == key_idx(None, rel, 0, len(x))).all()
+        want = reference(champion, x)
+        np.testing.assert_allclose(part[[f"p{i}" for i in range(10)]].to_numpy(), want, atol=1e-5)
+
+
+def test_bad_input_one_line_exit_2(champion: str, tmp_path: Path, bucket: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """No file matches, a missing --key column, rows of the wrong width (in a later file,
+    found by a Ray read task), an unwritable output, and no --output: exit 2, one line."""
+    import pandas as pd
+
+    good = pd.DataFrame({"x": list(np.ones((4, WIDTH), np.float32))})
+    (tmp_path / "in").mkdir()
+    good.to_parquet(tmp_path / "in" / "a.parquet")
+    narrow = pd.DataFrame({"x": list(np.ones((4, 10), np.float32))})
+    narrow.to_parquet(tmp_path / "in" / "b.parquet")
+    cases = [
+        (["--input", str(tmp_path / "none-*.parquet"), "--output", str(tmp_path / "o1")],
+         f"--input {tmp_path / 'none-*.parquet'}: the pattern matches no file"),
+        (["--input", str(tmp_path / "in" / "a.parquet"), "--output", f"{tmp_path}/o2/",
+          "--key", "order_id"], "--key order_id: no such column"),
+        (["--input", str(tmp_path / "in"), "--output", str(tmp_path / "o3")],
+         "b.parquet: rows have 10 values but the model takes 64"),
+        (["--input", str(tmp_path / "in" / "a.parquet"), "--output",
+          "s3://no-such-bucket-kd/out/"], "--output s3://no-such-bucket-kd/out/: bucket"),
+        (["--input", str(tmp_path / "in")], "--output: required"),
+        (["--input", str(tmp_path / "in" / "a.parquet"), "--key", "id"],
+         "--key, --concurrency, --gpus-per-worker: batch predict only"),
+        (["--input", str(tmp_path / "in"), "--output", f"{tmp_path}/o5/", "--key", "pred"],
+         "--key pred: clashes with an output column"),
+    ]
+    cases.append((["--input", f"s3://{bucket}/nothing/*.parquet", "--output", str(tmp_path / "o4")],
+                  f"--input s3://{bucket}/nothing/*.parquet: no such object"))
+    for args, msg in cases:
+        capsys.readouterr()
+        assert kd_run(["predict", champion, *args]) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and msg in err, (args, err)
+
+
+def test_gpu_actor(champion: str, tmp_path: Path) -> None:
+    """--gpus-per-worker 1: the Predictor actor runs the model on CUDA; the predictions
+    still equal the pyfunc's (CPU). Needs a GPU that the session's Ray sees."""
+    import pandas as pd
+    import ray
+    import torch
+
+    if not torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("no CUDA GPU visible to torch and Ray")
+    x = np.random.default_rng(2).random((300, WIDTH), dtype=np.float32)
+    (tmp_path / "in").mkdir()
+    pd.DataFrame({"x": list(x)}).to_parquet(tmp_path / "in" / "a.parquet")
+    assert kd_run(["predict", champion, "--input", str(tmp_path / "in"), "--output",
+                   str(tmp_path / "out"), "--gpus-per-worker", "1"]) == 0
+    out = read_output(str(tmp_path / "out")).sort_values("row")
+    np.testing.assert_allclose(out[[f"p{i}" for i in range(10)]].to_numpy(),
+                               reference(champion, x), atol=1e-4)
+
+
+def test_class_names_and_batch_path_choice(tmp_path: Path) -> None:
+    """The label column comes from kd_model.json's class_names (one per class, else none);
+    one local file keeps the in-process path, anything else is a batch job."""
+    from kd.registry.batch import class_names, is_batch
+
+    assert class_names({"num_classes": 2, "class_names": ["cat", "dog"]}) == ["cat", "dog"]
+    assert class_names({"num_classes": 3, "class_names": ["cat", "dog"]}) is None
+    assert class_names({"num_classes": 2, "class_names": []}) is None
+    assert class_names({"num_classes": 2}) is None
+    f = tmp_path / "a.parquet"
+    f.write_bytes(b"")
+    assert not is_batch([str(f)], None) and not is_batch([str(f)], str(tmp_path / "o.csv"))
+    assert is_batch([str(f), str(f)], None) and is_batch([str(tmp_path)], None)
+    assert is_batch(["s3://b/in/"], None) and is_batch([str(tmp_path / "*.parquet")], None)
+    assert is_batch([str(f)], "s3://b/out/") and is_batch([str(f)], f"{tmp_path}/new/")
