@@ -40,11 +40,13 @@ def http(url: str, body: object = None, raw: bytes | None = None,
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
     """An ``mlflow server`` on SQLite with local proxied artifacts that may send webhooks
-    to loopback over http (MLflow allows only https and public IPs by default)."""
+    to loopback over http (MLflow allows only https and public IPs by default) and
+    re-reads its webhook list every second."""
     d = tmp_path_factory.mktemp("serve-registry")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http,https")
         mp.setenv("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true")
+        mp.setenv("MLFLOW_WEBHOOK_CACHE_TTL", "1")  # the server caches webhook lists (60 s)
         proc, url = launch_mlflow_server(f"sqlite:///{d / 'mlflow.db'}", str(d / "artifacts"),
                                          d / "server.log")
         mp.setenv("MLFLOW_TRACKING_URI", url)
@@ -192,6 +194,7 @@ def test_webhook_from_mlflow_triggers_swap(app: SimpleNamespace,
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(bad, timeout=30)
     assert e.value.code == 401
+    time.sleep(1.5)  # the server's webhook list cache (1 s here) has seen the new webhook
     current = http(app.url + "/health")[1]["version"]
     target = "1" if current == "2" else "2"
     while time.time() - http(app.url + "/health")[1]["checked_at"] > 1.0:  # just after a poll
