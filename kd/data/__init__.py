@@ -112,7 +112,20 @@ def load_splits(cfg: DataConfig, endpoint: str | None = None) -> Splits:
     return Splits(StreamSplit(train_sources, train_counts, "train"),
                   *(StreamSplit([src.with_split(n)], prof.splits[n], n) for n in SPLITS[1:]),
                   num_classes=num_classes, input_shape=prof.input_shape, data_hash=digest,
-                  input_dtype=prof.input_dtype, manifest=manifest)
+                  input_dtype=prof.input_dtype, manifest=manifest,
+                  class_names=class_names(cfg, src.manifest.classes, num_classes))
+
+
+def class_names(cfg: DataConfig, folders: list[str], num_classes: int) -> list[str]:
+    """``data.class_names``, else an image folder's class directories (when there is one
+    per class), else none. ``data.class_names`` of another length than the data's class
+    count is an `InputError` naming the field."""
+    if cfg.class_names:
+        if len(cfg.class_names) != num_classes:
+            raise InputError(f"data.class_names: {len(cfg.class_names)} names for "
+                             f"{num_classes} classes")
+        return list(cfg.class_names)
+    return list(folders) if len(folders) == num_classes else []
 
 
 def to_ray(split: StreamSplit) -> Any:
