@@ -159,20 +159,18 @@ def start_mlflow_serve(name: str, tracking_uri: str, log: Path,
 
 
 def stop(proc: subprocess.Popen, grace: float = 60.0) -> None:
-    """SIGINT the child's own process group (started with ``start_new_session``), then
-    SIGTERM, then SIGKILL; only the group this process started."""
+    """SIGINT the child, then SIGTERM, then SIGKILL (each after a wait); then SIGKILL what
+    is left of its own process group (started with ``start_new_session``: uvicorn workers,
+    the processes of its local Ray). Only what this process started, by id."""
     for sig, wait in ((signal.SIGINT, grace), (signal.SIGTERM, 15.0), (signal.SIGKILL, 15.0)):
         if proc.poll() is not None:
             break
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
+        proc.send_signal(sig)
         try:
             proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
             continue
-    try:  # children left in the group (uvicorn workers, Ray processes of a local Ray)
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
