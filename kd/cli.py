@@ -100,6 +100,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve models:/NAME@ALIAS over HTTP with Ray Serve, following the alias."""
+    from kd.serve.run import serve_forever
+
+    return serve_forever(args.name, args.alias, args.host, args.port, args.poll_interval,
+                         args.replicas, args.num_cpus)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Teacher, scratch student and distilled student on digits, then a table."""
     from kd.demo import demo_configs, run_demo
@@ -249,6 +257,21 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_evaluate)
 
 
+def _serve_command(sub: argparse._SubParsersAction) -> None:
+    """kd serve (docs/serving.md#kd-serve)."""
+    p = sub.add_parser("serve", help="serve models:/NAME@ALIAS over HTTP (Ray Serve), "
+                                     "following the alias")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--poll-interval", type=float, default=10.0, help="seconds between alias checks")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--num-cpus", type=float, default=None,
+                   help="CPUs reserved per model replica (default 1)")
+    p.set_defaults(fn=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `kd` argument parser with one sub-command per workflow step."""
     parser = argparse.ArgumentParser(prog="kd", description="kdflow: distil PyTorch teachers "
@@ -256,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _run_commands(sub)
     _registry_commands(sub)
+    _serve_command(sub)
     p = sub.add_parser("demo", help="the embedded demo: teacher, scratch and KD on digits")
     p.add_argument("--configs", default=None,
                    help="folder with digits-teacher.yaml and digits-kd.yaml (default: ./configs "

@@ -80,6 +80,15 @@ class DataConfig(Strict):
     labeled_fraction: float | None = Field(None, gt=0, le=1)
     transfer: str | None = None
     balance_by_teacher: bool = False
+    class_names: list[str] | None = Field(None, description="the name of each class, in label "
+                                          "order; image folders give their class directories")
+
+    @field_validator("class_names")
+    @classmethod
+    def _names(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any(not str(n).strip() for n in v) or len(set(v)) < len(v)):
+            raise ValueError("class names must be non-empty and unique")
+        return v
 
     @field_validator("labels", mode="before")
     @classmethod
@@ -261,6 +270,8 @@ class Experiment(Strict):
         for k in ("sse", "sse_kms_key_id"):  # configs without encryption keep their hash
             if doc.get("storage", {}).get(k) is None:
                 doc.get("storage", {}).pop(k, None)
+        if doc.get("data", {}).get("class_names") is None:  # configs without names keep their hash
+            doc.get("data", {}).pop("class_names", None)
         blob = json.dumps(doc, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -112,7 +112,18 @@ def load_splits(cfg: DataConfig, endpoint: str | None = None) -> Splits:
     return Splits(StreamSplit(train_sources, train_counts, "train"),
                   *(StreamSplit([src.with_split(n)], prof.splits[n], n) for n in SPLITS[1:]),
                   num_classes=num_classes, input_shape=prof.input_shape, data_hash=digest,
-                  input_dtype=prof.input_dtype, manifest=manifest)
+                  input_dtype=prof.input_dtype, manifest=manifest,
+                  class_names=class_names(cfg, src.manifest.classes, num_classes))
+
+
+def class_names(cfg: DataConfig, folders: list[str], num_classes: int) -> list[str]:
+    """``data.class_names``, else an image folder's class directories, else none; a count
+    that is not the data's class count is an `InputError` naming the field."""
+    names = list(cfg.class_names or folders)
+    if names and len(names) != num_classes:
+        where = "data.class_names" if cfg.class_names else f"{cfg.source}: class folders"
+        raise InputError(f"{where}: {len(names)} names for {num_classes} classes")
+    return names
 
 
 def to_ray(split: StreamSplit) -> Any:

@@ -97,6 +97,7 @@ class Splits:
     data_hash: str
     input_dtype: str = "float32"
     manifest: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)  # by label; empty when unknown
 
     @property
     def integer_inputs(self) -> bool:

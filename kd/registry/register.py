@@ -64,7 +64,8 @@ def arch_config(meta: dict[str, str], sha: str) -> dict[str, Any]:
     return {"model": meta["kd.model"], "args": json.loads(meta.get("kd.args", "{}")),
             "width": float(meta.get("kd.width", 1.0)), "num_classes": int(meta["kd.num_classes"]),
             "input_shape": json.loads(meta["kd.input_shape"]),
-            "input_dtype": meta.get("kd.input_dtype", "float32"), "weights_sha256": sha}
+            "input_dtype": meta.get("kd.input_dtype", "float32"), "weights_sha256": sha,
+            "class_names": json.loads(meta.get("kd.class_names", "[]"))}
 
 
 def _save_flavors(path: str, mlflow_model: Any, data_dir: str, code_dir: str, card: str,

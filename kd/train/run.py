@@ -59,6 +59,7 @@ def weights_metadata(spec: ModelSpec, splits: Splits, exp: Experiment, role: Rol
         "kd.num_classes": str(splits.num_classes),
         "kd.input_shape": json.dumps(list(splits.input_shape)),
         "kd.input_dtype": splits.input_dtype, "kd.role": role,
+        "kd.class_names": json.dumps(list(splits.class_names)),
         "kd.data_hash": splits.data_hash, "kd.config_hash": exp.hash(), "kd.run_id": run_id,
         OWNER_KEY: ray_run_name,  # whose file it is (kd.train.output)
     }
