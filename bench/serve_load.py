@@ -10,7 +10,10 @@ digits students through kdflow, registers them (v1 champion, v2 challenger; they
 on the probe row that starts every request batch), then for each server: starts it,
 runs C client threads for ``--duration`` s, promotes v2 (`kd.registry.promote.promote`,
 the `kd promote NAME --version 2` path) at ``--promote-at`` and rolls back
-(`kd.registry.promote.rollback`, `kd promote NAME --rollback`) at ``--rollback-at``.
+(`kd.registry.promote.rollback`, `kd promote NAME --rollback`) at ``--rollback-at``, but
+no sooner than one poll interval + 5 s after the promotion moved the alias (the gate
+scores both versions first, which takes seconds on a loaded machine), and the load runs
+at least that long past the rollback.
 Every request is recorded; the table gives req/s, p50/p99 latency, errors, the versions
 served and the seconds from each alias move until every response carries the new version.
 Writes bench/results/serve_load.json and the "serve load" section of bench/RESULTS.md.
@@ -56,7 +59,8 @@ def one_server(kind: str, m: sl.Models, uri: str, a: argparse.Namespace, work: P
         load = sl.Load(url, path, m, a.clients)
         recs, events = sl.run_timeline(load, watch, a.duration, [
             (a.promote_at, sl.Event("promote v2", "2"), lambda: promote(m.name, version="2")),
-            (a.rollback_at, sl.Event("rollback to v1", "1"), lambda: rollback(m.name))])
+            (a.rollback_at, sl.Event("rollback to v1", "1"), lambda: rollback(m.name))],
+            settle=a.poll_interval + 5.0)  # a slow gate under load never squeezes out a poll
     finally:
         watch.close()
         sl.stop(proc)
