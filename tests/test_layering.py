@@ -19,6 +19,7 @@ UPWARD = {  # a module of a lower layer -> an import of a layer above it
     "kd/train/_layering_probe.py": "from kd.registry.store import fetch_weights",
     "kd/registry/_layering_probe.py": "from kd.tune.sweep import run_sweep",
     "kd/tune/_layering_probe.py": "from kd import cli",
+    "kd/serve/_layering_probe.py": "from kd.cli import run",
 }
 
 

@@ -7,6 +7,10 @@ rollback by polling -> a webhook-driven swap -> registry stopped."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +19,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import CONFIGS, free_port, launch_mlflow_server
+from conftest import CONFIGS, REPO, free_port, launch_mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +126,18 @@ def wait_version(url: str, x: list, version: str, timeout: float) -> float:
     raise AssertionError(f"still not version {version} after {timeout} s: {out}")
 
 
+def test_cli_unknown_model_or_alias_is_one_line(versions: SimpleNamespace) -> None:
+    """`kd serve` checks the alias before it starts Ray or Serve: exit 2, one line."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for args, expect in ((["no-such-model"], "no registered model named 'no-such-model'"),
+                         ([NAME, "--alias", "nightly"], "alias 'nightly' is not set")):
+        out = subprocess.run([sys.executable, "-m", "kd.cli", "serve", *args, "--port",
+                              str(free_port())], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert out.stderr.strip().count("\n") == 0 and expect in out.stderr
+
+
 def test_predict_and_health(app: SimpleNamespace, versions: SimpleNamespace) -> None:
     assert app.version == "1"
     code, out = http(app.url + "/predict", {"inputs": versions.x})
@@ -154,10 +170,40 @@ def test_bad_requests(app: SimpleNamespace, body: bytes, status: int, reason: st
     assert set(out) == {"error"} and reason in out["error"] and "\n" not in out["error"]
 
 
+class Load:
+    """Clients posting /predict in a loop on threads; counts answers and failures."""
+
+    def __init__(self, url: str, x: list, clients: int = 3) -> None:
+        self.url, self.x, self.ok, self.failed = url, x, 0, []
+        self.seen: set[str] = set()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self.run, daemon=True) for _ in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                code, out = http(self.url + "/predict", {"inputs": self.x[:2]})
+            except Exception as e:  # a dropped connection counts as a failure too
+                code, out = -1, {"error": repr(e)}
+            if code == 200:
+                self.ok += 1
+                self.seen.add(out["version"])
+            else:
+                self.failed.append((code, out))
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
 def test_promotion_and_rollback_swap_in_place(app: SimpleNamespace,
                                               versions: SimpleNamespace) -> None:
     before = model_info()
     c, x = versions.client, versions.x
+    load = Load(app.url, x)
     c.set_registered_model_alias(NAME, "champion", "2")
     took = wait_version(app.url, x, "2", POLL_S + 30)
     print(f"promotion visible after {took:.1f} s (poll interval {POLL_S} s)")
@@ -165,6 +211,9 @@ def test_promotion_and_rollback_swap_in_place(app: SimpleNamespace,
     c.set_registered_model_alias(NAME, "champion", "1")  # rollback
     took = wait_version(app.url, x, "1", POLL_S + 30)
     print(f"rollback visible after {took:.1f} s")
+    load.close()
+    assert load.failed == [] and load.ok > 0 and load.seen == {"1", "2"}
+    print(f"{load.ok} requests from 3 clients across the two swaps, 0 failed")
     after = model_info()
     assert after["pid"] == before["pid"], "the replica was restarted"
     assert after["swaps"] == before["swaps"] + 2

@@ -26,9 +26,10 @@ def deploy(app_name: str, args: dict[str, Any], route_prefix: str = "/",
     from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
 
     from kd.serve.app import resolve_args
-    from kd.serve.watch import _controller
+    from kd.serve.watch import _controller, resolve_alias
 
-    resolve_args(args)  # a bad argument is one line here, not a failed build in Serve
+    a = resolve_args(args)  # a bad argument or an unset alias is one line here, not a
+    resolve_alias(a["name"], a["alias"], a["tracking_uri"])  # failed build inside Serve
     ctl = _controller()
     apps = ray.get(ctl.get_app_configs.remote())
     apps[app_name] = ServeApplicationSchema(name=app_name, import_path=IMPORT_PATH, args=args,
@@ -79,14 +80,17 @@ def serve_forever(name: str, alias: str, host: str, port: int, poll_interval_s: 
     from ray import serve
 
     from kd.runtime import ensure_ray
+    from kd.serve.app import resolve_args
+    from kd.serve.watch import resolve_alias
     from kd.tracking import tracking_uri
 
-    ensure_ray()
-    serve.start(http_options={"host": host, "port": port})
     args: dict[str, Any] = {"name": name, "alias": alias, "poll_interval_s": poll_interval_s,
                             "tracking_uri": tracking_uri(), "num_replicas": replicas}
     if num_cpus is not None:
         args["num_cpus"] = num_cpus
+    resolve_alias(name, alias, resolve_args(args)["tracking_uri"])  # before starting anything
+    ensure_ray()
+    serve.start(http_options={"host": host, "port": port})
     version = deploy(name, args)
     print(f"serving models:/{name}@{alias} version {version} at http://{host}:{port}",
           flush=True)
