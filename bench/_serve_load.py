@@ -24,6 +24,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,7 +111,7 @@ def _env() -> dict[str, str]:
 def start_kd_serve(name: str, poll_s: float, tracking_uri: str, log: Path,
                    timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
     """``kd serve NAME`` (its own local Ray unless RAY_ADDRESS is set) on a free port;
-    waits for its ``serving models:/...`` line; returns (process, base URL)."""
+    waits for its ``serving models:/NAME@ALIAS version V at URL`` line; returns (process, URL)."""
     port = free_port()
     env = {**_env(), "MLFLOW_TRACKING_URI": tracking_uri}
     out = open(log, "w")  # noqa: SIM115 - the child writes it for its whole life
@@ -121,8 +122,9 @@ def start_kd_serve(name: str, poll_s: float, tracking_uri: str, log: Path,
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"kd serve exited {proc.returncode}: {log.read_text()[-3000:]}")
-        if "serving models:/" in log.read_text():
-            return proc, f"http://127.0.0.1:{port}"
+        found = re.search(r"serving models:/\S+ version \S+ at (http://\S+)", log.read_text())
+        if found:  # the address Serve's proxy really listens on
+            return proc, found.group(1).replace("//localhost:", "//127.0.0.1:")
         time.sleep(0.5)
     stop(proc)
     raise RuntimeError(f"kd serve not serving after {timeout:.0f}s: {log.read_text()[-3000:]}")

@@ -138,6 +138,7 @@ def test_imagefolder_and_npy_shards(tmp_path: Path) -> None:
             Image.new("RGB", (6, 6), (color, i, 0)).save(tmp_path / "img" / c / f"{i}.png")
     s = load_splits(DataConfig(source=str(tmp_path / "img")))
     assert s.input_shape == (3, 6, 6) and s.num_classes == 2
+    assert s.class_names == ["cat", "dog"]  # the class directories, recorded at training
     (tmp_path / "npy").mkdir()
     for i in range(2):
         np.save(tmp_path / "npy" / f"x-{i}.npy", np.random.default_rng(i).random((50, 4)))

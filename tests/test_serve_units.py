@@ -76,5 +76,6 @@ def test_class_names_count_must_match() -> None:
     assert class_names(cfg, [], 2) == ["a", "b"]
     assert class_names(DataConfig(source="x/"), ["cat", "dog"], 2) == ["cat", "dog"]
     assert class_names(DataConfig(source="x/"), [], 10) == []
+    assert class_names(DataConfig(source="x/"), ["cat", "dog"], 3) == []  # declared 3 classes
     with pytest.raises(InputError, match="data.class_names: 2 names for 10 classes"):
         class_names(cfg, [], 10)

@@ -117,13 +117,15 @@ def load_splits(cfg: DataConfig, endpoint: str | None = None) -> Splits:
 
 
 def class_names(cfg: DataConfig, folders: list[str], num_classes: int) -> list[str]:
-    """``data.class_names``, else an image folder's class directories, else none; a count
-    that is not the data's class count is an `InputError` naming the field."""
-    names = list(cfg.class_names or folders)
-    if names and len(names) != num_classes:
-        where = "data.class_names" if cfg.class_names else f"{cfg.source}: class folders"
-        raise InputError(f"{where}: {len(names)} names for {num_classes} classes")
-    return names
+    """``data.class_names``, else an image folder's class directories (when there is one
+    per class), else none. ``data.class_names`` of another length than the data's class
+    count is an `InputError` naming the field."""
+    if cfg.class_names:
+        if len(cfg.class_names) != num_classes:
+            raise InputError(f"data.class_names: {len(cfg.class_names)} names for "
+                             f"{num_classes} classes")
+        return list(cfg.class_names)
+    return list(folders) if len(folders) == num_classes else []
 
 
 def to_ray(split: StreamSplit) -> Any:

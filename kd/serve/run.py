@@ -7,6 +7,7 @@ block until SIGINT / SIGTERM; then delete the application.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -74,6 +75,20 @@ def _last_line(message: str) -> str:
     return lines[-1][:400] if lines else "deploy failed"
 
 
+def _http_address(host: str, port: int) -> tuple[str, int]:
+    """Where Serve's proxy listens: a Serve already running on a joined cluster keeps its
+    own address (``serve.start`` only warns), and that is the one to print."""
+    import ray
+
+    from kd.serve.watch import _controller
+
+    cfg = ray.get(_controller().get_http_config.remote())
+    if (cfg.host, cfg.port) != (host, port):
+        print(f"[kd] Serve already runs on this cluster at {cfg.host}:{cfg.port}; using it",
+              file=sys.stderr, flush=True)
+    return cfg.host, cfg.port
+
+
 def serve_forever(name: str, alias: str, host: str, port: int, poll_interval_s: float,
                   replicas: int, num_cpus: float | None = None) -> int:
     """What `kd serve` does (module docstring); returns 0 after a signal."""
@@ -91,6 +106,7 @@ def serve_forever(name: str, alias: str, host: str, port: int, poll_interval_s: 
     resolve_alias(name, alias, resolve_args(args)["tracking_uri"])  # before starting anything
     ensure_ray()
     serve.start(http_options={"host": host, "port": port})
+    host, port = _http_address(host, port)
     version = deploy(name, args)
     print(f"serving models:/{name}@{alias} version {version} at http://{host}:{port}",
           flush=True)
