@@ -371,3 +371,34 @@ def summarize(server: str, recs: list[Rec], events: list[Event]) -> dict[str, An
             "version_field_vs_probe_mismatch": sum(
                 1 for r in ok if r.version and r.by_probe and r.version != r.by_probe),
             "events": [convergence(recs, e, end) for e, end in zip(events, ends)]}
+
+
+def timeline(recs: list[Rec], step: float = 1.0) -> list[dict[str, Any]]:
+    """Per ``step`` seconds of send time: requests, errors, responses per version served,
+    median latency (ms): the swaps as the clients saw them."""
+    out: dict[int, list[Rec]] = {}
+    for r in recs:
+        out.setdefault(int(r.t // step), []).append(r)
+    rows = []
+    for k in sorted(out):
+        b = out[k]
+        by: dict[str, int] = {}
+        for r in b:
+            if r.status == 200:
+                by[str(r.served)] = by.get(str(r.served), 0) + 1
+        rows.append({"t": round(k * step, 1), "requests": len(b),
+                     "errors": sum(r.status != 200 for r in b), "served": by,
+                     "p50_ms": round(float(np.median([r.latency for r in b])) * 1000, 1)})
+    return rows
+
+
+def write_records(recs: list[Rec], path: Path) -> None:
+    """Every request as CSV: send s, latency s, status, version field, probe version, error."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["t_s", "latency_s", "status", "version", "probe_version", "error"])
+        for r in recs:
+            w.writerow([f"{r.t:.4f}", f"{r.latency:.4f}", r.status, r.version or "",
+                        r.by_probe or "", r.error])

@@ -14,7 +14,8 @@ the `kd promote NAME --version 2` path) at ``--promote-at`` and rolls back
 no sooner than one poll interval + 5 s after the promotion moved the alias (the gate
 scores both versions first, which takes seconds on a loaded machine), and the load runs
 at least that long past the rollback.
-Every request is recorded; the table gives req/s, p50/p99 latency, errors, the versions
+Every request is recorded (CSV in the work folder; a per-second timeline in the JSON);
+the table gives req/s, p50/p99 latency, errors, the versions
 served and the seconds from each alias move until every response carries the new version.
 Writes bench/results/serve_load.json and the "serve load" section of bench/RESULTS.md.
 """
@@ -65,8 +66,10 @@ def one_server(kind: str, m: sl.Models, uri: str, a: argparse.Namespace, work: P
         watch.close()
         sl.stop(proc)
     s = sl.summarize("kd serve" if kind == "kd" else "mlflow models serve", recs, events)
+    sl.write_records(recs, work / f"{kind}-requests.csv")
     s.update(start_s=round(ready, 1), warmup_requests=len(warm_recs),
-             warmup_errors=sum(r.status != 200 for r in warm_recs))
+             warmup_errors=sum(r.status != 200 for r in warm_recs),
+             requests_csv=str(work / f"{kind}-requests.csv"), timeline=sl.timeline(recs))
     return s
 
 
@@ -118,7 +121,7 @@ def main() -> None:
             before = os.getloadavg()[0]
             rows.append(one_server(kind, m, uri, a, work))
             rows[-1]["loadavg_before"] = round(before, 2)
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "timeline"}), flush=True)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
