@@ -1,5 +1,5 @@
 """`kd serve` against real parts: an ``mlflow server`` on SQLite (webhooks need a SQL
-store), Ray Serve in the session's Ray (replicas with 0 CPUs, HTTP on a free port), and a
+store), Ray Serve in the session's Ray (two Model replicas with 0 CPUs, HTTP on a free port), and a
 digits student registered twice (versions 1 and 2 of ``kd-serve``). One application is
 shared by the module's tests, which run in order: serve -> bad requests -> promotion and
 rollback by polling -> a webhook-driven swap -> registry stopped."""
@@ -27,6 +27,7 @@ NAME, APP = "kd-serve", "kd-serve-test"
 POLL_S = 8.0  # long enough that a webhook-driven swap is not a poll's doing
 SECRET_ENV, SECRET = "KD_SERVE_TEST_WEBHOOK_SECRET", "s3cret-for-tests"
 DIGITS = [f"digit-{i}" for i in range(10)]
+REPLICAS = 2  # every replica must swap
 
 
 def http(url: str, body: object = None, raw: bytes | None = None,
@@ -98,7 +99,8 @@ def app(versions: SimpleNamespace, registry: SimpleNamespace) -> Iterator[Simple
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = {"name": NAME, "poll_interval_s": POLL_S, "tracking_uri": registry.url,
-            "num_cpus": 0, "webhook_secret_env": SECRET_ENV, "max_batch_size": 8}
+            "num_cpus": 0, "webhook_secret_env": SECRET_ENV, "max_batch_size": 8,
+            "num_replicas": REPLICAS}
     version = deploy(APP, args, route_prefix="/", runtime_env={"env_vars": {SECRET_ENV: SECRET}})
     try:
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}", version=version, port=port)
@@ -107,11 +109,29 @@ def app(versions: SimpleNamespace, registry: SimpleNamespace) -> Iterator[Simple
         serve.shutdown()
 
 
-def model_info() -> dict:
-    """The Model replica's version, pid and swap count."""
+def replicas(n: int = REPLICAS) -> dict[int, dict]:
+    """Every Model replica's version, pid and swap count, by pid (asked until ``n`` seen)."""
     from ray import serve
 
-    return serve.get_deployment_handle("Model", app_name=APP).info.remote().result(timeout_s=60)
+    h = serve.get_deployment_handle("Model", app_name=APP)
+    seen: dict[int, dict] = {}
+    for _ in range(200):
+        info = h.info.remote().result(timeout_s=60)
+        seen[info["pid"]] = info
+        if len(seen) == n:
+            return seen
+    raise AssertionError(f"only {len(seen)} of {n} replicas answered")
+
+
+def wait_all(version: str, timeout: float = 60) -> dict[int, dict]:
+    """Every replica by pid, once all serve ``version``."""
+    deadline = time.time() + timeout
+    while True:
+        got = replicas()
+        if {i["version"] for i in got.values()} == {version}:
+            return got
+        assert time.time() < deadline, got
+        time.sleep(0.3)
 
 
 def wait_version(url: str, x: list, version: str, timeout: float) -> float:
@@ -201,22 +221,23 @@ class Load:
 
 def test_promotion_and_rollback_swap_in_place(app: SimpleNamespace,
                                               versions: SimpleNamespace) -> None:
-    before = model_info()
+    before = wait_all("1")
     c, x = versions.client, versions.x
     load = Load(app.url, x)
     c.set_registered_model_alias(NAME, "champion", "2")
     took = wait_version(app.url, x, "2", POLL_S + 30)
+    wait_all("2")
     print(f"promotion visible after {took:.1f} s (poll interval {POLL_S} s)")
     assert http(app.url + "/health")[1]["version"] == "2"
     c.set_registered_model_alias(NAME, "champion", "1")  # rollback
     took = wait_version(app.url, x, "1", POLL_S + 30)
+    after = wait_all("1")
     print(f"rollback visible after {took:.1f} s")
     load.close()
     assert load.failed == [] and load.ok > 0 and load.seen == {"1", "2"}
     print(f"{load.ok} requests from 3 clients across the two swaps, 0 failed")
-    after = model_info()
-    assert after["pid"] == before["pid"], "the replica was restarted"
-    assert after["swaps"] == before["swaps"] + 2
+    assert set(after) == set(before), "a replica was restarted"
+    assert all(after[p]["swaps"] == before[p]["swaps"] + 2 for p in after)
     c.delete_registered_model_alias(NAME, "champion")  # deleted: v1 keeps serving
     deadline = time.time() + POLL_S + 30
     while "not set" not in (h := http(app.url + "/health")[1])["registry"]:
@@ -225,7 +246,7 @@ def test_promotion_and_rollback_swap_in_place(app: SimpleNamespace,
     assert h["version"] == "1" and http(app.url + "/predict", {"inputs": x})[0] == 200
     c.set_registered_model_alias(NAME, "champion", "2")  # then set again
     wait_version(app.url, x, "2", POLL_S + 30)
-    assert model_info()["pid"] == before["pid"]
+    assert set(wait_all("2")) == set(before)
 
 
 def test_webhook_from_mlflow_triggers_swap(app: SimpleNamespace,
@@ -251,12 +272,14 @@ def test_webhook_from_mlflow_triggers_swap(app: SimpleNamespace,
     polled_at = http(app.url + "/health")[1]["checked_at"]
     c.set_registered_model_alias(NAME, "champion", target)
     wait_version(app.url, x, target, POLL_S + 30)
+    wait_all(target)
     assert time.time() < polled_at + POLL_S, "the swap came from a poll, not the webhook"
 
 
 def test_registry_down_keeps_serving(app: SimpleNamespace, versions: SimpleNamespace,
                                      registry: SimpleNamespace) -> None:
     serving = http(app.url + "/health")[1]["version"]
+    wait_all(serving)
     registry.proc.terminate()
     registry.proc.wait(timeout=15)
     deadline = time.time() + POLL_S + 60
