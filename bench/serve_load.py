@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--servers", default="kd,mlflow")
     ap.add_argument("--work", help="work folder (default: a fresh temp folder)")
     a = ap.parse_args()
+    if not a.servers or set(a.servers.split(",")) - {"kd", "mlflow"}:
+        ap.error(f"--servers: a comma-separated list of kd, mlflow; got {a.servers!r}")
     a.promote_at = a.duration / 3 if a.promote_at is None else a.promote_at
     a.rollback_at = 2 * a.duration / 3 if a.rollback_at is None else a.rollback_at
     work = enter_work_dir(a.work, "serve-load")
