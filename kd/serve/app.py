@@ -104,6 +104,9 @@ def _reply(body: dict[str, Any], status: int = 200) -> JSONResponse:
     return JSONResponse(body, status_code=status)
 
 
+INGRESS_IN_FLIGHT = 1000  # requests the one Ingress replica holds at once
+
+
 @serve.deployment(name="Ingress", num_replicas=1)
 class Ingress:
     """The HTTP routes and the alias watcher (one replica, so one watcher)."""
@@ -176,9 +179,13 @@ def build(args: dict[str, Any]) -> serve.Application:
     model = Model.options(
         num_replicas=int(a["num_replicas"]), user_config={"version": version},
         ray_actor_options={"num_cpus": float(a["num_cpus"])},
+        # Serve's default (5 in flight per replica) would cap a batch at 5 requests.
+        max_ongoing_requests=4 * int(a["max_batch_size"]),
     ).bind(a["name"], a["tracking_uri"], max(1, int(float(a["num_cpus"]))),
            int(a["max_batch_size"]), float(a["batch_wait_timeout_s"]))
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(model, a, version)
+    # One Ingress replica awaits the Model for every request in flight: no cap of its own.
+    return Ingress.options(ray_actor_options={"num_cpus": 0},
+                           max_ongoing_requests=INGRESS_IN_FLIGHT).bind(model, a, version)
 
 
 def resolve_args(args: dict[str, Any]) -> dict[str, Any]:
