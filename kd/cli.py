@@ -87,15 +87,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from kd.registry.predict import predict_file
 
     if not is_batch(args.input, args.output):
-        if args.key or args.concurrency != 1 or args.gpus_per_worker:
-            raise InputError("--key, --concurrency, --gpus-per-worker: batch predict only "
+        if args.key or args.concurrency != 1 or args.gpus_per_worker or args.overwrite:
+            raise InputError("--key, --concurrency, --gpus-per-worker, --overwrite: batch "
+                             "predict only "
                              "(give --output a folder or s3:// prefix)")
         predict_file(args.model, args.input[0], args.output)
     elif args.output is None:
         raise InputError("--output: required for batch predict (a folder or s3:// prefix)")
     else:
         predict_batch(args.model, args.input, args.output, args.batch_size, args.concurrency,
-                      args.gpus_per_worker, args.key)
+                      args.gpus_per_worker, args.key, overwrite=args.overwrite)
     return EXIT_OK
 
 
@@ -267,6 +268,8 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (batch)")
     p.add_argument("--key", help="row-key column written beside the predictions (batch; "
                    "default: 'id' if present, else file + row)")
+    p.add_argument("--overwrite", action="store_true", help="batch: first delete an earlier "
+                   "job's part-*.parquet and _SUCCESS.json under --output (else refused)")
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("evaluate", help="evaluate weights on the holdout split")

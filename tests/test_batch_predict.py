@@ -126,6 +126,39 @@ def test_local_folder_keyed_by_file_and_row(champion: str, tmp_path: Path) -> No
         np.testing.assert_allclose(part[[f"p{i}" for i in range(10)]].to_numpy(), want, atol=1e-5)
 
 
+def test_rerun_refused_then_overwrite_replaces(champion: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A second job into the same output is refused (one line, exit 2, nothing deleted);
+    with --overwrite it replaces the first job's parts (a retried RayJob does not double
+    the rows), leaves files it did not write alone, and writes _SUCCESS.json last."""
+    import json
+
+    import pandas as pd
+
+    x = np.random.default_rng(3).random((30, WIDTH), dtype=np.float32)
+    (tmp_path / "in").mkdir()
+    pd.DataFrame({"x": list(x)}).to_parquet(tmp_path / "in" / "a.parquet")
+    out_dir = tmp_path / "out"
+    args = ["predict", champion, "--input", str(tmp_path / "in"), "--output", str(out_dir)]
+    assert kd_run(args) == 0
+    first = sorted(p.name for p in out_dir.glob("part-*.parquet"))
+    done = json.loads((out_dir / "_SUCCESS.json").read_text())
+    assert done["rows"] == 30 and done["model"].startswith("models:/kd-batch/")
+    assert sorted(Path(f).name for f in done["files"]) == first
+    (out_dir / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert kd_run(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err and str(out_dir) in err
+    assert sorted(p.name for p in out_dir.glob("part-*.parquet")) == first
+    assert kd_run(args + ["--overwrite"]) == 0
+    second = sorted(p.name for p in out_dir.glob("part-*.parquet"))
+    assert second and not set(second) & set(first)
+    assert sum(len(pd.read_parquet(out_dir / f)) for f in second) == 30
+    assert (out_dir / "notes.txt").read_text() == "mine"
+    assert json.loads((out_dir / "_SUCCESS.json").read_text())["job"] != done["job"]
+
+
 def test_bad_input_one_line_exit_2(champion: str, tmp_path: Path, bucket: str,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     """No file matches, a missing --key column, rows of the wrong width (in a later file,
@@ -148,7 +181,7 @@ def test_bad_input_one_line_exit_2(champion: str, tmp_path: Path, bucket: str,
           "s3://no-such-bucket-kd/out/"], "--output s3://no-such-bucket-kd/out/: bucket"),
         (["--input", str(tmp_path / "in")], "--output: required"),
         (["--input", str(tmp_path / "in" / "a.parquet"), "--key", "id"],
-         "--key, --concurrency, --gpus-per-worker: batch predict only"),
+         "--key, --concurrency, --gpus-per-worker, --overwrite: batch predict only"),
         (["--input", str(tmp_path / "in"), "--output", f"{tmp_path}/o5/", "--key", "pred"],
          "--key pred: clashes with an output column"),
     ]

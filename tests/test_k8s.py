@@ -358,6 +358,7 @@ def test_predict_rayjob_is_a_valid_kd_predict(tools: Path) -> None:
         "s3://kdflow/predict/out/")
     assert (args.batch_size, args.concurrency, args.gpus_per_worker, args.key) == (
         2048, 4, 0.5, "order_id")
+    assert args.overwrite  # a retry replaces the failed attempt's rows (batch_output)
     spec = job["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 3600
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]

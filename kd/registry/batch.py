@@ -13,7 +13,9 @@
    ``p0..p{C-1}`` (and ``label`` when the model recorded class names).
 3. Ray Data writes the rows as parquet under ``output`` (files ``part-<job>-<write uuid>-<task>.parquet``),
    each row beside its keys (``file``, ``row``, ``idx`` and the key column if any). The
-   driver never holds the rows; it reads only the written files' footers to count them.
+   driver never holds the rows; it reads only the written files' footers to count them,
+   then writes ``_SUCCESS.json`` last. An output that holds an earlier job's files is
+   refused unless ``overwrite`` (`batch_output`: a retried job replaces its rows).
 
 Only the local single-file path (`kd.registry.predict.predict_file`) reads a whole file
 in the driver; `is_batch` decides which path a command line takes.
@@ -31,6 +33,7 @@ import numpy as np
 
 from kd import storage
 from kd.errors import InputError
+from kd.registry.batch_output import SUCCESS, check_fresh, filenames, mark_done, written
 from kd.registry.batch_read import ReadPlan, check_head, dataset, key_column, list_inputs
 
 DEFAULT_BATCH = 1024
@@ -122,35 +125,13 @@ def check_output(output: str, endpoint: str | None = None) -> None:
     storage.check_writable(output, endpoint, what=f"--output {output}")
 
 
-def _filenames(job: str) -> Any:
-    from ray.data.datasource import FilenameProvider
-
-    class _Parts(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{job}-{write_uuid}-{task_index:06d}.parquet"  # Ray wants the uuid in it
-
-    return _Parts(file_format="parquet")
-
-
-def _written(output: str, job: str, endpoint: str | None) -> tuple[list[str], int]:
-    """The job's output files and their row count (parquet footers only)."""
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-
-    fs, path = storage.arrow_fs(output, endpoint)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    mine = sorted(i.path for i in infos if i.base_name.startswith(f"part-{job}-"))
-    rows = sum(pq.read_metadata(fs.open_input_file(p)).num_rows for p in mine)
-    prefix = "s3://" if storage.is_s3(output) else ""
-    return [prefix + p for p in mine], rows
-
-
 def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = DEFAULT_BATCH,
                   concurrency: int = 1, gpus_per_worker: float = 0.0, key: str | None = None,
-                  endpoint: str | None = None) -> BatchReport:
+                  endpoint: str | None = None, overwrite: bool = False) -> BatchReport:
     """Run the batch job (module docstring); returns what it wrote. Bad input (no file
     matches, a missing key column, a wrong row width, an unwritable output, a bad model
-    URI) is an `InputError` with one line."""
+    URI, earlier output without ``overwrite``: `batch_output`) is an `InputError` with
+    one line."""
     from kd.data.readers import Columns
     from kd.data.stream import find_input_error
     from kd.runtime import ensure_ray
@@ -165,6 +146,10 @@ def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = 
                     int(np.prod(cfg["input_shape"])))
     check_head(plan)
     check_output(output, endpoint)
+    cleared = check_fresh(output, endpoint, overwrite)
+    if cleared:
+        print(f"[kd] --overwrite: deleted {cleared} files of an earlier job in {output}",
+              flush=True)
     ensure_ray()
     job = uuid.uuid4().hex[:8]
     import ray.data
@@ -177,13 +162,15 @@ def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = 
         num_cpus=1, num_gpus=gpus_per_worker or None)
     fs, path = storage.arrow_fs(output, endpoint)
     try:
-        ds.write_parquet(path, filesystem=fs, filename_provider=_filenames(job))
+        ds.write_parquet(path, filesystem=fs, filename_provider=filenames(job))
     except Exception as e:  # a read task's InputError arrives wrapped by Ray
         found = find_input_error(e)
         if found is None:
             raise
         raise found from None
-    written, rows = _written(output, job, endpoint)
+    files_out, rows = written(output, job, endpoint)
+    mark_done(output, endpoint, {"model": pinned, "rows": rows, "inputs": len(files),
+                                 "job": job, "files": files_out})
     print(f"[kd] {pinned}: wrote {rows} predictions for {len(files)} input files to "
-          f"{output} ({len(written)} parquet files)", flush=True)
-    return BatchReport(pinned, rows, len(files), written)
+          f"{output} ({len(files_out)} parquet files, then {SUCCESS})", flush=True)
+    return BatchReport(pinned, rows, len(files), files_out)
