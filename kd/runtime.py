@@ -22,6 +22,15 @@ nodes); a local Ray that kdflow starts itself is one node that is never drained,
 kdflow sets ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`` (unless the variable is set) and the
 watcher, and its line, are gone. On a cluster (``RAY_ADDRESS`` / ``ray job submit``) the
 watcher stays; its line there is that warning, not a failure (docs/cluster.md).
+
+Ray starts every worker process at niceness 15 (``RAY_worker_niceness``, Ray's
+``worker_niceness`` default, "so that the OS prioritizes CPU for other processes over
+worker"): the Train worker that runs the loop then yields the cores to Ray's own
+processes, the driver and anything else on the machine. For a local Ray that kdflow
+starts, the worker *is* the user's work, so kdflow sets ``RAY_worker_niceness=0``
+(unless the variable is set): workers run at the driver's niceness. Measured in
+``bench/overhead.py`` (worker ``worker/niceness`` metric). A cluster started with ``ray
+start`` keeps its own setting (docs/cluster.md: start it with ``RAY_worker_niceness=0``).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import os
 POLL_INTERVAL_S = "0.25"
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet kdflow starts (Ray's default 15)
 PROGRESS_ENV = "KD_PROGRESS_S"  # kd.train.progress: seconds between step lines, 0 = off
 OWNER_ENV = "OWNER_NAME"  # KubeRay sets it in every Ray container: the RayJob's name
 
@@ -64,6 +74,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     address = os.environ.get("RAY_ADDRESS") or None
     if address is None:  # a local one-node Ray is never drained: no preemption watcher
         env[PREEMPTION_ENV] = os.environ.setdefault(PREEMPTION_ENV, "0")
+        os.environ.setdefault(NICENESS_ENV, "0")  # the raylet's workers: the driver's niceness
     for name in (PREEMPTION_ENV, PROGRESS_ENV):  # the user's choice reaches every worker
         if name in os.environ:
             env[name] = os.environ[name]

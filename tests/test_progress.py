@@ -8,6 +8,8 @@ import os
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -95,26 +97,51 @@ def test_live_sweep_table_prints_as_trials_report() -> None:
     assert len(out) == 2 and "1/2 trials finished" in out[1] and "TERMINATED" in out[1]
 
 
-def _threads_of_run(overrides: list[str], work: Path) -> float:
+def _metrics_of_run(overrides: list[str], work: Path) -> dict[str, float]:
     from kd.config import load_experiment
     from kd.train.run import train_run
 
     exp = load_experiment(REPO / "configs" / "digits-teacher.yaml", [
         "trainer.epochs=1", "scaling.num_workers=1", f"storage.path={work / 'runs'}",
         f"tracking.uri=sqlite:///{work / 'mlflow.db'}", *overrides])
-    return train_run(exp, "teacher").metrics["worker/torch_threads"]
+    return train_run(exp, "teacher").metrics
+
+
+def test_timed_feed_counts_only_the_wait_for_each_batch() -> None:
+    """`_timed` adds the time spent inside each ``next()`` to ``data_wait``, not the
+    consumer's time between batches (what ``time/data_wait_s`` reports)."""
+    from kd.train.loop import EpochSums, _timed
+
+    def slow_feed() -> Iterator[int]:
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    acc = EpochSums()
+    assert list(_timed(slow_feed(), acc)) == [0, 1, 2]
+    assert acc.data_wait >= 0.15
+    fast = EpochSums()
+    for _ in _timed(iter(range(3)), fast):
+        time.sleep(0.05)  # the step: not the feed's time
+    assert fast.data_wait < 0.15
 
 
 @pytest.mark.slow
 def test_one_worker_uses_the_cores_it_is_given(ray_session: None, workdir: Path) -> None:
     """ray_session declares 2 CPUs: the default one-worker run uses both (Ray alone would
-    give it OMP_NUM_THREADS=1); a reservation of 1 CPU gives 1 thread."""
+    give it OMP_NUM_THREADS=1), at the driver's niceness (Ray alone: 15 more); a
+    reservation of 1 CPU gives 1 thread."""
     import ray
 
     node_cpus = ray.cluster_resources()["CPU"]
     assert node_cpus == 2
-    assert _threads_of_run([], workdir) == node_cpus
-    assert _threads_of_run(["scaling.resources_per_worker={CPU: 1}"], workdir) == 1
+    metrics = _metrics_of_run([], workdir)
+    assert metrics["worker/torch_threads"] == node_cpus
+    # and at the driver's niceness, not Ray's worker default of +15 (kd.runtime)
+    assert metrics["worker/niceness"] == os.nice(0)
+    # the feed's share of the epoch is logged with it (bench/overhead.py reads it)
+    assert 0 < metrics["time/data_wait_s"] < metrics["time/train_s"]
+    assert _metrics_of_run(["scaling.resources_per_worker={CPU: 1}"], workdir)["worker/torch_threads"] == 1
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ validation set. Rank 0 logs to MLflow and writes the checkpoint.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -69,6 +70,7 @@ class EpochSums:
     seen: int = 0
     labeled: int = 0
     elapsed: float = 0.0
+    data_wait: float = 0.0  # of ``elapsed``: waiting for the next batch (the feed)
     teacher_forwards: int = 0
 
 
@@ -185,7 +187,7 @@ def _train_epoch(w: Worker, train_ds: Any, epoch: int, global_step: int) -> tupl
         local_shuffle_seed=exp.seed * 1000 + epoch * w.world + w.rank)
     progress = EpochProgress(epoch + 1, exp.trainer.epochs, w.spec.get("steps_per_epoch"),
                              w.world, enabled=w.rank == 0)
-    for i, (batch, is_last) in enumerate(_with_last(batches)):
+    for i, (batch, is_last) in enumerate(_with_last(_timed(batches, acc))):
         # Gradients are all-reduced on the last micro-step of each accumulation
         # window (and of the epoch) only; the others skip the DDP/FSDP sync.
         sync = (i + 1) % accum == 0 or is_last
@@ -219,13 +221,15 @@ def _accumulate(acc: EpochSums, total: torch.Tensor, parts: dict[str, torch.Tens
 def _epoch_metrics(w: Worker, acc: EpochSums, val_ds: Any, epoch: int) -> dict[str, float]:
     """All-reduced train metrics of the epoch plus the evaluation of ``val``."""
     keys = sorted(acc.sums)
-    reduced = all_reduce([acc.sums[k] for k in keys] + [acc.seen, acc.labeled, acc.elapsed], w.device)
+    reduced = all_reduce([acc.sums[k] for k in keys]
+                         + [acc.data_wait, acc.seen, acc.labeled, acc.elapsed], w.device)
     total_seen = max(reduced[-3], 1.0)
     metrics: dict[str, float] = {k: v / total_seen for k, v in zip(keys, reduced, strict=False)}
     t1 = time.perf_counter()
     metrics.update(evaluate_shard(w.step, val_ds, w.spec, w.rank, w.world, w.device))
     metrics["time/eval_s"] = time.perf_counter() - t1
     metrics["time/train_s"] = acc.elapsed
+    metrics["time/data_wait_s"] = reduced[-4] / w.world  # the workers' mean
     metrics.update({
         "epoch": epoch + 1, "samples_per_s": reduced[-3] / max(reduced[-1] / w.world, 1e-9),
         "train/labeled_samples": reduced[-2],
@@ -233,6 +237,7 @@ def _epoch_metrics(w: Worker, acc: EpochSums, val_ds: Any, epoch: int) -> dict[s
         "lr": w.opt.param_groups[0]["lr"],
         "train/teacher_forward_batches": float(acc.teacher_forwards),
         "worker/torch_threads": float(torch.get_num_threads()),
+        "worker/niceness": float(os.nice(0)),  # Ray's default for workers is 15 (kd.runtime)
     })
     if w.device.type == "cuda":  # peak memory of this worker (rank 0's is logged)
         metrics["gpu/max_mem_gb"] = torch.cuda.max_memory_allocated(w.device) / 1e9
@@ -284,6 +289,22 @@ def check_finite(metrics: dict[str, float], epoch: int, exp: Experiment) -> None
         raise TrainingDiverged(
             f"train/loss is {loss} after epoch {epoch} (optim.lr {exp.optim.lr:g}): training "
             "diverged; lower optim.lr, set trainer.grad_clip, or check the inputs for nan/inf")
+
+
+def _timed(items: Iterable[Any], acc: EpochSums) -> Iterator[Any]:
+    """Yield ``items``, adding the time spent inside each ``next()`` (the wait for the
+    feed: Ray Data's fetch, shuffle and tensor conversion not hidden by its prefetch)
+    to ``acc.data_wait``."""
+    it = iter(items)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            acc.data_wait += time.perf_counter() - t0
+            return
+        acc.data_wait += time.perf_counter() - t0
+        yield item
 
 
 def _with_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
