@@ -35,6 +35,20 @@ def teacher_weights(work: Path, epochs: int = 8) -> str:
     return train_run(exp, "teacher").weights
 
 
+def mlp_student_run(work: Path, epochs: int) -> str:
+    """An MLP teacher and a KD student on digits (``epochs`` each, in-process, runs under
+    ``work``); the student's MLflow run id, ready for ``register_run``."""
+    from kd.config import load_experiment
+    from kd.train.run import train_run
+
+    common = ["scaling.num_workers=0", f"trainer.epochs={epochs}", f"storage.path={work}",
+              "teacher.model=mlp", "teacher.args={hidden: [64]}"]
+    t = train_run(load_experiment(CONFIGS / "digits-teacher.yaml", common), "teacher")
+    s = train_run(load_experiment(CONFIGS / "digits-kd.yaml",
+                                  [*common, f"teacher.weights={t.weights}"]), "student")
+    return s.run_id
+
+
 def write_section(title: str, body: str) -> None:
     """Replace (or append) the ``### title`` block under ``## tune and teacher cache``."""
     from _results import write_section as write

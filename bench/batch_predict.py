@@ -54,17 +54,13 @@ def start_s3(work: Path) -> subprocess.Popen:
 
 def register_champion(work: Path) -> str:
     """A 1-epoch MLP teacher + student, registered and aliased champion; its URI."""
-    from kd.config import load_experiment
+    from _common import mlp_student_run
+
     from kd.registry.register import register_run
     from kd.registry.store import registry_client
-    from kd.train.run import train_run
 
-    common = ["scaling.num_workers=0", "trainer.epochs=1", f"storage.path={work / 'runs'}",
-              "teacher.model=mlp", "teacher.args={hidden: [64]}"]
-    t = train_run(load_experiment(REPO / "configs/digits-teacher.yaml", common), "teacher")
-    s = train_run(load_experiment(REPO / "configs/digits-kd.yaml",
-                                  [*common, f"teacher.weights={t.weights}"]), "student")
-    name, version = register_run(s.run_id, "bench-batch")
+    run_id = mlp_student_run(work / "runs", epochs=1)
+    name, version = register_run(run_id, "bench-batch")
     registry_client().set_registered_model_alias(name, "champion", version)
     return f"models:/{name}@champion"
 

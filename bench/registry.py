@@ -39,15 +39,9 @@ print(t1 - t0, t2 - t1, t3 - t2)
 
 def train(d: Path) -> str:
     """A 2-epoch MLP teacher and student on digits; the student's run id."""
-    from kd.config import load_experiment
-    from kd.train.run import train_run
+    from _common import mlp_student_run
 
-    common = ["scaling.num_workers=0", "trainer.epochs=2", f"storage.path={d}",
-              "teacher.model=mlp", "teacher.args={hidden: [64]}"]
-    t = train_run(load_experiment(REPO / "configs/digits-teacher.yaml", common), "teacher")
-    s = train_run(load_experiment(REPO / "configs/digits-kd.yaml",
-                                  [*common, f"teacher.weights={t.weights}"]), "student")
-    return s.run_id
+    return mlp_student_run(d, epochs=2)
 
 
 def main() -> None:

@@ -161,6 +161,14 @@ def mlflow_server(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> I
             proc.kill()
 
 
+@pytest.fixture(scope="module")
+def tracking(mlflow_server: str) -> Iterator[str]:
+    """The session's `mlflow_server` as ``MLFLOW_TRACKING_URI`` for one test module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        yield mlflow_server
+
+
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory: pytest.TempPathFactory, ray_session: None) -> str:
     """Weights of a cnn_small teacher trained 3 epochs on digits (in-process loop);

@@ -21,13 +21,6 @@ WIDTH = 64
 
 
 @pytest.fixture(scope="module")
-def tracking(mlflow_server: str):  # noqa: ANN201
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        yield mlflow_server
-
-
-@pytest.fixture(scope="module")
 def champion(tracking: str, ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     """``models:/kd-batch@champion``: a 1-epoch MLP student, registered and aliased."""
     from kd.registry.register import register_run

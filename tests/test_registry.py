@@ -84,13 +84,6 @@ def consume(uri: str, x: np.ndarray, tmp: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tracking(mlflow_server: str):  # noqa: ANN201
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-        yield mlflow_server
-
-
-@pytest.fixture(scope="module")
 def trained(tracking: str, ray_session: None,
             tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return train_pair(tmp_path_factory.mktemp("registry"))
