@@ -216,7 +216,7 @@ def read_local_file(path: str, cols: Columns | None = None) -> tuple[np.ndarray,
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such file")
     fmt = SUFFIX_FORMATS.get(os.path.splitext(path)[1].lower())
-    reader = {"parquet": read_parquet, "csv": read_csv, "npz": read_npz, "npy": read_npz}.get(fmt or "")
+    reader = TABLE_READERS.get(fmt or "")
     if reader is None:
         raise InputError(f"{path}: expected one of {', '.join(SUFFIX_FORMATS)}")
     st = os.stat(path)
@@ -225,3 +225,7 @@ def read_local_file(path: str, cols: Columns | None = None) -> tuple[np.ndarray,
     if not chunks:
         raise InputError(f"{path}: no rows")
     return np.concatenate([c.x for c in chunks]), np.concatenate([c.y for c in chunks])
+
+
+TABLE_READERS = {"parquet": read_parquet, "csv": read_csv, "npz": read_npz, "npy": read_npz}
+"""The reader of each tabular format (manifest ``fmt``; images have `read_images`)."""

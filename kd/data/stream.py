@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from kd.data.manifest import Manifest, check_unchanged
-from kd.data.readers import Chunk, Columns, read_csv, read_images, read_npz, read_parquet
+from kd.data.readers import TABLE_READERS, Chunk, Columns, read_images
 from kd.errors import InputError
 
 SPLITS = ("train", "val", "holdout")
@@ -153,7 +153,7 @@ def _read_file(src: Source, files: list[Any]) -> Iterator[Any]:
         for c in read_images(files, m.classes, src.cols, fs):
             yield to_block(src, c, "")  # an image's key is its path under the root
         return
-    reader = {"parquet": read_parquet, "csv": read_csv, "npz": read_npz, "npy": read_npz}[m.fmt]
+    reader = TABLE_READERS[m.fmt]
     for c in reader(files[0], src.cols, BLOCK_ROWS, fs):
         block = to_block(src, c, files[0].rel)
         if block.num_rows:

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from kd.data.manifest import FileEntry, Manifest, build_manifest, check_unchanged
-from kd.data.readers import Columns, read_csv, read_npz, read_parquet
+from kd.data.readers import TABLE_READERS as READERS
+from kd.data.readers import Columns
 from kd.data.stream import BLOCK_ROWS, data_task_cpus, key_idx
 from kd.errors import InputError
 
-READERS = {"parquet": read_parquet, "csv": read_csv, "npz": read_npz, "npy": read_npz}
 AUTO_KEY = "id"  # a parquet column of this name is the row key when --key is not given
 KEY_COLUMNS = ("file", "row", "idx")
 
