@@ -62,11 +62,30 @@ class SplitConfig(Strict):
         return self
 
 
+class TextConfig(Strict):
+    """Text data: which column holds the text, how it becomes token ids (docs/text.md).
+
+    Rows are tokenized inside the Ray Data read tasks into int64 ids ``[max_length]``
+    padded with the tokenizer's pad id; teacher and student read the same ids."""
+
+    column: str = Field("text", min_length=1, description="the text column (jsonl key, "
+                        "parquet/csv column); a .txt file is one text per line")
+    tokenizer: str | None = Field(None, description="a model directory or installed package "
+                                  "with tokenizer.json; default: the teacher's args.path")
+    max_length: int = Field(128, ge=2, le=8192, description="tokens per text, special "
+                            "tokens included")
+    truncation: Literal["warn", "error"] = Field("warn", description="a longer text: warn "
+                                                 "(cut it, count and report), error (stop, "
+                                                 "naming the file and row)")
+    retrieval: str | None = Field(None, description="a jsonl of {query, doc} pairs scored at "
+                                  "holdout: recall@1/@10 of the student and the teacher")
+
+
 class DataConfig(Strict):
     """Where the data comes from: a builtin name, or a path / s3:// URI to files."""
 
     source: str = "digits"
-    format: Literal["auto", "parquet", "npz", "csv", "imagefolder"] = "auto"
+    format: Literal["auto", "parquet", "npz", "csv", "imagefolder", "jsonl", "txt"] = "auto"
     args: dict[str, Any] = Field(default_factory=dict)
     x_column: str = "x"
     y_column: str = "y"
@@ -82,6 +101,7 @@ class DataConfig(Strict):
     balance_by_teacher: bool = False
     class_names: list[str] | None = Field(None, description="the name of each class, in label "
                                           "order; image folders give their class directories")
+    text: TextConfig | None = Field(None, description="read the data as text and tokenize it")
 
     @field_validator("class_names")
     @classmethod
@@ -126,7 +146,10 @@ class TeacherConfig(ModelSpec):
 class StudentConfig(ModelSpec):
     """The student; ``init`` picks random init or pruning the teacher."""
 
-    init: Literal["random", "teacher_pruned"] = "random"
+    init: Literal["random", "teacher_pruned", "teacher_layers", "model2vec"] = "random"
+    init_layers: list[int] | None = Field(None, description="init: teacher_layers: the "
+                                          "teacher's layer index copied into each student "
+                                          "layer; default evenly spaced")
 
 
 class LossTerm(BaseModel):
@@ -223,6 +246,9 @@ class Experiment(Strict):
     """One kdflow experiment, the single source of truth for a run."""
 
     name: str
+    task: Literal["classify", "embed"] = Field("classify", description="classify: logits "
+                                               "over classes; embed: the models output "
+                                               "sentence embeddings (docs/text.md)")
     seed: int = Field(0, ge=0, le=SEED_MAX)
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig | None = None
@@ -272,6 +298,11 @@ class Experiment(Strict):
                 doc.get("storage", {}).pop(k, None)
         if doc.get("data", {}).get("class_names") is None:  # configs without names keep their hash
             doc.get("data", {}).pop("class_names", None)
+        for section, key, default in (("", "task", "classify"), ("data", "text", None),
+                                      ("student", "init_layers", None)):
+            holder = doc if not section else (doc.get(section) or {})
+            if key in holder and holder[key] == default:  # older configs keep their hash
+                holder.pop(key)
         blob = json.dumps(doc, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -379,6 +410,9 @@ def resolve_paths(exp: Experiment) -> Experiment:
     exp = exp.model_copy(deep=True)
     exp.data.source = _abs(exp.data.source) or exp.data.source
     exp.data.transfer = _abs(exp.data.transfer)
+    if exp.data.text is not None:
+        exp.data.text.tokenizer = _abs(exp.data.text.tokenizer)
+        exp.data.text.retrieval = _abs(exp.data.text.retrieval)
     exp.storage.path = _abs(exp.storage.path if "/" in exp.storage.path
                             else "./" + exp.storage.path) or exp.storage.path
     if exp.teacher is not None:
