@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kd.data_config import DataConfig, SplitConfig, TextConfig  # noqa: F401  (re-exported)
 from kd.dotted import label, plain_data_problem, set_in
 from kd.errors import InputError
 from kd.names import NAME_MAX, SEED_MAX, check_name, name_problem  # noqa: F401  (re-exported)
@@ -33,90 +34,6 @@ from kd.sections import (  # noqa: F401  (re-exported: kd.config is where sectio
     TuneSchedulerConfig,
     TuneSearchConfig,
 )
-
-
-class SplitConfig(Strict):
-    """Fractions of the data for train / val / holdout, split once with a fixed seed."""
-
-    train: float = Field(0.6, gt=0, lt=1)
-    val: float = Field(0.2, gt=0, lt=1)
-    holdout: float = Field(0.2, ge=0, lt=1)
-    stratify: bool = Field(False, description="removed: the split hashes each row's key "
-                           "(docs/data.md); only false is accepted")
-    seed: int = Field(0, ge=0, le=SEED_MAX)
-
-    @field_validator("stratify")
-    @classmethod
-    def _no_stratify(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("stratification was removed: the split hashes each row's key "
-                             "against the fractions, with no pass over the data (docs/data.md); "
-                             "drop stratify")
-        return v
-
-    @model_validator(mode="after")
-    def _sums_to_one(self) -> SplitConfig:
-        total = self.train + self.val + self.holdout
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"train + val + holdout must be 1.0, got {total:g}")
-        return self
-
-
-class TextConfig(Strict):
-    """Text data: which column holds the text, how it becomes token ids (docs/text.md).
-
-    Rows are tokenized inside the Ray Data read tasks into int64 ids ``[max_length]``
-    padded with the tokenizer's pad id; teacher and student read the same ids."""
-
-    column: str = Field("text", min_length=1, description="the text column (jsonl key, "
-                        "parquet/csv column); a .txt file is one text per line")
-    tokenizer: str | None = Field(None, description="a model directory or installed package "
-                                  "with tokenizer.json; default: the teacher's args.path")
-    max_length: int = Field(128, ge=2, le=8192, description="tokens per text, special "
-                            "tokens included")
-    truncation: Literal["warn", "error"] = Field("warn", description="a longer text: warn "
-                                                 "(cut it, count and report), error (stop, "
-                                                 "naming the file and row)")
-    retrieval: str | None = Field(None, description="a jsonl of {query, doc} pairs scored at "
-                                  "holdout: recall@1/@10 of the student and the teacher")
-
-
-class DataConfig(Strict):
-    """Where the data comes from: a builtin name, or a path / s3:// URI to files."""
-
-    source: str = "digits"
-    format: Literal["auto", "parquet", "npz", "csv", "imagefolder", "jsonl", "txt"] = "auto"
-    args: dict[str, Any] = Field(default_factory=dict)
-    x_column: str = "x"
-    y_column: str = "y"
-    key_column: str | None = Field(None, description="a column (array in npz) of unique row "
-                                   "ids: the row key; default: file path + row number")
-    split: SplitConfig = Field(default_factory=SplitConfig)
-    transforms: list[str] = Field(default_factory=list, description="training-time random "
-                                  "augmentations: random_flip, random_crop, gaussian_noise")
-    labels: Literal["all", "none"] = Field("all", description="all: labels as given (nulls are "
-                                           "unlabeled); none: drop the train split's labels")
-    labeled_fraction: float | None = Field(None, gt=0, le=1)
-    transfer: str | None = None
-    balance_by_teacher: bool = False
-    class_names: list[str] | None = Field(None, description="the name of each class, in label "
-                                          "order; image folders give their class directories")
-    text: TextConfig | None = Field(None, description="read the data as text and tokenize it")
-
-    @field_validator("class_names")
-    @classmethod
-    def _names(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and (not v or any(not str(n).strip() for n in v) or len(set(v)) < len(v)):
-            raise ValueError("class names must be non-empty and unique")
-        return v
-
-    @field_validator("labels", mode="before")
-    @classmethod
-    def _no_partial(cls, v: Any) -> Any:
-        if v == "partial":
-            raise ValueError("'partial' was removed (it did the same as 'all'); use 'all' (nulls "
-                             "in the label column are unlabeled) or data.labeled_fraction")
-        return v
 
 
 class ModelSpec(Strict):
@@ -280,6 +197,20 @@ class Experiment(Strict):
                              "teacher.teachers set, use teacher.cache: false (online teachers)")
         return self
 
+    @model_validator(mode="after")
+    def _embed_needs_text(self) -> Experiment:
+        if self.task != "embed":
+            return self
+        if self.data.text is None:
+            raise ValueError("task: embed reads text: set data.text (at least {} for the "
+                             "defaults: column text, the teacher's tokenizer)")
+        if self.teacher is not None and self.teacher.cache_top_k:
+            raise ValueError("teacher.cache_top_k: embeddings are cached whole; drop it for "
+                             "task: embed")
+        if "metric" not in self.tune.model_fields_set:  # embeddings have no accuracy
+            self.tune.metric = "val/cosine"
+        return self
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
@@ -411,13 +342,17 @@ def resolve_paths(exp: Experiment) -> Experiment:
     exp.data.source = _abs(exp.data.source) or exp.data.source
     exp.data.transfer = _abs(exp.data.transfer)
     if exp.data.text is not None:
+        if exp.data.text.tokenizer is None and exp.teacher is not None:
+            exp.data.text.tokenizer = exp.teacher.args.get("path")  # a pretrained teacher's own
         exp.data.text.tokenizer = _abs(exp.data.text.tokenizer)
         exp.data.text.retrieval = _abs(exp.data.text.retrieval)
     exp.storage.path = _abs(exp.storage.path if "/" in exp.storage.path
                             else "./" + exp.storage.path) or exp.storage.path
-    if exp.teacher is not None:
-        for spec in exp.teacher.all():
-            spec.weights = _abs(spec.weights)
-    if exp.student is not None:
-        exp.student.weights = _abs(exp.student.weights)
+    specs = [*(exp.teacher.all() if exp.teacher is not None else []),
+             *([exp.student] if exp.student is not None else [])]
+    for spec in specs:
+        spec.weights = _abs(spec.weights)
+        for key in ("path", "tokenizer"):  # text models' directories (kd.models.tokens)
+            if isinstance(spec.args.get(key), str):
+                spec.args[key] = _abs(spec.args[key])
     return exp

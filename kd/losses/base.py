@@ -39,6 +39,7 @@ class DistillBatch:
     student_features: dict[str, Tensor] = field(default_factory=dict)
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
     distill_mask: Tensor | None = None
+    token_mask: Tensor | None = None  # text: bool [B, L], True for real (non-pad) tokens
 
     def select(self, mask: Tensor) -> DistillBatch:
         """The sub-batch of rows where ``mask`` is True (logits, labels, features)."""
@@ -50,6 +51,7 @@ class DistillBatch:
             rows(self.student_logits), rows(self.labels), [rows(t) for t in self.teacher_logits],
             {k: rows(v) for k, v in self.student_features.items()},
             {k: rows(v) for k, v in self.teacher_features.items()},
+            token_mask=None if self.token_mask is None else rows(self.token_mask),
         )
 
     @property

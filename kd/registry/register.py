@@ -119,10 +119,10 @@ def run_config(c: Any, run_id: str) -> Experiment:
 def teacher_and_holdout(exp: Experiment) -> tuple[Any, Any, None]:
     """The frozen primary teacher (None without weights) and the streamed holdout split
     of ``exp`` (`kd.train.evaluate.evaluate` scores it block by block; no labels array)."""
-    from kd.data import load_splits
     from kd.train.assemble import primary_teacher
+    from kd.train.text import run_splits
 
-    splits = load_splits(exp.data, exp.storage.endpoint_url)
+    splits = run_splits(exp)
     return primary_teacher(exp, splits), splits.holdout, None
 
 

@@ -105,10 +105,10 @@ def run_pipeline(exp: Experiment) -> Result:
 
 
 def _locked(exp: Experiment, model: str, uri: str, c: Any) -> Result:
-    from kd.data import load_splits
     from kd.registry.register import teacher_sha
+    from kd.train.text import run_splits
 
-    splits = load_splits(exp.data, exp.storage.endpoint_url)
+    splits = run_splits(exp)
     prof = snapshot.profile(splits, exp.data.source)
     pid = pipeline_id(exp, prof["hash"], teacher_sha(exp))
     champ = champion_version(c, model)

@@ -20,6 +20,9 @@ from kd.losses.base import required_paths
 from kd.models import build_model
 from kd.models.weights import freeze, load_into, load_state_dict
 from kd.train.capture import check_paths, feature_shapes
+from kd.train.text import init_text_student, weights_ref
+
+TEXT_INITS = ("teacher_layers", "model2vec")
 
 Role = Literal["teacher", "student"]
 
@@ -49,20 +52,23 @@ def build_spec(spec: ModelSpec, field: str, input_shape: tuple[int, ...], num_cl
     return model
 
 
-def _check_classes(model: nn.Module, sample: torch.Tensor, num_classes: int, what: str) -> None:
+def _check_classes(model: nn.Module, sample: torch.Tensor, num_classes: int, what: str,
+                   task: str = "classify") -> None:
     was_training = model.training
     model.eval()
     with torch.no_grad():
         out = model(sample)
     model.train(was_training)
     if out.ndim != 2 or out.shape[1] != num_classes:
-        raise InputError(f"{what} outputs shape {tuple(out.shape)} but the data has "
-                         f"{num_classes} classes (expected [batch, {num_classes}])")
+        has = (f"the teacher's embeddings are {num_classes} wide" if task == "embed"
+               else f"the data has {num_classes} classes")
+        raise InputError(f"{what} outputs shape {tuple(out.shape)} but {has} "
+                         f"(expected [batch, {num_classes}])")
 
 
 def primary_teacher(exp: Experiment, splits: Any) -> nn.Module | None:
     """The frozen primary teacher with its weights, or None if the config has none."""
-    if exp.teacher is None or not exp.teacher.weights:
+    if weights_ref(exp.teacher) is None:
         return None
     return freeze(build_spec(exp.teacher, "teacher", splits.input_shape, splits.num_classes, True))
 
@@ -102,7 +108,7 @@ def assemble(exp: Experiment, role: Role, input_shape: tuple[int, ...], num_clas
     trainee = build_spec(spec, role, input_shape, num_classes, load_weights=role == "student")
     if role == "student" and exp.student is not None and exp.student.init == "teacher_pruned":
         init_from_teacher(exp, trainee, input_shape, num_classes)
-    _check_classes(trainee, sample, num_classes, f"{role} model {spec.model!r}")
+    _check_classes(trainee, sample, num_classes, f"{role} model {spec.model!r}", exp.task)
     teachers: list[nn.Module] = []
     terms = [] if role == "teacher" else [t.model_dump() for t in exp.distill.losses]
     if terms:
@@ -110,12 +116,17 @@ def assemble(exp: Experiment, role: Role, input_shape: tuple[int, ...], num_clas
             raise InputError("distill.losses need a teacher: add a teacher: section")
         for i, tspec in enumerate(exp.teacher.all()):
             field = "teacher" if i == 0 else f"teacher.teachers[{i - 1}]"
-            if not tspec.weights:
+            if weights_ref(tspec) is None:
                 raise InputError(f"{field}.weights: required to distil (train one with "
                                  "`kd teacher CONFIG`, then point teacher.weights at it)")
             t = freeze(build_spec(tspec, field, input_shape, num_classes, load_weights=True))
-            _check_classes(t, sample, num_classes, f"{field} model {tspec.model!r}")
+            _check_classes(t, sample, num_classes, f"{field} model {tspec.model!r}", exp.task)
             teachers.append(t)
+    if role == "student" and exp.student is not None and exp.student.init in TEXT_INITS:
+        if not teachers:
+            raise InputError(f"student.init: {exp.student.init} copies from the teacher: "
+                             "configure a teacher and distill.losses")
+        init_text_student(exp, trainee, teachers[0])
     ce_weight = 1.0 if role == "teacher" else exp.distill.ce_weight
     s_paths, t_paths = required_paths(terms)
     check_paths(trainee, s_paths, "student")

@@ -40,6 +40,7 @@ from kd.data import Splits
 from kd.data.shards import shard_dataset
 from kd.errors import InputError
 from kd.train.columns import TEACHER_FEATURE, TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
+from kd.train.text import pad_id, run_splits, trim_batch, weights_ref
 
 CACHE_DIR = "teacher-cache"
 MARKER = "_SUCCESS"
@@ -188,12 +189,17 @@ class TeacherForward:
         self.top_k = min(top_k, num_classes) if top_k else None
         self.capture = FeatureCapture(self.model, paths, "teacher") if paths else None
         self.bf16 = exp.trainer.precision == "bf16"
+        # text: trim all-pad tail columns (exact: the models mask by pad id); not with
+        # per-token features, whose cached rows must share one length
+        self.pad = pad_id(exp) if exp.task == "embed" and not paths else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         x = torch.from_numpy(np.array(batch["x"]))
         x = x.to(self.device, torch.int64 if not x.is_floating_point() else torch.float32)
+        if self.pad is not None:
+            x = trim_batch(x, self.pad)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                              enabled=self.bf16):
             logits = self.model(x)
@@ -278,11 +284,9 @@ def cache_dataset(cache: TeacherCache) -> Any:
 
 def cache_teacher(exp: Experiment, force: bool = False) -> TeacherCache:
     """`kd cache-teacher CONFIG`: load the data, build or reuse the cache, print where."""
-    from kd.data import load_splits
-
-    if exp.teacher is None or not exp.teacher.weights:
+    if weights_ref(exp.teacher) is None:
         raise InputError("teacher.weights: required to cache teacher outputs")
-    splits = load_splits(exp.data, exp.storage.endpoint_url)
+    splits = run_splits(exp)
     cache = ensure_cache(exp, splits, force=force)
     state = "computed" if cache.computed else "reused"
     print(f"{cache.uri}  ({state}, {cache.manifest['rows']} rows, "

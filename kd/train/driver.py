@@ -20,6 +20,7 @@ from kd.train.assemble import Role, assemble
 from kd.train.checkpoint import prune_checkpoints
 from kd.train.loop import train_loop_per_worker
 from kd.train.semisup import check_label_use
+from kd.train.text import pad_id
 
 
 @dataclass
@@ -126,6 +127,7 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
         "tracking_uri": tracking_uri, "input_shape": list(splits.input_shape),
         "num_classes": splits.num_classes, "sample": sample_batch(splits).tolist(),
         "input_integer": splits.integer_inputs,
+        "pad_id": pad_id(exp) if exp.task == "embed" else None,
         "train_rows": len(splits.train), "run_dir": run_dir(exp, run_name),
         "storage_fs": fs, "run_path": f"{storage_path}/{run_name}",
         "steps_per_epoch": math.ceil(len(splits.train) / max(1, exp.trainer.batch_size)),

@@ -56,11 +56,14 @@ def code_tags() -> dict[str, str]:
 def teacher_sha(exp: Experiment) -> str:
     """sha256 of the primary teacher's weights file, resolved (downloaded) first for URIs;
     '' without a teacher with weights."""
-    if exp.teacher is None or not exp.teacher.weights:
+    from kd.train.text import weights_ref
+
+    ref = weights_ref(exp.teacher)  # a pretrained teacher's own file counts
+    if ref is None:
         return ""
     from kd.models.weights import resolve
 
-    return storage.sha256_file(resolve(exp.teacher.weights))
+    return storage.sha256_file(resolve(ref))
 
 
 def data_source(source: str) -> tuple[str, str, str]:

@@ -149,7 +149,7 @@ def _setup(spec: dict[str, Any]) -> Worker:
                       world, device)
     step = Step(asm, trainee, device, input_dtype(spec),
                 build_transforms(exp.data.transforms, tuple(spec["input_shape"]), spec["input_integer"]),
-                seed=exp.seed * 1000 + rank)
+                seed=exp.seed * 1000 + rank, pad_id=spec.get("pad_id"))
     w = Worker(exp, spec, rank, world, device, asm, trainee, opt, step, updater,
                base_lrs=[g["lr"] for g in opt.param_groups])  # before a restore overwrites them
     if restored is not None:
@@ -253,7 +253,7 @@ def _report(w: Worker, metrics: dict[str, float], epoch: int) -> None:
     if w.rank == 0:
         tracking_spool.log_metrics(w.spec["tracking_uri"], w.spec["run_id"], metrics, step=epoch + 1)
         shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in
-                          ("train/loss", "val/accuracy", "val/teacher_agreement") if k in metrics)
+                          ("train/loss", "val/accuracy", "val/teacher_agreement", "val/cosine") if k in metrics)
         print(f"[kd] epoch {epoch + 1}/{exp.trainer.epochs}  {shown}  "
               f"{metrics['samples_per_s']:.0f} samples/s", flush=True)
     check_finite(metrics, epoch + 1, exp)

@@ -18,7 +18,7 @@ from typing import Any
 
 from kd import tracking
 from kd.config import Experiment, ModelSpec
-from kd.data import Splits, load_splits
+from kd.data import Splits
 from kd.errors import InputError
 from kd.models import build_model
 from kd.models.weights import WEIGHTS_FILE, freeze, load_into, load_state_dict, save_weights
@@ -31,6 +31,7 @@ from kd.train.figures import log_run_figures
 from kd.train.lineage import log_lineage
 from kd.train.output import OWNER_KEY, publish_weights
 from kd.train.semisup import balance_by_teacher
+from kd.train.text import run_splits, text_metadata, weights_ref
 
 
 @dataclass
@@ -62,6 +63,7 @@ def weights_metadata(spec: ModelSpec, splits: Splits, exp: Experiment, role: Rol
         "kd.class_names": json.dumps(list(splits.class_names)),
         "kd.data_hash": splits.data_hash, "kd.config_hash": exp.hash(), "kd.run_id": run_id,
         OWNER_KEY: ray_run_name,  # whose file it is (kd.train.output)
+        **text_metadata(exp),  # task: embed: the tokenizer and max_length (kd.train.text)
     }
 
 
@@ -107,6 +109,23 @@ def _log_json(uri: str, run_id: str, folder: str, name: str, doc: Any) -> None:
         tracking.log_artifact(uri, run_id, path, folder)
 
 
+def _holdout(exp: Experiment, model: Any, splits: Splits, teacher: Any, uri: str,
+             run_id: str) -> dict[str, float]:
+    """Score the holdout split and log it: ``holdout/*`` metrics, and for classifiers the
+    confusion matrix (artifact and figure); embeddings by `kd.train.embed_eval`."""
+    if exp.task == "embed":
+        from kd.train.embed_eval import evaluate_embed
+
+        holdout = evaluate_embed(exp, model, splits.holdout, teacher)
+    else:
+        holdout, confusion = evaluate_with_confusion(model, splits.holdout, teacher)
+        _log_json(uri, run_id, "holdout", "confusion.json", confusion.tolist())
+        log_run_figures(uri, run_id, confusion)
+    tracking.log_metrics(uri, run_id, {f"holdout/{k}": v for k, v in holdout.items()},
+                         step=exp.trainer.epochs)
+    return holdout
+
+
 def given_run_name(run_name: str | None, role: Role) -> str | None:
     """``run_name``, else under a KubeRay RayJob `run_name_from_env` (stable across
     retries), else None; held to the rule of ``name:`` (`kd.names.check_name`, without
@@ -125,14 +144,14 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
     retry resumes), else a fresh `default_run_name`. The weights go to this run's own
     file, then to the name's latest copy (`kd.train.output.publish_weights`)."""
     run_name = given_run_name(run_name, role)
-    splits = load_splits(exp.data, exp.storage.endpoint_url)  # joins Ray: the profile streams
+    splits = run_splits(exp)  # joins Ray: the profile streams
     preflight(exp, role, splits)
     splits = balance_by_teacher(exp, role, splits)
     ensure_ray()
     uri = tracking.tracking_uri(exp)
     tags = {"kd.data_hash": splits.data_hash, **(extra_tags or {})}
-    if role == "student" and exp.teacher is not None and exp.teacher.weights:
-        tags["kd.teacher_uri"] = exp.teacher.weights
+    if role == "student" and weights_ref(exp.teacher) is not None:
+        tags["kd.teacher_uri"] = str(weights_ref(exp.teacher))
     train_ds = _cached_train(exp, role, splits, tags)
     name = run_name or default_run_name(exp, role)
     tags["kd.ray_run_name"] = name
@@ -159,15 +178,12 @@ def train_run(exp: Experiment, role: Role, run_name: str | None = None,
             weights_uri = publish_weights(out, exp, name)  # this run's own file (+ latest copy)
             tracking.log_artifact(uri, run_id, out, "weights")
         teacher = primary_teacher(exp, splits) if role == "student" else None
-        holdout, confusion = evaluate_with_confusion(freeze(model), splits.holdout, teacher)
-        _log_json(uri, run_id, "holdout", "confusion.json", confusion.tolist())
-        tracking.log_metrics(uri, run_id, {f"holdout/{k}": v for k, v in holdout.items()},
-                             step=exp.trainer.epochs)
-        log_run_figures(uri, run_id, confusion)
+        holdout = _holdout(exp, freeze(model), splits, teacher, uri, run_id)
         tracking.set_tags(uri, run_id, {"kd.weights_sha256": sha, "kd.weights_uri": weights_uri,
                                         "kd.ray_run_name": name})
         ok = True
-        print(f"[kd] weights: {weights_uri}  holdout accuracy {holdout['accuracy']:.4f}",
+        key = "cosine" if exp.task == "embed" else "accuracy"
+        print(f"[kd] weights: {weights_uri}  holdout {key} {holdout.get(key, float('nan')):.4f}",
               flush=True)
         return RunOutcome(run_id, weights_uri, sha, result.metrics, holdout, result.history)
     except BaseException as e:
@@ -185,7 +201,11 @@ def evaluate_weights(exp: Experiment | None, weights: str) -> dict[str, float]:
         from kd.config import Experiment as E
 
         exp = E(name="evaluate")
-    splits = load_splits(exp.data, exp.storage.endpoint_url)
+    splits = run_splits(exp)
+    if exp.task == "embed":
+        from kd.train.embed_eval import evaluate_embed
+
+        return evaluate_embed(exp, model, splits.holdout, primary_teacher(exp, splits))
     if meta.get("kd.num_classes") != str(splits.num_classes):
         raise InputError(f"{weights}: model has {meta.get('kd.num_classes')} classes but the "
                          f"data has {splits.num_classes}")

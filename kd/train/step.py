@@ -21,6 +21,7 @@ from kd.train.columns import (
     dense_from_topk,
 )
 from kd.train.parallel import all_reduce, is_fsdp, lockstep
+from kd.train.text import trim_batch
 
 
 def input_dtype(spec: dict[str, Any]) -> torch.dtype:
@@ -39,8 +40,9 @@ class Step:
 
     def __init__(self, asm: Any, trainee: nn.Module, device: torch.device,
                  input_dtype: torch.dtype, transforms: list[Transform] | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, pad_id: int | None = None) -> None:
         self.asm, self.trainee, self.device, self.input_dtype = asm, trainee, device, input_dtype
+        self.pad_id = pad_id  # text: token ids padded with it (batches trimmed, mask built)
         self.transforms = transforms or []
         self.gen = torch.Generator().manual_seed(seed)
         self.s_cap = FeatureCapture(trainee, asm.student_paths, "student")
@@ -78,24 +80,54 @@ class Step:
             logits = [t(x).float() for t in self.asm.teachers]
         return logits, dict(self.t_cap.features) if self.t_cap else {}
 
+    def inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The batch's ``x`` on the device; token ids without their all-pad tail columns."""
+        x = batch["x"].to(self.device, self.input_dtype)
+        return x if self.pad_id is None else trim_batch(x, self.pad_id)
+
     def __call__(self, batch: dict[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], DistillBatch]:
-        x = batch["x"].to(self.device, self.input_dtype)
+        x = self.inputs(batch)
         y = batch["y"].to(self.device)
         if self.transforms and self.trainee.training:  # the teacher sees the same view
             x = apply_transforms(self.transforms, x, self.gen)
         logits = self.trainee(x)
         t_logits, t_feats = (self.teacher_outputs(batch, x, logits.shape[1])
                              if self.asm.teachers else ([], {}))
-        db = DistillBatch(logits.float(), y, t_logits, dict(self.s_cap.features), t_feats)
+        db = DistillBatch(logits.float(), y, t_logits, dict(self.s_cap.features), t_feats,
+                          token_mask=None if self.pad_id is None else x != self.pad_id)
         total, parts = self.asm.loss(db)
         return total, parts, db
 
 
+def _score(step: Step, batch: dict[str, torch.Tensor], sums: list[float]) -> None:
+    """Add one val batch to ``sums``: [correct, agree, ce_sum, labeled, rows] for a
+    classifier; for embeddings (``step.pad_id`` set) slot 0 sums the cosine to the
+    teacher and slot 3 counts the rows it was taken over."""
+    x, y = step.inputs(batch), batch["y"].to(step.device)
+    logits = step.trainee(x).float()
+    sums[4] += float(len(y))
+    if step.pad_id is not None:
+        if step.asm.teachers:
+            t = step.teacher_logits(batch, x)[0]
+            sums[0] += float(F.cosine_similarity(logits, t.float(), dim=1).sum())
+            sums[3] += float(len(y))
+        return
+    pred = logits.argmax(1)
+    lab = y >= 0
+    sums[0] += float((pred[lab] == y[lab]).sum())
+    if lab.any():
+        sums[2] += float(F.cross_entropy(logits[lab], y[lab], reduction="sum"))
+    sums[3] += float(lab.sum())
+    if step.asm.teachers:
+        sums[1] += float((step.teacher_logits(batch, x)[0].argmax(1) == pred).sum())
+
+
 def evaluate_shard(step: Step, ds: Any, spec: dict[str, Any], rank: int, world: int,
                    device: torch.device) -> dict[str, float]:
-    """Accuracy, teacher agreement and CE over this worker's slice of ``val``,
-    all-reduced so every worker returns metrics of the whole set. Every rank issues
+    """Accuracy, teacher agreement and CE over this worker's slice of ``val`` (for
+    embeddings: ``val/cosine``, the mean cosine to the teacher, and ``val/loss`` =
+    1 - that), all-reduced so every worker returns metrics of the whole set. Every rank issues
     the same trainee forwards (`lockstep`): FSDP's forward is a collective, so a rank
     with no rows in a batch (or no batches left) runs a one-row padding forward."""
     step.trainee.eval()
@@ -109,19 +141,12 @@ def evaluate_shard(step: Step, ds: Any, spec: dict[str, Any], rank: int, world: 
                 if step.asm.teachers and is_fsdp(step.asm.teachers[0]):  # a sharded teacher too
                     step.teacher_logits({}, pad)
                 continue
-            batch = {k: v[keep] for k, v in batch.items()}
-            x, y = batch["x"].to(device, step.input_dtype), batch["y"].to(device)
-            logits = step.trainee(x).float()
-            pred = logits.argmax(1)
-            lab = y >= 0
-            sums[0] += float((pred[lab] == y[lab]).sum())
-            if lab.any():
-                sums[2] += float(F.cross_entropy(logits[lab], y[lab], reduction="sum"))
-            sums[3] += float(lab.sum())
-            sums[4] += float(len(y))
-            if step.asm.teachers:
-                sums[1] += float((step.teacher_logits(batch, x)[0].argmax(1) == pred).sum())
+            _score(step, {k: v[keep] for k, v in batch.items()}, sums)
     correct, agree, ce, labeled, rows = all_reduce(sums, device)
+    if step.pad_id is not None:
+        step.trainee.train()
+        cos = correct / max(labeled, 1)
+        return {"val/cosine": cos, "val/loss": 1.0 - cos, "val/samples": rows}
     out = {"val/accuracy": correct / max(labeled, 1), "val/loss": ce / max(labeled, 1),
            "val/samples": rows}
     if step.asm.teachers:

@@ -233,14 +233,14 @@ def owner_sweep(exp: Experiment) -> tuple[str | None, bool]:
 
 def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> SweepOutcome:
     """`kd tune` (see the module docstring); prints the top trials and the choice."""
-    from kd.data import load_splits
     from kd.runtime import ensure_ray
     from kd.train.driver import preflight, sample_batch
+    from kd.train.text import run_splits
 
     if exp.student is None:
         raise InputError("student: section is required for `kd tune`")
     space = parse_space(exp)
-    splits = load_splits(exp.data, exp.storage.endpoint_url)
+    splits = run_splits(exp)
     preflight(exp, "student", splits)
     probe_students(exp, space, splits.input_shape, splits.num_classes, sample_batch(splits))
     ensure_ray()

@@ -1,0 +1,121 @@
+"""Holdout quality of a sentence-embedding student against its teacher (``task: embed``).
+
+Keys (the run logs them as ``holdout/<key>``; the gate reads them):
+
+- ``cosine``: mean over the holdout rows of cos(student(x), teacher(x));
+- ``nn_top1`` / ``nn_top5``: over the first ``NN_ROWS`` holdout rows, the share whose
+  nearest other row under the student is the teacher's nearest, and the share whose
+  teacher nearest row is in the student's top 5 (`kd.train.embed_metrics`);
+- ``recall_at_1`` / ``recall_at_10`` (and ``teacher_recall_at_*``): with
+  ``data.text.retrieval`` set, a jsonl of ``{query, doc}`` pairs: the share of queries
+  whose own doc is the nearest / in the 10 nearest of all docs;
+- ``params``, ``size_bytes``, ``latency_ms`` (one batch), ``sentences_per_s`` (encode rate
+  on holdout rows, this process's torch threads).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kd.config import Experiment
+from kd.errors import InputError
+from kd.models import count_params, model_size_bytes
+from kd.models.tokens import load_tokenizer
+from kd.train.embed_metrics import cosine_rows, encode_rate, neighbour_agreement, recall_at_k
+from kd.train.evaluate import latency_ms
+from kd.train.text import trim_batch
+
+NN_ROWS = 5000
+BATCH = 256
+
+
+def embed(model: nn.Module, ids: np.ndarray | torch.Tensor, pad: int) -> torch.Tensor:
+    """Embeddings ``[N, D]`` (eval, no grad) of token ids, in batches trimmed of pad tails."""
+    model.eval()
+    ids = torch.as_tensor(np.asarray(ids), dtype=torch.int64)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(ids), BATCH):
+            out.append(model(trim_batch(ids[i:i + BATCH], pad)).float())
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def read_pairs(uri: str, endpoint: str | None = None) -> tuple[list[str], list[str]]:
+    """``(queries, docs)`` of a jsonl file of ``{"query": ..., "doc": ...}`` lines (local
+    or s3://); a line without both strings is an `InputError` naming the file and line."""
+    from kd import storage
+
+    try:
+        text = storage.fetch(uri, endpoint).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"data.text.retrieval {uri}: not UTF-8 (byte {e.start})") from None
+    queries, docs = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise InputError(f"data.text.retrieval {uri}: line {n} is not JSON") from None
+        if not (isinstance(row, dict) and isinstance(row.get("query"), str)
+                and isinstance(row.get("doc"), str) and row["query"].strip() and row["doc"].strip()):
+            raise InputError(f"data.text.retrieval {uri}: line {n} needs non-empty string "
+                             "fields 'query' and 'doc'")
+        queries.append(row["query"])
+        docs.append(row["doc"])
+    if not queries:
+        raise InputError(f"data.text.retrieval {uri}: no query/doc pairs")
+    return queries, docs
+
+
+def retrieval(exp: Experiment, model: nn.Module, teacher: nn.Module | None) -> dict[str, float]:
+    """Recall@1/@10 of student (and teacher) on ``data.text.retrieval`` pairs."""
+    text = exp.data.text
+    if text is None or text.retrieval is None or text.tokenizer is None:
+        return {}
+    tok = load_tokenizer(text.tokenizer)
+    queries, docs = read_pairs(text.retrieval, exp.storage.endpoint_url)
+    q_ids, _ = tok.encode(queries, text.max_length)
+    d_ids, _ = tok.encode(docs, text.max_length)
+    out = recall_at_k(embed(model, q_ids, tok.pad_id), embed(model, d_ids, tok.pad_id))
+    if teacher is not None:
+        t = recall_at_k(embed(teacher, q_ids, tok.pad_id), embed(teacher, d_ids, tok.pad_id))
+        out.update({f"teacher_{k}": v for k, v in t.items()})
+    out["retrieval_pairs"] = float(len(queries))
+    return out
+
+
+def evaluate_embed(exp: Experiment, model: nn.Module, split: Any,
+                   teacher: nn.Module | None) -> dict[str, float]:
+    """The metrics of the module docstring over a streamed holdout ``split``."""
+    tok = load_tokenizer(exp.data.text.tokenizer) if exp.data.text and exp.data.text.tokenizer else None
+    pad = tok.pad_id if tok is not None else 0
+    cos_sum, rows, s_nn, t_nn, head = 0.0, 0, [], [], []
+    for batch in split.dataset().iter_batches(batch_size=512, batch_format="numpy"):
+        ids = np.array(batch["x"])
+        s = embed(model, ids, pad)
+        if teacher is not None:
+            t = embed(teacher, ids, pad)
+            cos_sum += float(cosine_rows(s, t).sum())
+            if sum(len(a) for a in s_nn) < NN_ROWS:
+                s_nn.append(s)
+                t_nn.append(t)
+        if sum(len(a) for a in head) < BATCH:
+            head.append(torch.as_tensor(ids))
+        rows += len(ids)
+    out: dict[str, float] = {"rows": float(rows), "params": float(count_params(model)),
+                             "size_bytes": float(model_size_bytes(model))}
+    if teacher is not None and rows:
+        out["cosine"] = cos_sum / rows
+        out.update(neighbour_agreement(torch.cat(s_nn)[:NN_ROWS], torch.cat(t_nn)[:NN_ROWS]))
+    if head:
+        ids = torch.cat(head)[:BATCH]
+        out["latency_ms"] = latency_ms(model, trim_batch(ids[:64], pad))
+        out["sentences_per_s"] = encode_rate(model, ids, pad_id=pad)
+    out.update(retrieval(exp, model, teacher))
+    return out
