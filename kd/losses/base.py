@@ -31,6 +31,12 @@ class DistillBatch:
     ``distill_mask`` (boolean ``[B]``, None = every sample) marks the samples the
     distillation terms use; `CompositeLoss` fills it when it filters by teacher
     confidence.
+
+    For ``task: embed`` the names are kept but ``student_logits`` and each
+    ``teacher_logits[k]`` hold sentence embeddings ``[B, D]`` instead of logits, and
+    ``token_mask`` (boolean ``[B, L]``, True for real tokens; None = every token is
+    real) marks the non-pad positions of token-level features (hidden states ``[B, L, H]``,
+    attention probabilities ``[B, H, L, L]``).
     """
 
     student_logits: Tensor
@@ -39,10 +45,11 @@ class DistillBatch:
     student_features: dict[str, Tensor] = field(default_factory=dict)
     teacher_features: dict[str, Tensor] = field(default_factory=dict)
     distill_mask: Tensor | None = None
-    token_mask: Tensor | None = None  # text: bool [B, L], True for real (non-pad) tokens
+    token_mask: Tensor | None = None
 
     def select(self, mask: Tensor) -> DistillBatch:
-        """The sub-batch of rows where ``mask`` is True (logits, labels, features)."""
+        """The sub-batch of rows where ``mask`` is True (logits, labels, features,
+        ``token_mask``); its ``distill_mask`` is None (every row of it is used)."""
 
         def rows(t: Tensor) -> Tensor:
             return t[mask] if t.ndim and t.shape[0] == mask.shape[0] else t
