@@ -159,6 +159,9 @@ class StorageConfig(Strict):
         return self
 
 
+TOKEN_TERMS = ("hidden_mse", "attention_kl")  # text losses on per-token teacher outputs
+
+
 class Experiment(Strict):
     """One kdflow experiment, the single source of truth for a run."""
 
@@ -207,6 +210,13 @@ class Experiment(Strict):
         if self.teacher is not None and self.teacher.cache_top_k:
             raise ValueError("teacher.cache_top_k: embeddings are cached whole; drop it for "
                              "task: embed")
+        if self.distill.min_teacher_confidence is not None:
+            raise ValueError("distill.min_teacher_confidence: a teacher embedding has no class "
+                             "confidence; drop it for task: embed")
+        token_terms = [t.name for t in self.distill.losses if t.name in TOKEN_TERMS]
+        if self.teacher is not None and self.teacher.cache and token_terms:
+            raise ValueError(f"teacher.cache: true stores sentence embeddings only; the per-token "
+                             f"terms {token_terms} need the online teacher (teacher.cache: false)")
         if "metric" not in self.tune.model_fields_set:  # embeddings have no accuracy
             self.tune.metric = "val/cosine"
         return self

@@ -189,9 +189,9 @@ class TeacherForward:
         self.top_k = min(top_k, num_classes) if top_k else None
         self.capture = FeatureCapture(self.model, paths, "teacher") if paths else None
         self.bf16 = exp.trainer.precision == "bf16"
-        # text: trim all-pad tail columns (exact: the models mask by pad id); not with
-        # per-token features, whose cached rows must share one length
-        self.pad = pad_id(exp) if exp.task == "embed" and not paths else None
+        # text: trim all-pad tail columns (exact: the models mask by pad id); a text cache
+        # holds sentence embeddings only (kd.config refuses per-token terms with the cache)
+        self.pad = pad_id(exp) if exp.task == "embed" else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
