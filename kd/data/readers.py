@@ -3,7 +3,9 @@
 Each reader takes one `FileEntry` (or a chunk of image files) and yields `Chunk`s of at
 most ``rows`` rows: inputs ``x`` (float32, or int64 token ids), labels ``y`` (int64,
 -1 = none), the key column's values (or None: the key is file + row) and the row
-offset of the chunk inside its file. Column rules as in docs/data.md.
+offset of the chunk inside its file. Column rules as in docs/data.md. With
+``Columns.text`` set, the text column of a parquet / csv / jsonl file (or each line of
+a txt file) is tokenized into ``x`` (`kd.data.text`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kd.data.manifest import FileEntry
+from kd.data.text import TextSpec, encode, parse_jsonl, table_texts, text_lines
 from kd.errors import InputError
 
 UNLABELED = -1
@@ -30,16 +33,21 @@ class Columns:
     shape: tuple[int, ...] | None = None
     image_size: int | None = None
     y_required: bool = False  # a label column named in the config must exist
+    text: TextSpec | None = None  # tokenize this text column into x (kd.data.text)
 
 
 @dataclass
 class Chunk:
-    """Rows ``offset .. offset+len(y)`` of one file."""
+    """Rows ``offset .. offset+len(y)`` of one file; ``rows``, when set, are the rows'
+    own positions in the file (a text file's line indices: blank lines are skipped) for
+    the file + row key; ``cut`` flags texts cut to ``data.text.max_length``."""
 
     x: np.ndarray
     y: np.ndarray
     keys: np.ndarray | None
     offset: int
+    rows: np.ndarray | None = None
+    cut: np.ndarray | None = None
 
 
 def _labels(values: Any, n: int) -> np.ndarray:
@@ -102,7 +110,11 @@ def _table_chunk(table: Any, cols: Columns, where: str, offset: int) -> Chunk:
     names = table.column_names
     _check_label_column(cols, names, where)
     y = _labels(table.column(cols.y) if cols.y in names else None, n)
-    if cols.x in names:
+    cut = None
+    if cols.text is not None:
+        texts = table_texts(table, cols.text, where)
+        x, cut = encode(texts, cols.text, where, "row", np.arange(offset + 1, offset + n + 1))
+    elif cols.x in names:
         x = _list_to_numpy(table.column(cols.x), n)
     else:
         feats = [c for c in names if c not in (cols.y, cols.key)]
@@ -115,7 +127,7 @@ def _table_chunk(table: Any, cols: Columns, where: str, offset: int) -> Chunk:
             raise InputError(f"{where}: no column {cols.key!r} (data.key_column); has "
                              f"{', '.join(names)}")
         keys = table.column(cols.key).to_numpy(zero_copy_only=False)
-    return Chunk(_finish(x, cols, where), y, keys, offset)
+    return Chunk(_finish(x, cols, where), y, keys, offset, cut=cut)
 
 
 def read_parquet(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[Chunk]:
@@ -147,6 +159,33 @@ def read_csv(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[Ch
                 part = table.slice(start, rows)
                 yield _table_chunk(part, cols, entry.uri, offset)
                 offset += part.num_rows
+
+
+def _text_spec(cols: Columns, entry: FileEntry) -> TextSpec:
+    if cols.text is None:
+        raise InputError(f"{entry.uri}: a text file; set data.text (column, tokenizer, max_length) "
+                         "to read it as text")
+    return cols.text
+
+
+def read_txt(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[Chunk]:
+    """One text per non-blank line (unlabeled; key: file + line), tokenized."""
+    spec = _text_spec(cols, entry)
+    for lines, texts in text_lines(entry, fs, rows):
+        ids, cut = encode(texts, spec, entry.uri, "line", lines + 1)
+        yield Chunk(ids, np.full(len(texts), UNLABELED, np.int64), None, int(lines[0]), lines, cut)
+
+
+def read_jsonl(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[Chunk]:
+    """One JSON object per non-blank line: the text under ``data.text.column``, the
+    label under ``data.y_column`` if present, the key under ``data.key_column`` if set
+    (else file + line); tokenized."""
+    spec = _text_spec(cols, entry)
+    for lines, raw in text_lines(entry, fs, rows):
+        texts, y, keys = parse_jsonl(raw, lines + 1, entry.uri, spec.column, cols.y,
+                                     cols.y_required, cols.key)
+        ids, cut = encode(texts, spec, entry.uri, "line", lines + 1)
+        yield Chunk(ids, y, keys, int(lines[0]), lines, cut)
 
 
 def _open(entry: FileEntry, fs: Any) -> Any:
@@ -227,5 +266,6 @@ def read_local_file(path: str, cols: Columns | None = None) -> tuple[np.ndarray,
     return np.concatenate([c.x for c in chunks]), np.concatenate([c.y for c in chunks])
 
 
-TABLE_READERS = {"parquet": read_parquet, "csv": read_csv, "npz": read_npz, "npy": read_npz}
+TABLE_READERS = {"parquet": read_parquet, "csv": read_csv, "npz": read_npz, "npy": read_npz,
+                 "jsonl": read_jsonl, "txt": read_txt}
 """The reader of each tabular format (manifest ``fmt``; images have `read_images`)."""

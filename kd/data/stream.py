@@ -10,7 +10,8 @@ and the teacher cache key on ``idx``.
 A `Source` (manifest + split + label policy) is plain picklable data; `dataset` turns
 it into a lazy Ray Dataset whose read tasks open one file each (a chunk of images)
 and emit blocks of at most ``BLOCK_ROWS`` rows with columns ``x`` (tensor), ``y``
-(int64, -1 = no label) and ``idx`` (int64). Nothing is read in the driver.
+(int64, -1 = no label) and ``idx`` (int64); text is tokenized there too (int64 ids).
+Nothing is read in the driver.
 """
 
 from __future__ import annotations
@@ -62,11 +63,15 @@ def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def key_idx(keys: np.ndarray | None, file_rel: str, offset: int, n: int, salt: str = "") -> np.ndarray:
-    """``idx`` (int64 >= 0) of ``n`` rows: from their key values, or from file + row."""
+def key_idx(keys: np.ndarray | None, file_rel: str, offset: int, n: int, salt: str = "",
+            rows: np.ndarray | None = None) -> np.ndarray:
+    """``idx`` (int64 >= 0) of ``n`` rows: from their key values, or from file + row
+    (the row numbers ``offset .. offset+n``, or ``rows`` when given: a text file's line
+    indices)."""
     with np.errstate(over="ignore"):
         if keys is None:
-            rows = np.arange(offset, offset + n, dtype=np.uint64)
+            rows = (np.arange(offset, offset + n, dtype=np.uint64) if rows is None
+                    else np.asarray(rows).astype(np.uint64))
             h = splitmix64(rows + np.uint64(_hash64(f"{salt}{file_rel}")))
         elif np.issubdtype(np.asarray(keys).dtype, np.integer):
             h = splitmix64(np.asarray(keys).astype(np.int64).view(np.uint64)
@@ -120,7 +125,7 @@ def to_block(src: Source, chunk: Chunk, file_rel: str) -> Any:
     from ray.data.extensions import ArrowTensorArray
 
     n = len(chunk.y)
-    idx = key_idx(chunk.keys, file_rel, chunk.offset, n, src.salt)
+    idx = key_idx(chunk.keys, file_rel, chunk.offset, n, src.salt, chunk.rows)
     y = np.full(n, -1, np.int64) if src.unlabeled else chunk.y
     part = split_of(idx, src.fractions, src.seed)
     train = part == 0
@@ -131,6 +136,8 @@ def to_block(src: Source, chunk: Chunk, file_rel: str) -> Any:
     cols: dict[str, Any] = {"x": chunk.x, "y": y, "idx": idx}
     if src.split == "all":
         cols["split"] = part
+        if chunk.cut is not None:  # texts cut to max_length: counted by the profile
+            cols["cut"] = chunk.cut
     elif src.split != "train" or not src.unlabeled:
         keep = part == SPLITS.index(src.split)
         cols = {k: v[keep] for k, v in cols.items()}
