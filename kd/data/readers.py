@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kd.data.manifest import FileEntry
-from kd.data.text import TextSpec, encode, parse_jsonl, table_texts, text_lines
+from kd.data.text import TextRows, TextSpec, parse_jsonl, table_texts, text_lines
 from kd.errors import InputError
 
 UNLABELED = -1
@@ -34,20 +34,32 @@ class Columns:
     image_size: int | None = None
     y_required: bool = False  # a label column named in the config must exist
     text: TextSpec | None = None  # tokenize this text column into x (kd.data.text)
+    defer_text: bool = False  # leave texts in Chunk.pending (x None): the stream tokenizes
 
 
 @dataclass
 class Chunk:
     """Rows ``offset .. offset+len(y)`` of one file; ``rows``, when set, are the rows'
     own positions in the file (a text file's line indices: blank lines are skipped) for
-    the file + row key; ``cut`` flags texts cut to ``data.text.max_length``."""
+    the file + row key; ``cut`` flags texts cut to ``data.text.max_length``; ``pending``
+    holds the texts, and ``x`` is None, when ``Columns.defer_text`` is set."""
 
-    x: np.ndarray
+    x: np.ndarray | None
     y: np.ndarray
     keys: np.ndarray | None
     offset: int
     rows: np.ndarray | None = None
     cut: np.ndarray | None = None
+    pending: TextRows | None = None
+
+
+def _text_chunk(rows: TextRows, cols: Columns, y: np.ndarray, keys: np.ndarray | None, offset: int,
+                lines: np.ndarray | None = None) -> Chunk:
+    """A chunk of texts: tokenized now, or pending (``cols.defer_text``)."""
+    if cols.defer_text:
+        return Chunk(None, y, keys, offset, lines, pending=rows)
+    ids, cut = rows.encode()
+    return Chunk(ids, y, keys, offset, lines, cut)
 
 
 def _labels(values: Any, n: int) -> np.ndarray:
@@ -110,10 +122,10 @@ def _table_chunk(table: Any, cols: Columns, where: str, offset: int) -> Chunk:
     names = table.column_names
     _check_label_column(cols, names, where)
     y = _labels(table.column(cols.y) if cols.y in names else None, n)
-    cut = None
+    text = None
     if cols.text is not None:
-        texts = table_texts(table, cols.text, where)
-        x, cut = encode(texts, cols.text, where, "row", np.arange(offset + 1, offset + n + 1))
+        text = TextRows(table_texts(table, cols.text, where), np.arange(offset + 1, offset + n + 1),
+                        where, "row", cols.text)
     elif cols.x in names:
         x = _list_to_numpy(table.column(cols.x), n)
     else:
@@ -127,7 +139,9 @@ def _table_chunk(table: Any, cols: Columns, where: str, offset: int) -> Chunk:
             raise InputError(f"{where}: no column {cols.key!r} (data.key_column); has "
                              f"{', '.join(names)}")
         keys = table.column(cols.key).to_numpy(zero_copy_only=False)
-    return Chunk(_finish(x, cols, where), y, keys, offset, cut=cut)
+    if text is not None:
+        return _text_chunk(text, cols, y, keys, offset)
+    return Chunk(_finish(x, cols, where), y, keys, offset)
 
 
 def read_parquet(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[Chunk]:
@@ -172,8 +186,8 @@ def read_txt(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[Ch
     """One text per non-blank line (unlabeled; key: file + line), tokenized."""
     spec = _text_spec(cols, entry)
     for lines, texts in text_lines(entry, fs, rows):
-        ids, cut = encode(texts, spec, entry.uri, "line", lines + 1)
-        yield Chunk(ids, np.full(len(texts), UNLABELED, np.int64), None, int(lines[0]), lines, cut)
+        yield _text_chunk(TextRows(texts, lines + 1, entry.uri, "line", spec), cols,
+                          np.full(len(texts), UNLABELED, np.int64), None, int(lines[0]), lines)
 
 
 def read_jsonl(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[Chunk]:
@@ -184,8 +198,8 @@ def read_jsonl(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[
     for lines, raw in text_lines(entry, fs, rows):
         texts, y, keys = parse_jsonl(raw, lines + 1, entry.uri, spec.column, cols.y,
                                      cols.y_required, cols.key)
-        ids, cut = encode(texts, spec, entry.uri, "line", lines + 1)
-        yield Chunk(ids, y, keys, int(lines[0]), lines, cut)
+        yield _text_chunk(TextRows(texts, lines + 1, entry.uri, "line", spec), cols, y, keys,
+                          int(lines[0]), lines)
 
 
 def _open(entry: FileEntry, fs: Any) -> Any:

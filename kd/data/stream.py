@@ -120,7 +120,10 @@ def split_of(idx: np.ndarray, fractions: tuple[float, float, float], seed: int) 
 
 
 def to_block(src: Source, chunk: Chunk, file_rel: str) -> Any:
-    """One chunk -> the arrow block of this source's split (labels masked as set)."""
+    """One chunk -> the arrow block of this source's split (labels masked as set).
+    Pending texts are tokenized here, only the split's rows (the split is known from
+    the key before any token is made); split ``all`` adds ``cut`` (texts cut to
+    ``max_length``) for the profile."""
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
@@ -133,15 +136,22 @@ def to_block(src: Source, chunk: Chunk, file_rel: str) -> Any:
         y = np.where(train, -1, y)
     elif src.labeled_fraction is not None and src.labeled_fraction < 1:
         y = np.where(train & (unit(idx, src.seed, 1) >= src.labeled_fraction), -1, y)
-    cols: dict[str, Any] = {"x": chunk.x, "y": y, "idx": idx}
+    cols: dict[str, Any] = {"y": y, "idx": idx}
+    keep = None
     if src.split == "all":
         cols["split"] = part
-        if chunk.cut is not None:  # texts cut to max_length: counted by the profile
-            cols["cut"] = chunk.cut
     elif src.split != "train" or not src.unlabeled:
         keep = part == SPLITS.index(src.split)
         cols = {k: v[keep] for k, v in cols.items()}
-    x = np.ascontiguousarray(cols.pop("x"))
+    cut = chunk.cut
+    if chunk.pending is not None:
+        x, cut = chunk.pending.encode(keep)
+    else:
+        assert chunk.x is not None
+        x = chunk.x if keep is None else chunk.x[keep]
+    if src.split == "all" and cut is not None:  # texts cut to max_length: counted by the profile
+        cols["cut"] = cut
+    x = np.ascontiguousarray(x)
     out = {"x": ArrowTensorArray.from_numpy(x) if len(x) else pa.array([], pa.null())}
     out.update({k: pa.array(v) for k, v in cols.items()})
     return pa.table(out)
@@ -161,7 +171,8 @@ def _read_file(src: Source, files: list[Any]) -> Iterator[Any]:
             yield to_block(src, c, "")  # an image's key is its path under the root
         return
     reader = TABLE_READERS[m.fmt]
-    for c in reader(files[0], src.cols, BLOCK_ROWS, fs):
+    cols = replace(src.cols, defer_text=True) if src.cols.text is not None else src.cols
+    for c in reader(files[0], cols, BLOCK_ROWS, fs):
         block = to_block(src, c, files[0].rel)
         if block.num_rows:
             yield block

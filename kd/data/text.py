@@ -89,6 +89,26 @@ def encode(texts: list[Any], spec: TextSpec, where: str, unit: str,
     return ids, cut
 
 
+@dataclass
+class TextRows:
+    """Texts read but not yet tokenized: the stream tokenizes only the rows of the split
+    it reads (`kd.data.stream.to_block`); ``numbers`` (1-based ``unit`` "line" / "row"
+    numbers) and ``where`` (the file) name a bad row."""
+
+    texts: list[Any]
+    numbers: np.ndarray
+    where: str
+    unit: str
+    spec: TextSpec
+
+    def encode(self, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`encode` of all rows, or of the rows where ``keep`` (bool) is True."""
+        if keep is None:
+            return encode(self.texts, self.spec, self.where, self.unit, self.numbers)
+        sel = np.flatnonzero(keep)
+        return encode([self.texts[i] for i in sel], self.spec, self.where, self.unit, self.numbers[sel])
+
+
 def _decode(data: bytes, entry: FileEntry, line: int, pos: int) -> str:
     try:
         return data.decode("utf-8")
