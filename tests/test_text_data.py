@@ -232,3 +232,17 @@ def test_tokenizer_and_text_settings_fail_in_the_driver(tmp_path: Path) -> None:
         load_splits(text_cfg(tmp_path / "d.jsonl", tokenizer="no_such_model_pkg"))
     with pytest.raises(InputError, match=r"d.jsonl: jsonl files are text; set data.text"):
         load_splits(DataConfig(source=str(tmp_path / "d.jsonl")))
+
+
+def test_a_text_transfer_set_joins_train_tokenized_alike(tmp_path: Path) -> None:
+    texts = sentences(260)
+    write_jsonl(tmp_path / "main.jsonl", texts[:200])
+    (tmp_path / "extra.txt").write_text("\n".join(texts[200:]) + "\n")
+    alone = load_splits(text_cfg(tmp_path / "main.jsonl"))
+    s = load_splits(text_cfg(tmp_path / "main.jsonl").model_copy(
+        update={"transfer": str(tmp_path / "extra.txt")}))
+    assert len(s.train) == len(alone.train) + 60 and s.data_hash != alone.data_hash
+    rows = rows_of(s.train)
+    want, _ = load_tokenizer(TOKENIZER).encode(texts[200:], 32)
+    ids = key_idx(None, "extra.txt", 0, 60, salt="transfer:", rows=np.arange(60))
+    assert len(rows) == len(s.train) and all(np.array_equal(rows[k], want[i]) for i, k in enumerate(ids.tolist()))
