@@ -192,6 +192,8 @@ GOOD = json.dumps({"text": "A perfectly fine sentence about streams."}) + "\n"
     ("k.jsonl", (GOOD + '{"body": "x"}\n').encode(), {},
      r"k.jsonl: line 2: no key 'text' \(data.text.column\); has body"),
     ("a.jsonl", (GOOD + "[1, 2]\n").encode(), {}, r"a.jsonl: line 2: a JSON list, expected an object"),
+    ("n.jsonl", (GOOD + '{"text": 7}\n').encode(), {},
+     r"n.jsonl: line 2: an int, not text, in 'text' \(data.text.column\); expected a non-empty string"),
     ("u.txt", b"fine line\nstill fine\nbad \xff byte here\n", {},
      r"u.txt: line 3 \(byte 25\): not UTF-8 \(invalid start byte\); expected a UTF-8 text file"),
     ("z.txt", b"", {}, r"z.txt: empty file; expected txt text, one text per line"),

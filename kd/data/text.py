@@ -76,9 +76,11 @@ def encode(texts: list[Any], spec: TextSpec, where: str, unit: str,
     empty text (None, or blank after strip) is an `InputError`, and so is a cut text
     under ``truncation: error``."""
     for i, t in enumerate(texts):
-        if t is None or not isinstance(t, str) or not t.strip():
-            what = "null" if t is None else (type(t).__name__ if not isinstance(t, str) else "empty")
-            raise InputError(f"{where}: {unit} {int(numbers[i])}: {what} text in {spec.column!r} "
+        if not isinstance(t, str) or not t.strip():
+            kind = type(t).__name__
+            what = "empty text" if isinstance(t, str) else "null text" if t is None else \
+                f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}, not text,"
+            raise InputError(f"{where}: {unit} {int(numbers[i])}: {what} in {spec.column!r} "
                              "(data.text.column); expected a non-empty string")
     ids, cut = tokenizer_for(spec).encode(texts, spec.max_length)
     if spec.truncation == "error" and cut.any():
