@@ -23,7 +23,8 @@ from kd import storage
 from kd.errors import InputError
 
 SUFFIX_FORMATS = {".npz": "npz", ".npy": "npy", ".parquet": "parquet", ".pq": "parquet",
-                  ".csv": "csv"}
+                  ".csv": "csv", ".jsonl": "jsonl", ".txt": "txt"}
+TEXT_FORMATS = ("jsonl", "txt")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif"}
 
 
@@ -125,7 +126,8 @@ def _list_s3(source: str, endpoint: str | None) -> list[FileEntry]:
 
 
 def detect_format(files: list[FileEntry], source: str) -> str:
-    """npz / npy / parquet / csv by suffix (all files alike); class sub-folders of images."""
+    """npz / npy / parquet / csv / jsonl / txt by suffix (all files alike); class
+    sub-folders of images."""
     suffixes = {Path(f.rel).suffix.lower() for f in files}
     fmts = {SUFFIX_FORMATS.get(s) for s in suffixes}
     if len(fmts) == 1 and None not in fmts:
@@ -170,6 +172,10 @@ def build_manifest(source: str, fmt: str = "auto", endpoint: str | None = None) 
         files = [f for f in files if SUFFIX_FORMATS.get(Path(f.rel).suffix.lower()) == fmt]
         if not files:
             raise InputError(f"{source}: no {fmt} files")
+        empty = [f for f in files if f.size == 0] if fmt in TEXT_FORMATS else []
+        if empty:
+            raise InputError(f"{empty[0].uri}: empty file; expected {fmt} text, one "
+                             f"{'JSON object' if fmt == 'jsonl' else 'text'} per line")
     m = Manifest(source, fmt, files, endpoint=endpoint)
     if fmt == "parquet":
         m.schema, m.metadata = _parquet_schema(files[0], endpoint)

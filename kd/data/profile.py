@@ -40,11 +40,13 @@ class SplitCounts:
 
 @dataclass
 class Profile:
-    """Counts per split plus the rows' input shape and dtype."""
+    """Counts per split plus the rows' input shape and dtype; ``truncated``: texts cut
+    to ``data.text.max_length`` (0 for other data)."""
 
     splits: dict[str, SplitCounts]
     input_shape: tuple[int, ...]
     input_dtype: str
+    truncated: int = 0
 
 
 def _batch_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -57,9 +59,10 @@ def _batch_counts(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for s in range(3):
         ys = y[part == s]
         counts.append(json.dumps([int(len(ys)), np.bincount(ys[ys >= 0]).tolist()]))
+    cut = int(batch["cut"].sum()) if "cut" in batch else 0
     return {"counts": np.asarray([json.dumps(counts)]),
             "shape": np.asarray([json.dumps(list(x.shape[1:]))]),
-            "dtype": np.asarray([str(x.dtype)])}
+            "dtype": np.asarray([str(x.dtype)]), "cut": np.asarray([cut], np.int64)}
 
 
 def profile(src: Source) -> Profile:
@@ -67,11 +70,13 @@ def profile(src: Source) -> Profile:
     out = {s: SplitCounts() for s in SPLITS}
     shapes: set[str] = set()
     dtypes: set[str] = set()
+    cut = 0
     counted = dataset(src.with_split("all")).map_batches(_batch_counts, batch_format="numpy",
                                                          batch_size=None)
     for row in input_errors(counted.iter_rows()):
         shapes.add(str(row["shape"]))
         dtypes.add(str(row["dtype"]))
+        cut += int(row["cut"])
         for name, text in zip(SPLITS, json.loads(str(row["counts"])), strict=True):
             n, per_class = json.loads(text)
             c = out[name]
@@ -87,7 +92,7 @@ def profile(src: Source) -> Profile:
         raise InputError(f"{src.manifest.source}: rows differ in input shape "
                          f"({', '.join(sorted(shapes))}); set data.args.shape or data.args.size")
     dtype = "int64" if dtypes == {"int64"} else "float32"
-    return Profile(out, tuple(json.loads(shapes.pop())), dtype)
+    return Profile(out, tuple(json.loads(shapes.pop())), dtype, cut)
 
 
 def cached_profile(src: Source, key: str) -> Profile:
@@ -101,7 +106,7 @@ def cached_profile(src: Source, key: str) -> Profile:
     try:
         d = json.loads(path.read_text())
         return Profile({k: SplitCounts(**v) for k, v in d["splits"].items()},
-                       tuple(d["input_shape"]), d["input_dtype"])
+                       tuple(d["input_shape"]), d["input_dtype"], int(d.get("truncated", 0)))
     except (OSError, ValueError, KeyError, TypeError):
         pass
     p = profile(src)

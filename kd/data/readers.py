@@ -3,7 +3,9 @@
 Each reader takes one `FileEntry` (or a chunk of image files) and yields `Chunk`s of at
 most ``rows`` rows: inputs ``x`` (float32, or int64 token ids), labels ``y`` (int64,
 -1 = none), the key column's values (or None: the key is file + row) and the row
-offset of the chunk inside its file. Column rules as in docs/data.md.
+offset of the chunk inside its file. Column rules as in docs/data.md. With
+``Columns.text`` set, the text column of a parquet / csv / jsonl file (or each line of
+a txt file) is tokenized into ``x`` (`kd.data.text`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kd.data.manifest import FileEntry
+from kd.data.text import TextRows, TextSpec, parse_jsonl, table_texts, text_lines
 from kd.errors import InputError
 
 UNLABELED = -1
@@ -30,16 +33,33 @@ class Columns:
     shape: tuple[int, ...] | None = None
     image_size: int | None = None
     y_required: bool = False  # a label column named in the config must exist
+    text: TextSpec | None = None  # tokenize this text column into x (kd.data.text)
+    defer_text: bool = False  # leave texts in Chunk.pending (x None): the stream tokenizes
 
 
 @dataclass
 class Chunk:
-    """Rows ``offset .. offset+len(y)`` of one file."""
+    """Rows ``offset .. offset+len(y)`` of one file; ``rows``, when set, are the rows'
+    own positions in the file (a text file's line indices: blank lines are skipped) for
+    the file + row key; ``cut`` flags texts cut to ``data.text.max_length``; ``pending``
+    holds the texts, and ``x`` is None, when ``Columns.defer_text`` is set."""
 
-    x: np.ndarray
+    x: np.ndarray | None
     y: np.ndarray
     keys: np.ndarray | None
     offset: int
+    rows: np.ndarray | None = None
+    cut: np.ndarray | None = None
+    pending: TextRows | None = None
+
+
+def _text_chunk(rows: TextRows, cols: Columns, y: np.ndarray, keys: np.ndarray | None, offset: int,
+                lines: np.ndarray | None = None) -> Chunk:
+    """A chunk of texts: tokenized now, or pending (``cols.defer_text``)."""
+    if cols.defer_text:
+        return Chunk(None, y, keys, offset, lines, pending=rows)
+    ids, cut = rows.encode()
+    return Chunk(ids, y, keys, offset, lines, cut)
 
 
 def _labels(values: Any, n: int) -> np.ndarray:
@@ -102,7 +122,11 @@ def _table_chunk(table: Any, cols: Columns, where: str, offset: int) -> Chunk:
     names = table.column_names
     _check_label_column(cols, names, where)
     y = _labels(table.column(cols.y) if cols.y in names else None, n)
-    if cols.x in names:
+    text = None
+    if cols.text is not None:
+        text = TextRows(table_texts(table, cols.text, where), np.arange(offset + 1, offset + n + 1),
+                        where, "row", cols.text)
+    elif cols.x in names:
         x = _list_to_numpy(table.column(cols.x), n)
     else:
         feats = [c for c in names if c not in (cols.y, cols.key)]
@@ -115,6 +139,8 @@ def _table_chunk(table: Any, cols: Columns, where: str, offset: int) -> Chunk:
             raise InputError(f"{where}: no column {cols.key!r} (data.key_column); has "
                              f"{', '.join(names)}")
         keys = table.column(cols.key).to_numpy(zero_copy_only=False)
+    if text is not None:
+        return _text_chunk(text, cols, y, keys, offset)
     return Chunk(_finish(x, cols, where), y, keys, offset)
 
 
@@ -147,6 +173,33 @@ def read_csv(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[Ch
                 part = table.slice(start, rows)
                 yield _table_chunk(part, cols, entry.uri, offset)
                 offset += part.num_rows
+
+
+def _text_spec(cols: Columns, entry: FileEntry) -> TextSpec:
+    if cols.text is None:
+        raise InputError(f"{entry.uri}: a text file; set data.text (column, tokenizer, max_length) "
+                         "to read it as text")
+    return cols.text
+
+
+def read_txt(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[Chunk]:
+    """One text per non-blank line (unlabeled; key: file + line), tokenized."""
+    spec = _text_spec(cols, entry)
+    for lines, texts in text_lines(entry, fs, rows):
+        yield _text_chunk(TextRows(texts, lines + 1, entry.uri, "line", spec), cols,
+                          np.full(len(texts), UNLABELED, np.int64), None, int(lines[0]), lines)
+
+
+def read_jsonl(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[Chunk]:
+    """One JSON object per non-blank line: the text under ``data.text.column``, the
+    label under ``data.y_column`` if present, the key under ``data.key_column`` if set
+    (else file + line); tokenized."""
+    spec = _text_spec(cols, entry)
+    for lines, raw in text_lines(entry, fs, rows):
+        texts, y, keys = parse_jsonl(raw, lines + 1, entry.uri, spec.column, cols.y,
+                                     cols.y_required, cols.key)
+        yield _text_chunk(TextRows(texts, lines + 1, entry.uri, "line", spec), cols, y, keys,
+                          int(lines[0]), lines)
 
 
 def _open(entry: FileEntry, fs: Any) -> Any:
@@ -227,5 +280,6 @@ def read_local_file(path: str, cols: Columns | None = None) -> tuple[np.ndarray,
     return np.concatenate([c.x for c in chunks]), np.concatenate([c.y for c in chunks])
 
 
-TABLE_READERS = {"parquet": read_parquet, "csv": read_csv, "npz": read_npz, "npy": read_npz}
+TABLE_READERS = {"parquet": read_parquet, "csv": read_csv, "npz": read_npz, "npy": read_npz,
+                 "jsonl": read_jsonl, "txt": read_txt}
 """The reader of each tabular format (manifest ``fmt``; images have `read_images`)."""

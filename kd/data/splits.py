@@ -87,7 +87,9 @@ class Splits:
     """train / val / holdout streams plus what models need to know about the data.
 
     ``data_hash`` is the manifest's digest (files, sizes, versions, schema) with the
-    split and label settings; ``manifest`` is the JSON-able manifest (lineage)."""
+    split and label settings (and for text the text settings and tokenizer fingerprint);
+    ``manifest`` is the JSON-able manifest (lineage). ``num_classes`` is 0 for unlabeled
+    text (the caller sets the embedding width for ``task: embed``)."""
 
     train: StreamSplit
     val: StreamSplit
@@ -98,6 +100,7 @@ class Splits:
     input_dtype: str = "float32"
     manifest: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)  # by label; empty when unknown
+    truncated: int = 0  # texts cut to data.text.max_length (data.text.truncation: warn)
 
     @property
     def integer_inputs(self) -> bool:

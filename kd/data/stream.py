@@ -10,7 +10,8 @@ and the teacher cache key on ``idx``.
 A `Source` (manifest + split + label policy) is plain picklable data; `dataset` turns
 it into a lazy Ray Dataset whose read tasks open one file each (a chunk of images)
 and emit blocks of at most ``BLOCK_ROWS`` rows with columns ``x`` (tensor), ``y``
-(int64, -1 = no label) and ``idx`` (int64). Nothing is read in the driver.
+(int64, -1 = no label) and ``idx`` (int64); text is tokenized there too (int64 ids).
+Nothing is read in the driver.
 """
 
 from __future__ import annotations
@@ -62,11 +63,15 @@ def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def key_idx(keys: np.ndarray | None, file_rel: str, offset: int, n: int, salt: str = "") -> np.ndarray:
-    """``idx`` (int64 >= 0) of ``n`` rows: from their key values, or from file + row."""
+def key_idx(keys: np.ndarray | None, file_rel: str, offset: int, n: int, salt: str = "",
+            rows: np.ndarray | None = None) -> np.ndarray:
+    """``idx`` (int64 >= 0) of ``n`` rows: from their key values, or from file + row
+    (the row numbers ``offset .. offset+n``, or ``rows`` when given: a text file's line
+    indices)."""
     with np.errstate(over="ignore"):
         if keys is None:
-            rows = np.arange(offset, offset + n, dtype=np.uint64)
+            rows = (np.arange(offset, offset + n, dtype=np.uint64) if rows is None
+                    else np.asarray(rows).astype(np.uint64))
             h = splitmix64(rows + np.uint64(_hash64(f"{salt}{file_rel}")))
         elif np.issubdtype(np.asarray(keys).dtype, np.integer):
             h = splitmix64(np.asarray(keys).astype(np.int64).view(np.uint64)
@@ -115,12 +120,15 @@ def split_of(idx: np.ndarray, fractions: tuple[float, float, float], seed: int) 
 
 
 def to_block(src: Source, chunk: Chunk, file_rel: str) -> Any:
-    """One chunk -> the arrow block of this source's split (labels masked as set)."""
+    """One chunk -> the arrow block of this source's split (labels masked as set).
+    Pending texts are tokenized here, only the split's rows (the split is known from
+    the key before any token is made); split ``all`` adds ``cut`` (texts cut to
+    ``max_length``) for the profile."""
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
     n = len(chunk.y)
-    idx = key_idx(chunk.keys, file_rel, chunk.offset, n, src.salt)
+    idx = key_idx(chunk.keys, file_rel, chunk.offset, n, src.salt, chunk.rows)
     y = np.full(n, -1, np.int64) if src.unlabeled else chunk.y
     part = split_of(idx, src.fractions, src.seed)
     train = part == 0
@@ -128,13 +136,22 @@ def to_block(src: Source, chunk: Chunk, file_rel: str) -> Any:
         y = np.where(train, -1, y)
     elif src.labeled_fraction is not None and src.labeled_fraction < 1:
         y = np.where(train & (unit(idx, src.seed, 1) >= src.labeled_fraction), -1, y)
-    cols: dict[str, Any] = {"x": chunk.x, "y": y, "idx": idx}
+    cols: dict[str, Any] = {"y": y, "idx": idx}
+    keep = None
     if src.split == "all":
         cols["split"] = part
     elif src.split != "train" or not src.unlabeled:
         keep = part == SPLITS.index(src.split)
         cols = {k: v[keep] for k, v in cols.items()}
-    x = np.ascontiguousarray(cols.pop("x"))
+    cut = chunk.cut
+    if chunk.pending is not None:
+        x, cut = chunk.pending.encode(keep)
+    else:
+        assert chunk.x is not None
+        x = chunk.x if keep is None else chunk.x[keep]
+    if src.split == "all" and cut is not None:  # texts cut to max_length: counted by the profile
+        cols["cut"] = cut
+    x = np.ascontiguousarray(x)
     out = {"x": ArrowTensorArray.from_numpy(x) if len(x) else pa.array([], pa.null())}
     out.update({k: pa.array(v) for k, v in cols.items()})
     return pa.table(out)
@@ -154,7 +171,8 @@ def _read_file(src: Source, files: list[Any]) -> Iterator[Any]:
             yield to_block(src, c, "")  # an image's key is its path under the root
         return
     reader = TABLE_READERS[m.fmt]
-    for c in reader(files[0], src.cols, BLOCK_ROWS, fs):
+    cols = replace(src.cols, defer_text=True) if src.cols.text is not None else src.cols
+    for c in reader(files[0], cols, BLOCK_ROWS, fs):
         block = to_block(src, c, files[0].rel)
         if block.num_rows:
             yield block
