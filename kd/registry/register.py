@@ -200,9 +200,6 @@ def _holdout_and_inputs(c: Any, run_id: str, sha: str, exp: Experiment, cfg: dic
             "signature": embed.signature(int(cfg["num_classes"])),
             "input_example": embed.input_example(), "extra_reqs": embed.requirements(cfg["model"]),
             "export_example": embed.example_ids(data, cfg["text"])}
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
     from kd.train.evaluate import evaluate
 
     teacher, hx, hy = teacher_and_holdout(exp)
@@ -210,11 +207,20 @@ def _holdout_and_inputs(c: Any, run_id: str, sha: str, exp: Experiment, cfg: dic
     teacher_m = evaluate(teacher, hx, hy) if teacher is not None else None
     hx4 = hx.sample(4).x  # a bounded sample of the streamed holdout
     example = np.asarray(hx4).astype(np.int64 if np.issubdtype(hx4.dtype, np.integer) else np.float32)
+    return student_m, teacher_m, classify_inputs(example, int(cfg["num_classes"]))
+
+
+def classify_inputs(example: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """The flavor inputs of a classifier: signature (flat feature rows in, float32
+    ``[-1, num_classes]`` out), the flattened input example, no extra requirements, and
+    ``example`` in its native shape for torch.export."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
     flat = example.reshape(len(example), -1)  # pyfunc takes rows of features (DataFrame-friendly)
     sig = ModelSignature(Schema([TensorSpec(flat.dtype, (-1, flat.shape[1]))]),
-                         Schema([TensorSpec(np.dtype(np.float32), (-1, int(cfg["num_classes"])))]))
-    return student_m, teacher_m, {"signature": sig, "input_example": flat, "extra_reqs": [],
-                                  "export_example": example}
+                         Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
+    return {"signature": sig, "input_example": flat, "extra_reqs": [], "export_example": example}
 
 
 def _verified_weights(c: Any, run_id: str, tags: dict[str, str],
