@@ -292,3 +292,24 @@ def register_run_with_fingerprint(run: SimpleNamespace, fingerprint: str, regist
     c.log_artifact(run.run_id, run.weights, "weights")
     c.set_tag(run.run_id, "kd.weights_sha256", sha)
     register_run(run.run_id, "kd-text-bad")
+
+
+def test_text_metadata_and_inputs_are_checked() -> None:
+    import pandas as pd
+
+    from kd.registry.embed import text_config
+    from kd.registry.loader import to_texts
+
+    good = json.dumps(tokenizer_meta())
+    assert text_config({"kd.text": good}, "w")["max_length"] == L
+    with pytest.raises(InputError, match="^w: weights metadata kd.task is embed but kd.text is missing"):
+        text_config({}, "w")
+    bad = json.dumps({**tokenizer_meta(), "pad_id": "0"})
+    with pytest.raises(InputError, match=r"^w: weights metadata kd.text.pad_id: expected int, got '0'$"):
+        text_config({"kd.text": bad}, "w")
+    assert to_texts(pd.DataFrame({"id": [1, 2], "text": ["a", "b"]})) == ["a", "b"]
+    assert to_texts(pd.DataFrame({"body": ["a"]})) == ["a"] and to_texts("one text") == ["one text"]
+    with pytest.raises(ValueError, match="^predict: row 1 is a NoneType, not a string"):
+        to_texts(["a", None])
+    with pytest.raises(ValueError, match="needs a 'text' column or a single column"):
+        to_texts(pd.DataFrame({"a": ["x"], "b": ["y"]}))

@@ -56,7 +56,7 @@ def text_config(meta: dict[str, str], what: str) -> dict[str, Any]:
     for key, kind in TEXT_KEYS.items():
         v = text.get(key) if isinstance(text, dict) else None
         if not isinstance(v, kind) or isinstance(v, bool):
-            raise InputError(f"{what}: weights metadata kd.text.{key}: expected a "
+            raise InputError(f"{what}: weights metadata kd.text.{key}: expected "
                              f"{kind.__name__}, got {v!r}")
     if text["max_length"] < 2:
         raise InputError(f"{what}: weights metadata kd.text.max_length: expected >= 2, "
