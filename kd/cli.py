@@ -259,10 +259,11 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="class probabilities of a registered model for a file, "
                        "or for many files / s3:// as a Ray Data job")
     p.add_argument("model", help="models:/NAME@ALIAS or models:/NAME/VERSION")
-    p.add_argument("--input", required=True, nargs="+", help=".npz / .parquet / .csv file, "
+    p.add_argument("--input", required=True, nargs="+", help=".npz / .parquet / .csv file "
+                   "(an embedding model: .jsonl / .txt / .parquet / .csv of texts), "
                    "or folders / globs / s3:// prefixes (batch)")
-    p.add_argument("--output", help=".npz / .csv / .parquet file (default: print); batch: a "
-                   "folder or s3:// prefix for parquet")
+    p.add_argument("--output", help=".npz / .csv / .parquet file (an embedding model: .npz / "
+                   ".npy / .parquet; default: print); batch: a folder or s3:// prefix for parquet")
     p.add_argument("--batch-size", type=int, default=1024, help="rows per model call (batch)")
     p.add_argument("--concurrency", type=int, default=1, help="predictor actors (batch)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (batch)")

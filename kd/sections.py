@@ -107,11 +107,27 @@ class GateConfig(Strict):
     min_teacher_agreement: float | None = None
     max_params: int | None = None
     max_latency_ms: float | None = None
+    min_cosine: float | None = Field(None, ge=-1, le=1, description="task embed: mean holdout "
+                                     "cosine between student and teacher embeddings")
+    min_recall_at_10: float | None = Field(None, ge=0, le=1, description="task embed: "
+                                           "holdout retrieval recall@10 (data.text.retrieval)")
     allow_any: bool = False
 
     def criteria(self) -> list[str]:
         """The names of the thresholds that are set."""
         return [k for k in GATE_CRITERIA if getattr(self, k) is not None]
+
+    def task_problem(self, task: str) -> str | None:
+        """One line naming the first set criterion that does not apply to ``task`` (a
+        classifier's accuracy gate on an embedding model, or an embedding criterion on a
+        classifier), else None. See `TASK_CRITERIA`."""
+        for other, names in TASK_CRITERIA.items():
+            bad = [k for k in names if other != task and getattr(self, k) is not None]
+            if bad:
+                fits = ", ".join(TASK_CRITERIA.get(task, ())) or "none"
+                return (f"registry.gate.{bad[0]}: applies to task {other} models, but this model's "
+                        f"task is {task}; its gate criteria are {fits}, max_params, max_latency_ms")
+        return None
 
     @model_validator(mode="after")
     def _not_both(self) -> GateConfig:
@@ -122,7 +138,9 @@ class GateConfig(Strict):
 
 
 GATE_CRITERIA = ("min_accuracy", "max_accuracy_drop", "min_teacher_agreement", "max_params",
-                 "max_latency_ms")
+                 "max_latency_ms", "min_cosine", "min_recall_at_10")
+TASK_CRITERIA = {"classify": ("min_accuracy", "max_accuracy_drop", "min_teacher_agreement"),
+                 "embed": ("min_cosine", "min_recall_at_10")}  # the rest apply to every task
 EMPTY_GATE = ("registry.gate names no criterion: set at least one of "
               + ", ".join(GATE_CRITERIA) + ", or registry.gate.allow_any: true to promote "
               "any model")

@@ -77,7 +77,8 @@ def test_new_model_ships_no_kd_package(tmp_path: Path) -> None:
     code = R.stage_code(tmp_path / "code")
     x = np.random.default_rng(1).random((3, 64)).astype(np.float32)
     out = tmp_path / "model"
-    R._save_flavors(str(out), Model(), str(data), str(code), "# card\n", str(tmp_path / "none"), x, 10)
+    R._save_flavors(str(out), Model(), str(data), str(code), "# card\n", str(tmp_path / "none"),
+                    program=R.export_program(m.eval(), x, text=False)[0], **R.classify_inputs(x, 10))
     assert (out / "code" / LOADER_MODULE / "__init__.py").is_file()
     assert not (out / "code" / "kd").exists()
     assert f"loader_module: {LOADER_MODULE}" in (out / "MLmodel").read_text()

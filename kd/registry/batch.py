@@ -141,6 +141,9 @@ def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = 
         raise InputError("--batch-size and --concurrency must be >= 1, --gpus-per-worker >= 0")
     endpoint = storage.endpoint_url(endpoint)
     pinned, cfg = pin_model(model)
+    if cfg.get("task") == "embed":
+        raise InputError(f"{model}: batch predict of text embedding models is not supported; "
+                         "give one local .jsonl/.txt/.parquet/.csv file and an output file")
     files = list_inputs(inputs, endpoint)
     plan = ReadPlan(files, Columns(key=key_column(files[0], key)),
                     int(np.prod(cfg["input_shape"])))

@@ -11,6 +11,13 @@ tiny reader below: nothing is unpickled and only torch + numpy are needed.
 ``predict(x)`` takes a numpy array ``[N, *input_shape]`` (or ``[N, prod(input_shape)]``)
 or a DataFrame with one row per sample and returns ``softmax(logits)``,
 float32 ``[N, num_classes]``.
+
+A text embedding model (``"task": "embed"`` in ``kd_model.json``) also ships
+``data/student/tokenizer.json``; its ``predict`` takes texts (a list or numpy array of
+strings, a DataFrame with a ``text`` column or a single column) and returns the
+embeddings, float32 ``[N, D]`` (no softmax). Texts are tokenized like training (the
+shipped ``models/tokens.py``: special tokens, cut to ``max_length``, right-padded with
+the pad id); tokenizing needs the ``tokenizers`` package, imported only then.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ LOADER_MODULE = "kdflow_model_loader"  # the top-level name this module ships un
 WEIGHTS = "model.safetensors"  # = kd.models.weights.WEIGHTS_FILE; this module imports nothing of kdflow
 DATA_DIR = "data/student"  # where pyfunc copies the staged folder inside the model
 CONFIG = "kd_model.json"
+TOKENIZER = "tokenizer.json"  # = kd.models.tokens.TOKENIZER_FILE, beside the weights of a text model
+PREDICT_BATCH = 256  # texts per forward in predict
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
            "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
@@ -104,6 +113,82 @@ def _families():  # noqa: ANN202
     return build_model
 
 
+def _tokens():  # noqa: ANN202
+    """``kd.models.tokens`` (fixed-length encoding as in training): shipped beside this
+    module inside a model, else kdflow's own."""
+    if __package__ == LOADER_MODULE:
+        from .models import tokens
+    else:
+        from kd.models import tokens
+    return tokens
+
+
+def load_text_tokenizer(data_dir: str | Path, cfg: dict[str, Any], verify: bool = True) -> Any:
+    """The `TextTokenizer` of an embed model's ``data`` folder (``tokenizer.json``).
+
+    Raises `ChecksumError` when ``verify`` and the file's sha256 is not the recorded
+    ``text.tokenizer_sha256``, or its fingerprint (the vocabulary and normaliser) is not
+    the recorded ``text.fingerprint``: it would map texts to other ids than training did."""
+    path = Path(data_dir) / TOKENIZER
+    text = cfg["text"]
+    if verify and text.get("tokenizer_sha256") and sha256_file(path) != text["tokenizer_sha256"]:
+        raise ChecksumError(f"{path}: sha256 differs from the recorded tokenizer_sha256; the "
+                            "model's tokenizer was altered or corrupted")
+    tok = _tokens().load_tokenizer(str(path))
+    if verify and text.get("fingerprint") and tok.fingerprint != text["fingerprint"]:
+        raise ChecksumError(f"{path}: tokenizer fingerprint {tok.fingerprint} != recorded "
+                            f"{text['fingerprint']} (it maps text to other ids than training)")
+    return tok
+
+
+def to_texts(data: Any) -> list[str]:
+    """Texts of a list / numpy array of strings, a pandas Series, or a DataFrame with a
+    ``text`` column (or a single column); a lone string is one text. An empty (blank)
+    text or a non-string is a `ValueError` of one line naming the row."""
+    if isinstance(data, str):
+        data = [data]
+    if hasattr(data, "columns"):  # a DataFrame
+        cols = [str(c) for c in data.columns]
+        if "text" in cols:
+            data = data["text"]
+        elif len(cols) == 1:
+            data = data[data.columns[0]]
+        else:
+            raise ValueError(f"predict: a DataFrame of texts needs a 'text' column or a single "
+                             f"column, got columns {cols[:8]}")
+    if hasattr(data, "to_numpy"):
+        data = data.to_numpy()
+    arr = np.asarray(data, dtype=object)
+    if arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        raise ValueError(f"predict: expected a 1-D list of texts, got shape {arr.shape}")
+    for i, v in enumerate(arr):
+        if not isinstance(v, str):
+            raise ValueError(f"predict: row {i} is a {type(v).__name__}, not a string (an "
+                             "embedding model takes texts)")
+        if not v.strip():
+            raise ValueError(f"predict: row {i} is an empty text; every row needs non-blank text")
+    return [str(v) for v in arr]
+
+
+def embed_texts(module: nn.Module, tokenizer: Any, texts: list[str], max_length: int,
+                batch_size: int = PREDICT_BATCH) -> np.ndarray:
+    """float32 ``[N, D]``: ``module(ids)`` for ``ids = tokenizer.encode(texts, max_length)``
+    (cut to ``max_length`` like training), in batches whose trailing all-pad columns are
+    dropped (exact: the models mask tokens by the pad id)."""
+    outs = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            ids, _ = tokenizer.encode(texts[i:i + batch_size], max_length)
+            real = (ids != tokenizer.pad_id).any(0).nonzero()[0]
+            ids = ids[:, :int(real.max()) + 1 if len(real) else 1]
+            outs.append(module(torch.as_tensor(ids)).float().numpy())
+    if not outs:
+        raise ValueError("predict: no texts given")
+    return np.concatenate(outs).astype(np.float32, copy=False)
+
+
 def to_batch(data: Any, input_shape: tuple[int, ...], integer: bool) -> torch.Tensor:
     """A numpy array / DataFrame / list as a batch tensor ``[N, *input_shape]``."""
     if hasattr(data, "to_numpy"):
@@ -116,23 +201,40 @@ def to_batch(data: Any, input_shape: tuple[int, ...], integer: bool) -> torch.Te
 
 
 class StudentModel:
-    """What `_load_pyfunc` returns: ``predict`` gives class probabilities; ``module`` is
-    the rebuilt ``nn.Module`` (``pyfunc_model.get_raw_model().module``)."""
+    """What `_load_pyfunc` returns: ``predict`` gives class probabilities (an embed
+    model: embeddings of texts); ``module`` is the rebuilt ``nn.Module``
+    (``pyfunc_model.get_raw_model().module``); ``tokenizer`` the `TextTokenizer` of an
+    embed model (None otherwise)."""
 
-    def __init__(self, module: nn.Module, cfg: dict[str, Any]) -> None:
+    def __init__(self, module: nn.Module, cfg: dict[str, Any], tokenizer: Any = None) -> None:
         self.module = module
         self.config = cfg
+        self.task = str(cfg.get("task", "classify"))
+        self.tokenizer = tokenizer
         self.input_shape = tuple(int(s) for s in cfg["input_shape"])
         self.integer = str(cfg.get("input_dtype", "float32")).startswith(("int", "uint"))
 
     def predict(self, data: Any, params: dict[str, Any] | None = None) -> np.ndarray:
-        """softmax(module(x)) as float32 ``[N, num_classes]``."""
+        """softmax(module(x)) as float32 ``[N, num_classes]``; an embed model:
+        ``module(encode(texts))`` as float32 ``[N, D]`` (see `to_texts`, `embed_texts`)."""
+        if self.task == "embed":
+            if self.tokenizer is None:
+                raise ValueError("predict: this embedding model was loaded without its "
+                                 "tokenizer; load it with load_student(data_dir)")
+            texts = to_texts(data)
+            return embed_texts(self.module, self.tokenizer, texts, int(self.config["text"]["max_length"]))
         x = to_batch(data, self.input_shape, self.integer)
         with torch.no_grad():
             return self.module(x).float().softmax(-1).numpy()
 
 
+def load_student(data_dir: str | Path, verify: bool = True) -> StudentModel:
+    """`build_module` wrapped for prediction, with the tokenizer of an embed model."""
+    module, cfg = build_module(data_dir, verify)
+    tok = load_text_tokenizer(data_dir, cfg, verify) if cfg.get("task") == "embed" else None
+    return StudentModel(module, cfg, tok)
+
+
 def _load_pyfunc(data_path: str, model_config: dict[str, Any] | None = None) -> StudentModel:
     """MLflow's entry point for ``loader_module``: verify, rebuild, wrap."""
-    module, cfg = build_module(data_path)
-    return StudentModel(module, cfg)
+    return load_student(data_path)

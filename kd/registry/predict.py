@@ -4,7 +4,8 @@
 sha256-verified) or a local folder of a downloaded model. ``FILE`` is .npz (array
 ``x``), .parquet or .csv (column ``x`` holding one list per row, or every column but
 ``y`` as features). Output: .npz (``probs``, ``pred``), .csv or .parquet (``pred`` and
-``p0..p{C-1}``), or a table on stdout.
+``p0..p{C-1}``), or a table on stdout. A text embedding model takes a file of texts and
+writes embeddings (`kd.registry.predict_text`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from kd.errors import InputError
-from kd.registry.loader import DATA_DIR, StudentModel, build_module
+from kd.registry.loader import DATA_DIR, StudentModel, load_student
 
 OUT_FORMATS = (".npz", ".csv", ".parquet")
 
@@ -30,10 +31,9 @@ def load_registered(uri: str) -> StudentModel:
         if not (folder / DATA_DIR).is_dir():
             raise InputError(f"{uri}: not a models:/ URI or a downloaded kdflow model folder")
     try:
-        module, cfg = build_module(folder / DATA_DIR)
+        return load_student(folder / DATA_DIR)
     except ValueError as e:  # ChecksumError for a local folder
         raise InputError(f"{uri}: {e}") from None
-    return StudentModel(module, cfg)
 
 
 def read_inputs(path: str) -> np.ndarray:
@@ -48,8 +48,13 @@ def read_inputs(path: str) -> np.ndarray:
 
 
 def predict_file(uri: str, input_path: str, output: str | None = None) -> np.ndarray:
-    """Probabilities ``[N, C]`` for ``input_path``; written to ``output`` or printed."""
+    """Probabilities ``[N, C]`` for ``input_path``; written to ``output`` or printed
+    (an embedding model: embeddings ``[N, D]``, `kd.registry.predict_text.predict_texts`)."""
     model = load_registered(uri)
+    if model.task == "embed":
+        from kd.registry.predict_text import predict_texts
+
+        return predict_texts(model, input_path, output)
     x = read_inputs(input_path)
     expect = int(np.prod(model.input_shape))
     if x.reshape(len(x), -1).shape[1] != expect:

@@ -20,12 +20,15 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kd.config import EMPTY_GATE, Experiment, GateConfig
 from kd.errors import GateRejected, InputError
+from kd.registry.embed import EMBED, logged_holdout
 from kd.registry.register import CHALLENGER, CHAMPION, run_config, teacher_and_holdout
 from kd.registry.store import (
+    SHA_TAG,
     AliasNotSet,
     ModelRef,
     download_version,
@@ -39,7 +42,9 @@ LOG_KEEP = 50
 LOCK_SUFFIX = ".kd-lock"
 LOCK_TTL_S = 600.0
 LOCK_WAIT_S = 120.0
-SHOWN = ("accuracy", "teacher_agreement", "params", "latency_ms")
+SHOWN = {"classify": ("accuracy", "teacher_agreement", "params", "latency_ms"),
+         "embed": ("cosine", "recall_at_10", "teacher_recall_at_10", "nn_top1", "params",
+                   "latency_ms")}
 
 
 @dataclass
@@ -53,6 +58,7 @@ class Decision:
     reasons: list[str]
     challenger_metrics: dict[str, float] = field(default_factory=dict)
     champion_metrics: dict[str, float] | None = None
+    task: str = "classify"
 
     @property
     def reason(self) -> str:
@@ -66,7 +72,8 @@ def gate_check(gate: GateConfig, new: dict[str, float],
 
     accuracy >= min_accuracy; accuracy >= champion accuracy - max_accuracy_drop (only
     with a champion); teacher_agreement >= min_teacher_agreement; params <= max_params;
-    latency_ms <= max_latency_ms. A threshold whose metric is missing fails. A gate with
+    latency_ms <= max_latency_ms; cosine >= min_cosine and recall_at_10 >=
+    min_recall_at_10 (embedding models). A threshold whose metric is missing fails. A gate with
     no threshold passes only with ``allow_any: true``; otherwise it is an `InputError`.
     """
     if gate.allow_any:
@@ -96,6 +103,9 @@ def gate_check(gate: GateConfig, new: dict[str, float],
     if gate.max_latency_ms is not None:
         check("latency_ms", lambda v, t: v <= t, gate.max_latency_ms,
               f"<= {gate.max_latency_ms:g} ms")
+    for metric, limit in (("cosine", gate.min_cosine), ("recall_at_10", gate.min_recall_at_10)):
+        if limit is not None:
+            check(metric, lambda v, t: v >= t, limit, f">= {limit:g}")
     if not findings:  # only max_accuracy_drop, and no champion yet
         return True, ["first champion: max_accuracy_drop has no champion to compare with"]
     return all(ok for ok, _ in findings), [text for _, text in findings]
@@ -186,15 +196,36 @@ def _alias_version(c: Any, name: str, alias: str) -> Any | None:
         return None
 
 
-def score_version(c: Any, mv: Any, exp: Experiment, teacher: Any, x: Any,
-                  y: Any) -> dict[str, float]:
-    """Holdout metrics of a registered version (downloaded, sha256-verified, rebuilt)."""
-    from kd.registry.loader import DATA_DIR, build_module
-    from kd.train.evaluate import evaluate
+def fetch_version(c: Any, mv: Any) -> tuple[Path, dict[str, Any]]:
+    """A version's ``data/student`` folder (downloaded, sha256-verified) and its
+    ``kd_model.json``."""
+    from kd.registry.loader import CONFIG, DATA_DIR
 
     folder = download_version(c, mv, weights_only=True)  # sha256-verified here
-    module, _ = build_module(folder / DATA_DIR, verify=False)
+    return folder / DATA_DIR, json.loads((folder / DATA_DIR / CONFIG).read_text())
+
+
+def score_version(c: Any, mv: Any, exp: Experiment, teacher: Any, x: Any,
+                  y: Any) -> dict[str, float]:
+    """Holdout metrics of a registered version (downloaded, sha256-verified, rebuilt).
+    An embedding model's are the holdout metrics its run logged for these weights
+    (`kd.registry.embed.logged_holdout`, teacher metrics as ``teacher_K``)."""
+    from kd.registry.loader import build_module
+    from kd.train.evaluate import evaluate
+
+    data, cfg = fetch_version(c, mv)
+    if cfg.get("task") == EMBED:
+        student, teacher_m = logged_holdout(c, mv.run_id, mv.tags.get(SHA_TAG, ""))
+        return {**student, **{f"teacher_{k}": v for k, v in teacher_m.items()}}
+    module, _ = build_module(data, verify=False)
     return evaluate(module, x, y, teacher)
+
+
+def version_task(c: Any, mv: Any) -> str:
+    """``classify`` or ``embed``: the version's ``kd.task`` tag (set at registration),
+    else its ``kd_model.json`` (versions registered before the tag)."""
+    task = (mv.tags or {}).get("kd.task")
+    return task if task else str(fetch_version(c, mv)[1].get("task", "classify"))
 
 
 def _fmt(m: dict[str, float] | None, k: str) -> str:
@@ -206,7 +237,7 @@ def report(d: Decision) -> str:
     lines = [f"{'metric':20s}{'challenger v' + d.challenger:>18s}"
              f"{('champion v' + d.champion) if d.champion else 'champion (none)':>18s}"]
     lines += [f"{k:20s}{_fmt(d.challenger_metrics, k):>18s}{_fmt(d.champion_metrics, k):>18s}"
-              for k in SHOWN]
+              for k in SHOWN.get(d.task, SHOWN["classify"])]
     verdict = "PROMOTED" if d.promoted else "REJECTED"
     lines.append(f"{d.name}: {verdict} v{d.challenger}: {d.reason}")
     return "\n".join(lines)
@@ -234,16 +265,33 @@ def promote(name: str, exp: Experiment | None = None, version: str | None = None
         gate = exp.registry.gate
         if not (gate.allow_any or gate.criteria()):
             raise InputError(EMPTY_GATE)  # before any scoring
-        teacher, x, y = teacher_and_holdout(exp)
-        new_m = score_version(c, new, exp, teacher, x, y)
-        old_m = score_version(c, old, exp, teacher, x, y) if old is not None else None
+        task = version_task(c, new)
+        problem = gate.task_problem(task)
+        if problem:
+            raise InputError(f"{name} v{new.version}: {problem}")
+        new_m, old_m = _score_pair(c, new, old, exp, task)
         ok, reasons = gate_check(gate, new_m, old_m)
-        d = Decision(name, new.version, old.version if old else None, ok, reasons, new_m, old_m)
+        d = Decision(name, new.version, old.version if old else None, ok, reasons, new_m, old_m,
+                     task)
         _record(c, d)
     print(report(d), flush=True)
     if not ok:
         raise GateRejected(f"{name} v{d.challenger}: {d.reason}")
     return d
+
+
+def _score_pair(c: Any, new: Any, old: Any | None, exp: Experiment,
+                task: str) -> tuple[dict[str, float], dict[str, float] | None]:
+    """Challenger and champion metrics; the teacher and holdout split are loaded only
+    for a classifier (an embedding model's metrics are its run's, see `score_version`)."""
+    teacher, x, y = teacher_and_holdout(exp) if task != EMBED else (None, None, None)
+    new_m = score_version(c, new, exp, teacher, x, y)
+    if old is not None and version_task(c, old) != task:
+        print(f"[kd] champion v{old.version} is not a {task} model; the gate compares "
+              "nothing with it", flush=True)
+        return new_m, None
+    old_m = score_version(c, old, exp, teacher, x, y) if old is not None else None
+    return new_m, old_m
 
 
 def _record(c: Any, d: Decision) -> None:

@@ -4,6 +4,7 @@ The logged model directory (see docs/registry.md)::
 
     MLmodel             flavors: python_function (loader_module kdflow_model_loader), pytorch (pt2)
     data/student/{model.safetensors,kd_model.json}  the weights of record + architecture
+    data/student/tokenizer.json  (text embedding models: `kd.registry.embed`)
     code/kdflow_model_loader/...  kd.registry.loader and the model families (torch only)
     pt2/model.pt2       torch.export program, only for ``mlflow.pytorch.load_model``
     model_card.md       teacher vs student, recipe, lineage; plots/curves.png
@@ -29,7 +30,9 @@ from kd.config import Experiment, load_experiment
 from kd.errors import InputError
 from kd.models.weights import WEIGHTS_FILE
 from kd.registry import card as model_card
+from kd.registry import embed
 from kd.registry import loader as serving
+from kd.registry.embed import EMBED
 from kd.registry.store import SHA_TAG, explain, registry_client
 from kd.storage import join, put, sha256_file
 from kd.train.figures import write_curves
@@ -60,47 +63,59 @@ def stage_code(dest: Path) -> Path:
 
 
 def arch_config(meta: dict[str, str], sha: str) -> dict[str, Any]:
-    """The ``kd_model.json`` of a weights file's safetensors metadata."""
-    return {"model": meta["kd.model"], "args": json.loads(meta.get("kd.args", "{}")),
+    """The ``kd_model.json`` of a weights file's safetensors metadata; an embed model's
+    also holds ``task`` and ``text`` (`kd.registry.embed.text_config`)."""
+    cfg = {"model": meta["kd.model"], "args": json.loads(meta.get("kd.args", "{}")),
             "width": float(meta.get("kd.width", 1.0)), "num_classes": int(meta["kd.num_classes"]),
             "input_shape": json.loads(meta["kd.input_shape"]),
             "input_dtype": meta.get("kd.input_dtype", "float32"), "weights_sha256": sha,
             "class_names": json.loads(meta.get("kd.class_names", "[]"))}
+    if meta.get("kd.task", "classify") == EMBED:
+        cfg.update(task=EMBED, text=embed.text_config(meta, f"weights of {meta.get('kd.run_id', 'the run')}"))
+    return cfg
 
 
 def _save_flavors(path: str, mlflow_model: Any, data_dir: str, code_dir: str, card: str,
-                  plots_dir: str, example: np.ndarray, num_classes: int, **_: Any) -> None:
-    """Flavor ``save_model`` for `mlflow.models.Model.log`: pyfunc + pt2 pytorch flavor."""
+                  plots_dir: str, signature: Any, input_example: Any, extra_reqs: list[str],
+                  program: Any, **_: Any) -> None:
+    """Flavor ``save_model`` for `mlflow.models.Model.log`: the pyfunc flavor, and the
+    pytorch flavor when `export_program` gave a ``program``."""
     import mlflow
     import torch
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
 
-    dtype = np.dtype(example.dtype)
-    flat = example.reshape(len(example), -1)  # pyfunc takes rows of features (DataFrame-friendly)
-    sig = ModelSignature(Schema([TensorSpec(dtype, (-1, flat.shape[1]))]),
-                         Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
     reqs = [f"mlflow>={mlflow.__version__.rsplit('.', 1)[0]}",
-            f"torch>={'.'.join(torch.__version__.split('+')[0].split('.')[:2])}", "numpy"]
+            f"torch>={'.'.join(torch.__version__.split('+')[0].split('.')[:2])}", "numpy",
+            *extra_reqs]
     mlflow.pyfunc.save_model(path, loader_module=serving.LOADER_MODULE, data_path=data_dir,
-                             code_paths=[code_dir], mlflow_model=mlflow_model, signature=sig,
-                             input_example=flat, pip_requirements=reqs)
+                             code_paths=[code_dir], mlflow_model=mlflow_model, signature=signature,
+                             input_example=input_example, pip_requirements=reqs)
     Path(path, "model_card.md").write_text(card)
     if Path(plots_dir).is_dir():
         shutil.copytree(plots_dir, Path(path, "plots"))
-    module, _ = serving.build_module(Path(path) / serving.DATA_DIR)
-    try:  # the pt2 program is only for mlflow.pytorch.load_model (see docs/registry.md)
-        from torch.export import Dim
-
-        ep = torch.export.export(module, (torch.as_tensor(example),),
-                                 dynamic_shapes=({0: Dim.AUTO},))
+    if program is not None:  # the pt2 program is only for mlflow.pytorch.load_model (docs/registry.md)
         Path(path, "pt2").mkdir()
-        torch.export.save(ep, str(Path(path, "pt2", "model.pt2")))
+        torch.export.save(program, str(Path(path, "pt2", "model.pt2")))
         mlflow_model.add_flavor("pytorch", model_data="pt2", pytorch_version=str(torch.__version__),
                                 code=None)
-    except Exception as e:  # an architecture torch.export cannot trace: pyfunc still works
-        print(f"[kd] no pytorch flavor (torch.export failed: {type(e).__name__}: {e})", flush=True)
     mlflow_model.save(str(Path(path, "MLmodel")))
+
+
+def export_program(module: Any, example: np.ndarray, text: bool) -> tuple[Any, str]:
+    """``(torch.export program of module(example), "")`` with a dynamic batch dimension
+    (and sequence dimension for token ids of a text model), or ``(None, why)`` when
+    torch.export cannot trace the architecture: the version is then registered without
+    the pytorch flavor (pyfunc still works) and the card and log say so."""
+    import torch
+    from torch.export import Dim
+
+    dims = {0: Dim.AUTO, 1: Dim.AUTO} if text else {0: Dim.AUTO}
+    try:
+        return torch.export.export(module, (torch.as_tensor(example),), dynamic_shapes=(dims,)), ""
+    except Exception as e:  # an architecture torch.export cannot trace
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        why = f"no pytorch flavor (torch.export failed: {type(e).__name__}: {first})"
+        print(f"[kd] {why}", flush=True)
+        return None, why
 
 
 _FLAVOR = SimpleNamespace(__name__="kdflow", save_model=_save_flavors)
@@ -130,8 +145,6 @@ def register_run(run_id: str, model_name: str | None = None,
                  exp: Experiment | None = None) -> tuple[str, str]:
     """Register run ``run_id``'s student weights under ``model_name`` (default the config's
     ``registry.model_name``), tag lineage, alias it ``challenger``; returns (name, version)."""
-    from kd.train.evaluate import evaluate
-
     c = registry_client()
     try:
         run = c.get_run(run_id)
@@ -144,34 +157,70 @@ def register_run(run_id: str, model_name: str | None = None,
     work = Path(tempfile.mkdtemp(prefix="kd-register-"))
     local, sha, meta = _verified_weights(c, run_id, run.data.tags, work)
     data, cfg, module = _stage_data(work, local, meta, sha)
-    teacher, hx, hy = teacher_and_holdout(exp)
-    student_m = evaluate(module, hx, hy, teacher)
-    teacher_m = evaluate(teacher, hx, hy) if teacher is not None else None
+    student_m, teacher_m, flavor = _holdout_and_inputs(c, run_id, sha, exp, cfg, module, data)
+    program, why = export_program(module, flavor.pop("export_example"), cfg.get("task") == EMBED)
     lineage = _lineage(exp, run.data.tags, meta, run_id, sha)
     recipe = exp.model_dump(mode="json", include={"student", "teacher", "distill", "optim",
                                                   "trainer", "data"})
     card = model_card.render(name, student_m, teacher_m, recipe, lineage,
-                             write_curves(c, run_id, work / "plots"))
-    hx4 = hx.sample(4).x  # a bounded sample of the streamed holdout
-    example = np.asarray(hx4).astype(np.int64 if np.issubdtype(hx4.dtype, np.integer) else np.float32)
+                             write_curves(c, run_id, work / "plots"),
+                             task=cfg.get("task", "classify"), notes=[why] if why else [])
     from mlflow.models import Model
 
     try:
         info = Model.log(None, _FLAVOR, name="model", run_id=run_id, registered_model_name=name,
                          await_registration_for=60, data_dir=str(data),
                          code_dir=str(stage_code(work / "code")), card=card,
-                         plots_dir=str(work / "plots"), example=example,
-                         num_classes=cfg["num_classes"], metadata={SHA_TAG: sha})
+                         plots_dir=str(work / "plots"), program=program, **flavor,
+                         metadata={SHA_TAG: sha})
     except InputError:
         raise
     except Exception as e:
         raise explain(e, f"register run {run_id} as {name!r}") from None
     version = str(info.registered_model_version)
     _tag_version(c, name, version, {**lineage, "kd.model_card": "model_card.md",
+                                    "kd.task": cfg.get("task", "classify"),
                                     "kd.holdout": json.dumps(student_m, sort_keys=True)}, card)
+    key = "cosine" if cfg.get("task") == EMBED else "accuracy"
     print(f"[kd] registered {name} version {version} (alias {CHALLENGER}); "
-          f"holdout accuracy {student_m['accuracy']:.4f}", flush=True)
+          f"holdout {key} {student_m.get(key, float('nan')):.4f}", flush=True)
     return name, version
+
+
+def _holdout_and_inputs(c: Any, run_id: str, sha: str, exp: Experiment, cfg: dict[str, Any],
+                        module: Any, data: Path) -> tuple[dict[str, float], dict[str, float] | None,
+                                                          dict[str, Any]]:
+    """(student, teacher) holdout metrics and the flavor inputs (signature, input example,
+    extra requirements, export example). A classifier is scored here on the config's
+    holdout split; an embed model's metrics are the ones its run logged
+    (`kd.registry.embed.logged_holdout`), its input is text."""
+    if cfg.get("task") == EMBED:
+        student_m, teacher_m = embed.logged_holdout(c, run_id, sha)
+        return student_m, teacher_m or None, {
+            "signature": embed.signature(int(cfg["num_classes"])),
+            "input_example": embed.input_example(), "extra_reqs": embed.requirements(cfg["model"]),
+            "export_example": embed.example_ids(data, cfg["text"])}
+    from kd.train.evaluate import evaluate
+
+    teacher, hx, hy = teacher_and_holdout(exp)
+    student_m = evaluate(module, hx, hy, teacher)
+    teacher_m = evaluate(teacher, hx, hy) if teacher is not None else None
+    hx4 = hx.sample(4).x  # a bounded sample of the streamed holdout
+    example = np.asarray(hx4).astype(np.int64 if np.issubdtype(hx4.dtype, np.integer) else np.float32)
+    return student_m, teacher_m, classify_inputs(example, int(cfg["num_classes"]))
+
+
+def classify_inputs(example: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """The flavor inputs of a classifier: signature (flat feature rows in, float32
+    ``[-1, num_classes]`` out), the flattened input example, no extra requirements, and
+    ``example`` in its native shape for torch.export."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    flat = example.reshape(len(example), -1)  # pyfunc takes rows of features (DataFrame-friendly)
+    sig = ModelSignature(Schema([TensorSpec(flat.dtype, (-1, flat.shape[1]))]),
+                         Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes))]))
+    return {"signature": sig, "input_example": flat, "extra_reqs": [], "export_example": example}
 
 
 def _verified_weights(c: Any, run_id: str, tags: dict[str, str],
@@ -204,6 +253,8 @@ def _stage_data(work: Path, local: str, meta: dict[str, str], sha: str) -> tuple
     data.mkdir()
     shutil.copy2(local, data / serving.WEIGHTS)
     cfg = arch_config(meta, sha)
+    if cfg.get("task") == EMBED:
+        cfg["text"] = embed.stage_tokenizer(data, cfg["text"])
     (data / serving.CONFIG).write_text(json.dumps(cfg, indent=1))
     module, _ = serving.build_module(data)
     return data, cfg, module
