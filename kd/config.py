@@ -202,6 +202,9 @@ class Experiment(Strict):
 
     @model_validator(mode="after")
     def _embed_needs_text(self) -> Experiment:
+        problem = self.registry.gate.task_problem(self.task)
+        if problem:
+            raise ValueError(problem)
         if self.task != "embed":
             return self
         if self.data.text is None:
