@@ -16,10 +16,17 @@ student's ``dim``: ``mu = mean(X)``, ``C [dim, H]`` the top right singular vecto
 ``X - mu``, ``Z = (X - mu) C^T``. SIF weighting with a Zipf prior over the vocabulary
 rank, taking the token id as the rank (WordPiece/BPE vocabularies are stored roughly by
 frequency; model2vec assumes the same): ``p(r) = (1 / (r + 2)) / sum_k 1 / (k + 2)`` and
-``w(r) = a / (a + p(r))`` with ``a = 1e-3``. The student's table is ``E[t] = w(t) Z[t]``
-(the pad row 0), its projection ``P(z) = C^T z + mu`` puts the output back in the
-teacher's space. The result is cached in ``cache_dir`` as safetensors keyed by the
-teacher's weights, the tokenizer's fingerprint and the student's widths.
+``w(r) = a / (a + p(r))`` with ``a = 1e-4`` (model2vec's default). The student's table is
+``E[t] = w(t) Z[t]`` (the pad row 0) and its projection ``P(z) = C^T z`` (bias 0) maps the
+output back into the teacher's space. Without a projection (dim == H) ``E[t] = w(t) (X[t] - mu)``.
+The mean ``mu`` is left out on purpose: every token vector carries the same large
+``[CLS] . [SEP]`` component that real sentences do not. Measured on MiniLM-L6 (mean cosine
+of the initialised dim-256 student to the teacher; 52 simple / 100 technical sentences):
+a = 1e-3: 0.52 / 0.34, a = 1e-4: 0.60 / 0.40, a = 1e-5: 0.66 / 0.49; with the bias = mu
+(a = 1e-3) 0.20 / 0.20; pooling only the token's own output 0.57 / 0.40 (a = 1e-4).
+The result is cached in ``cache_dir`` as safetensors keyed by the teacher's weights, the
+tokenizer's fingerprint, the student's widths and ``a``; computing it takes 75-170 s on
+2 busy CPU cores (30522 three-token sequences through the teacher), reading it < 1 s.
 """
 
 from __future__ import annotations
@@ -38,9 +45,9 @@ from ..models.tokens import TextTokenizer
 
 log = logging.getLogger(__name__)
 
-SIF_A = 1e-3
+SIF_A = 1e-4
 BATCH = 1024
-VERSION = "m2v-1"
+VERSION = "m2v-2"
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -176,9 +183,10 @@ def _compute_table(teacher: nn.Module, tokenizer: TextTokenizer, dim: int, proje
     w = sif_weights(len(x))[:, None]
     if project:
         comps, mu = pca(x, dim)
-        out = {"table": w * ((x - mu) @ comps.T), "proj.weight": comps.T.contiguous(), "proj.bias": mu}
+        out = {"table": w * ((x - mu) @ comps.T), "proj.weight": comps.T.contiguous(),
+               "proj.bias": torch.zeros(len(mu))}
     else:  # the table is in the teacher's space already
-        out = {"table": w * x}
+        out = {"table": w * (x - x.mean(0))}
     out["table"][tokenizer.pad_id] = 0.0
     log.info("model2vec: %d token vectors -> dim %d in %.1fs", len(x), dim, time.perf_counter() - t0)
     return {k: v.contiguous() for k, v in out.items()}
