@@ -96,6 +96,20 @@ def test_eager_attention_probs_are_element_1(teacher: torch.nn.Module, ids: torc
     assert probs[ids[:3].eq(0)[:, None, None, :].expand_as(probs)].abs().max() < 1e-6  # pads get none
 
 
+def test_hf_encoder_cls_pooling_and_sdpa(ids: torch.Tensor) -> None:
+    m = build_model("hf_encoder", {"path": REF, "pooling": "cls", "attn": "sdpa", "normalize": False}, (L,), 384)
+    got: dict[str, tuple] = {}
+    handle = m.get_submodule("bert.encoder.layer.0.attention.self").register_forward_hook(
+        lambda mod, i, o: got.__setitem__("out", o))
+    with torch.no_grad():
+        out = m(ids[:3])
+        first = m.bert(input_ids=ids[:3], attention_mask=(ids[:3] != 0).long()).last_hidden_state[:, 0]
+    handle.remove()
+    assert torch.allclose(out, first, atol=1e-5) and got["out"][1] is None  # no probs under sdpa
+    with pytest.raises(InputError, match="'pooling' must be one of mean, cls"):
+        build_model("hf_encoder", {"path": REF, "pooling": "max"}, (L,), 384)
+
+
 def test_bert_student_width_projection_and_rebuild() -> None:
     s = build_model("bert_student", {"layers": 2, "tokenizer": REF}, (L,), 384, width=0.5)
     assert s.bert.config.hidden_size == 192 and s.bert.config.intermediate_size == 768
