@@ -164,6 +164,6 @@ def int_list(name: str, arg: str, value: Any) -> list[int]:
 
 
 # Importing the families registers them.
-from . import cnn, mlp, resnet_cifar, text, wrn  # noqa: E402, F401
+from . import cnn, hf, mlp, resnet_cifar, static, text, wrn  # noqa: E402, F401
 
 __all__ = ["MODELS", "build_model", "count_params", "model_size_bytes", "scaled"]
