@@ -142,7 +142,9 @@ def hf_encoder(
     pad = load_tokenizer(str(d)).pad_id if pad_id is None else int(pad_id)
     offline()
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per build (driver, each worker, each trial)
     try:
         bert = AutoModel.from_pretrained(str(d), local_files_only=True, use_safetensors=True,
                                          attn_implementation=attn, dtype=torch.float32)
