@@ -59,8 +59,9 @@ def _nearest(x: Tensor, rows: slice, k: int) -> Tensor:
 def neighbour_agreement(s: Tensor, t: Tensor, k: int = 5, chunk: int = CHUNK) -> dict[str, float]:
     """``{"nn_top1": mean_i [nn_s(i) == nn_t(i)], f"nn_top{k}": mean_i [nn_t(i) in
     top_k_s(i)]}`` where ``nn_m(i)`` is row i's nearest other row by cosine under model m and
-    ``top_k_s(i)`` the student's k nearest other rows (k is capped at N - 1)."""
-    s, t = _pair(s, t, "neighbour_agreement")
+    ``top_k_s(i)`` the student's k nearest other rows (k is capped at N - 1). The two may
+    differ in width: only each model's own similarities are compared."""
+    s, t = _pair(s, t, "neighbour_agreement", same_dim=False)
     n = s.shape[0]
     if n < 2:
         raise InputError(f"neighbour_agreement: needs at least 2 rows, got {n}")
