@@ -120,11 +120,12 @@ class Recorder(nn.Module):
 
 
 def test_encode_trims_each_batch_and_restores_mode() -> None:
-    ids = torch.tensor([[1, 2, 0, 0], [3, 0, 0, 0], [4, 5, 6, 0]])
+    ids = torch.tensor([[1, 2, 0, 0], [4, 5, 6, 0], [7, 0, 0, 0]])
     m = Recorder()
     m.train()
     out = encode(m, ids, batch_size=2)
-    assert out.tolist() == [[3.0], [3.0], [15.0]]
+    # batched by length: rows 2 and 0 (width 2), then row 1 (width 3); outputs in row order
+    assert out.tolist() == [[3.0], [15.0], [7.0]]
     assert m.widths == [2, 3] and m.grad == [False, False] and m.training
 
 

@@ -110,18 +110,26 @@ def trim_pad(ids: Tensor, pad_id: int) -> Tensor:
 
 
 def encode(model: nn.Module, ids: Tensor, batch_size: int = 256, pad_id: int = 0) -> Tensor:
-    """``[N, D]`` float32 outputs of ``model`` over token ids ``[N, L]`` (eval, no grad,
-    batches trimmed by `trim_pad`); the model's train/eval mode is restored after."""
+    """``[N, D]`` float32 outputs of ``model`` over token ids ``[N, L]``, in row order (eval,
+    no grad). Rows are batched by real length (shortest first) and each batch is cut by
+    `trim_pad`, so little padding is computed; exact for models that mask by ``pad_id``.
+    The model's train/eval mode is restored after."""
+    lengths = (ids != pad_id).long().cumsum(dim=1).argmax(dim=1)  # index of the last real token
+    order = torch.argsort(lengths, stable=True)
     was = model.training
     model.eval()
     out = []
     try:
         with torch.no_grad():
             for i in range(0, ids.shape[0], batch_size):
-                out.append(model(trim_pad(ids[i:i + batch_size], pad_id)).float())
+                out.append(model(trim_pad(ids[order[i:i + batch_size]], pad_id)).float())
     finally:
         model.train(was)
-    return torch.cat(out) if out else torch.empty(0)
+    if not out:
+        return torch.empty(0)
+    result = torch.empty_like(torch.cat(out))
+    result[order] = torch.cat(out)
+    return result
 
 
 def encode_rate(model: nn.Module, ids: Tensor, batch_size: int = 64, repeats: int = 3,
