@@ -16,8 +16,10 @@ Per model: parameters; on ``--holdout-n`` held-out sentences (a seeded sample) t
 cosine to the teacher's embedding and nn_top1 / nn_top5 (`kd.train.embed_metrics`); on
 ``retrieval.jsonl`` recall@1 / @10 (query -> its own doc among all docs, by the model's own
 embeddings); and encode sentences/s over ``--rate-n`` held-out sentences (batch
-``--batch-size``, batches trimmed of trailing pad columns, median of ``--repeats``) with
-the ratio to the teacher. Text is tokenized with the teacher's tokenizer to ``max_length``
+``--batch-size``, batches trimmed of trailing pad columns), measured in ``--repeats``
+interleaved rounds (every model once per round, so load changes on a shared machine hit all
+alike): the median per model, and the median of its per-round ratio to the teacher.
+Text is tokenized with the teacher's tokenizer to ``max_length``
 (or a student's own shorter ``input_shape``). Prints a table, writes
 bench/results/text_students.json and a RESULTS.md section.
 """
@@ -29,6 +31,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -127,7 +130,7 @@ def measure(model: Any, texts: Texts, length: int, args: argparse.Namespace, pad
             ref: dict[str, Any] | None) -> dict[str, Any]:
     """One model's row: params, embeddings vs the teacher's (``ref``), recall, speed."""
     from kd.models import count_params
-    from kd.train.embed_metrics import cosine_rows, encode, encode_rate, neighbour_agreement, recall_at_k
+    from kd.train.embed_metrics import cosine_rows, encode, neighbour_agreement, recall_at_k
 
     t0 = time.perf_counter()
     emb = encode(model, texts.ids("holdout", length), 256, pad_id)
@@ -139,12 +142,27 @@ def measure(model: Any, texts: Texts, length: int, args: argparse.Namespace, pad
         if emb.shape[1] == ref["emb"].shape[1]:
             row["cosine"] = float(cosine_rows(emb, ref["emb"]).mean())
         row.update(neighbour_agreement(emb, ref["emb"], k=5))
-    rate_ids = texts.ids("holdout", length)[:args.rate_n]
-    row["sentences_per_s"] = encode_rate(model, rate_ids, args.batch_size, args.repeats, pad_id)
-    if ref is not None:
-        row["speedup"] = row["sentences_per_s"] / ref["sentences_per_s"]
     row["seconds"] = time.perf_counter() - t0
     return {"row": row, "emb": emb}
+
+
+def speeds(models: dict[str, tuple[Any, int]], texts: Texts, args: argparse.Namespace, pad_id: int,
+           rows: dict[str, dict[str, Any]]) -> None:
+    """Sentences/s of every model, in ``--repeats`` interleaved rounds (one pass of each
+    model per round, so a load change on the shared machine hits all of them alike); per
+    row the median over rounds, and ``speedup`` = the median over rounds of the model's
+    rate / the teacher's rate in that round (the first model is the teacher)."""
+    from kd.train.embed_metrics import encode_rate
+
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.repeats):
+        for name, (model, length) in models.items():
+            ids = texts.ids("holdout", length)[:args.rate_n]
+            rates[name].append(encode_rate(model, ids, args.batch_size, 1, pad_id))
+    teacher = rates[next(iter(models))]
+    for name, got in rates.items():
+        rows[name].update(sentences_per_s=statistics.median(got), rates=got,
+                          speedup=statistics.median(r / t for r, t in zip(got, teacher)))
 
 
 def student_length(meta: dict[str, str], max_length: int) -> int:
@@ -162,6 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from kd.train.run import model_from_weights
 
     offline()
+    load = [os.getloadavg()[0]]
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -169,11 +188,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     texts = Texts(Path(args.corpus), args.holdout_n, args.seed, tok)
     teacher, how = teacher_model(args.max_length, tok.pad_id)
     ref = measure(teacher, texts, args.max_length, args, tok.pad_id, None)
-    ref["sentences_per_s"] = ref["row"]["sentences_per_s"]
     # the teacher against itself, computed like any student's (a check: 1.0 unless duplicates tie)
     self_check = {"cosine": float(cosine_rows(ref["emb"], ref["emb"]).mean()),
-                  **neighbour_agreement(ref["emb"], ref["emb"], k=5), "speedup": 1.0}
+                  **neighbour_agreement(ref["emb"], ref["emb"], k=5)}
     rows = {f"teacher ({TEACHER})": {**ref["row"], **self_check}}
+    models = {f"teacher ({TEACHER})": (teacher, args.max_length)}
     print(f"teacher: {how}; {ref['row']['seconds']:.0f} s", flush=True)
     weights = list(args.weights)
     tmp = tempfile.TemporaryDirectory()
@@ -185,12 +204,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         name = f"{meta.get('kd.model', '?')} {p.parent.name if p.stem == 'model' else p.stem}"
         if name in rows:
             name = f"{name} ({path})"
-        out = measure(model, texts, student_length(meta, args.max_length), args, tok.pad_id, ref)
-        rows[name] = {"weights": path, **out["row"]}
+        models[name] = (model, student_length(meta, args.max_length))
+        out = measure(model, texts, models[name][1], args, tok.pad_id, ref)
+        rows[name] = {"weights": "random init, seed 0" if tmp.name in path else path, **out["row"]}
         print(f"{name}: {out['row']['seconds']:.0f} s", flush=True)
     tmp.cleanup()
+    speeds(models, texts, args, tok.pad_id, rows)
+    load.append(os.getloadavg()[0])
     corpus = json.loads((Path(args.corpus) / "corpus.json").read_text())
-    return {"rows": rows, "teacher_built_by": how, "torch_threads": torch.get_num_threads(),
+    return {"rows": rows, "teacher_built_by": how, "torch_threads": torch.get_num_threads(), "load_avg_1m": load,
             "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "holdout_sentences": len(texts.holdout),
             "retrieval_pairs": len(texts.queries), "truncated": texts.truncated,
@@ -218,8 +240,10 @@ def caption(doc: dict[str, Any]) -> str:
             f"holdout sentences). Embeddings on {doc['holdout_sentences']} held-out sentences (seed {a['seed']}), "
             f"recall on {doc['retrieval_pairs']} held-out query/doc pairs, tokenizer `{a['tokenizer']}` to "
             f"max_length {a['max_length']}; speed over {a['rate_n']} sentences, batch {a['batch_size']}, median "
-            f"of {a['repeats']}, torch {doc['torch']} with {doc['torch_threads']} threads on {doc['cpus']} shared "
-            f"CPUs ({doc['cpu']}). Teacher built by: {doc['teacher_built_by']}.")
+            f"of {a['repeats']} interleaved rounds (× teacher: median of per-round ratios), "
+            f"torch {doc['torch']} with {doc['torch_threads']} threads on {doc['cpus']} shared "
+            f"CPUs ({doc['cpu']}; 1-min load average {doc['load_avg_1m'][0]:.1f} at the start, "
+            f"{doc['load_avg_1m'][1]:.1f} at the end). Teacher built by: {doc['teacher_built_by']}.")
 
 
 def main(argv: list[str] | None = None) -> int:
