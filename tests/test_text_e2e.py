@@ -122,13 +122,23 @@ def test_static_student_model2vec_registers_and_embeds_strings(
 
 def test_transformer_student_from_teacher_layers_on_a_ray_worker(
         corpus: Path, workdir: Path, ray_session: None) -> None:
-    """The default path: one Ray Train worker, the teacher cache, a 2-layer student copied
-    from teacher layers 0 and 3, embedding + hidden-state losses."""
+    """The default path: one Ray Train worker, the online teacher, a 2-layer student copied
+    from teacher layers 0 and 5, with the embedding, hidden-state and attention terms on a
+    layer mapping (eager attention on both sides, so the probabilities can be captured)."""
     from kd.train.run import train_run
 
-    exp = embed_config(corpus, workdir, "student.args={layers: 2}", "student.init_layers=[0, 3]",
-                       "distill.losses=[{name: embed_cosine, weight: 1.0}, "
-                       "{name: embed_relational, weight: 1.0}]")
+    exp = embed_config(
+        corpus, workdir, "teacher.cache=false", "teacher.args.attn=eager",
+        "student.args={layers: 2, attn: eager}", "student.init_layers=[0, 5]", "trainer.epochs=2",
+        "distill.losses=[{name: embed_cosine, weight: 1.0}, {name: embed_relational, weight: 1.0},"
+        " {name: hidden_mse, weight: 0.1, student: [bert.encoder.layer.1],"
+        " teacher: [bert.encoder.layer.5]},"
+        " {name: attention_kl, weight: 0.1, student: [bert.encoder.layer.1.attention.self#1],"
+        " teacher: [bert.encoder.layer.5.attention.self#1]}]")
     out = train_run(exp, "student")
-    assert out.holdout["cosine"] > 0.8, out.holdout  # two of six teacher layers, one epoch
-    assert "val/cosine" in out.metrics
+    losses = {k for h in out.history for k in h if k.startswith("train/loss/")}
+    assert {"train/loss/embed_cosine", "train/loss/hidden_mse", "train/loss/attention_kl"} <= losses
+    first, last = out.history[0], out.history[-1]
+    assert last["train/loss"] < first["train/loss"], (first, last)
+    # two of six teacher layers, copied: far above a random init (~0.01 measured)
+    assert out.holdout["cosine"] > 0.3 and last["val/cosine"] > 0.3, out.holdout

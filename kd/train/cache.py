@@ -40,7 +40,8 @@ from kd.data import Splits
 from kd.data.shards import shard_dataset
 from kd.errors import InputError
 from kd.train.columns import TEACHER_FEATURE, TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
-from kd.train.text import pad_id, run_splits, trim_batch, weights_ref
+from kd.train.embed_metrics import trim_pad
+from kd.train.text import pad_id, run_splits, weights_ref
 
 CACHE_DIR = "teacher-cache"
 MARKER = "_SUCCESS"
@@ -199,7 +200,7 @@ class TeacherForward:
         x = torch.from_numpy(np.array(batch["x"]))
         x = x.to(self.device, torch.int64 if not x.is_floating_point() else torch.float32)
         if self.pad is not None:
-            x = trim_batch(x, self.pad)
+            x = trim_pad(x, self.pad)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                              enabled=self.bf16):
             logits = self.model(x)

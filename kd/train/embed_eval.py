@@ -26,23 +26,18 @@ from kd.config import Experiment
 from kd.errors import InputError
 from kd.models import count_params, model_size_bytes
 from kd.models.tokens import load_tokenizer
-from kd.train.embed_metrics import cosine_rows, encode_rate, neighbour_agreement, recall_at_k
+from kd.train.embed_metrics import (
+    cosine_rows,
+    encode,
+    encode_rate,
+    neighbour_agreement,
+    recall_at_k,
+    trim_pad,
+)
 from kd.train.evaluate import latency_ms
-from kd.train.text import trim_batch
 
 NN_ROWS = 5000
 BATCH = 256
-
-
-def embed(model: nn.Module, ids: np.ndarray | torch.Tensor, pad: int) -> torch.Tensor:
-    """Embeddings ``[N, D]`` (eval, no grad) of token ids, in batches trimmed of pad tails."""
-    model.eval()
-    ids = torch.as_tensor(np.asarray(ids), dtype=torch.int64)
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(ids), BATCH):
-            out.append(model(trim_batch(ids[i:i + BATCH], pad)).float())
-    return torch.cat(out) if out else torch.empty(0, 0)
 
 
 def read_pairs(uri: str, endpoint: str | None = None) -> tuple[list[str], list[str]]:
@@ -80,11 +75,14 @@ def retrieval(exp: Experiment, model: nn.Module, teacher: nn.Module | None) -> d
         return {}
     tok = load_tokenizer(text.tokenizer)
     queries, docs = read_pairs(text.retrieval, exp.storage.endpoint_url)
-    q_ids, _ = tok.encode(queries, text.max_length)
-    d_ids, _ = tok.encode(docs, text.max_length)
-    out = recall_at_k(embed(model, q_ids, tok.pad_id), embed(model, d_ids, tok.pad_id))
+    q_ids, d_ids = (torch.as_tensor(tok.encode(t, text.max_length)[0]) for t in (queries, docs))
+
+    def scores(m: nn.Module) -> dict[str, float]:
+        return recall_at_k(encode(m, q_ids, pad_id=tok.pad_id), encode(m, d_ids, pad_id=tok.pad_id))
+
+    out = scores(model)
     if teacher is not None:
-        t = recall_at_k(embed(teacher, q_ids, tok.pad_id), embed(teacher, d_ids, tok.pad_id))
+        t = scores(teacher)
         out.update({f"teacher_{k}": v for k, v in t.items()})
     out["retrieval_pairs"] = float(len(queries))
     return out
@@ -98,9 +96,9 @@ def evaluate_embed(exp: Experiment, model: nn.Module, split: Any,
     cos_sum, rows, s_nn, t_nn, head = 0.0, 0, [], [], []
     for batch in split.dataset().iter_batches(batch_size=512, batch_format="numpy"):
         ids = np.array(batch["x"])
-        s = embed(model, ids, pad)
+        s = encode(model, torch.as_tensor(ids), pad_id=pad)
         if teacher is not None:
-            t = embed(teacher, ids, pad)
+            t = encode(teacher, torch.as_tensor(ids), pad_id=pad)
             cos_sum += float(cosine_rows(s, t).sum())
             if sum(len(a) for a in s_nn) < NN_ROWS:
                 s_nn.append(s)
@@ -115,7 +113,7 @@ def evaluate_embed(exp: Experiment, model: nn.Module, split: Any,
         out.update(neighbour_agreement(torch.cat(s_nn)[:NN_ROWS], torch.cat(t_nn)[:NN_ROWS]))
     if head:
         ids = torch.cat(head)[:BATCH]
-        out["latency_ms"] = latency_ms(model, trim_batch(ids[:64], pad))
+        out["latency_ms"] = latency_ms(model, trim_pad(ids[:64], pad))
         out["sentences_per_s"] = encode_rate(model, ids, pad_id=pad)
     out.update(retrieval(exp, model, teacher))
     return out

@@ -20,8 +20,8 @@ from kd.train.columns import (
     TEACHER_TOPK_VALUES,
     dense_from_topk,
 )
+from kd.train.embed_metrics import trim_pad
 from kd.train.parallel import all_reduce, is_fsdp, lockstep
-from kd.train.text import trim_batch
 
 
 def input_dtype(spec: dict[str, Any]) -> torch.dtype:
@@ -83,7 +83,7 @@ class Step:
     def inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The batch's ``x`` on the device; token ids without their all-pad tail columns."""
         x = batch["x"].to(self.device, self.input_dtype)
-        return x if self.pad_id is None else trim_batch(x, self.pad_id)
+        return x if self.pad_id is None else trim_pad(x, self.pad_id)
 
     def __call__(self, batch: dict[str, torch.Tensor]
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor], DistillBatch]:

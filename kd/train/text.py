@@ -151,11 +151,3 @@ def init_text_student(exp: Experiment, student: nn.Module, teacher: nn.Module) -
                              "vocabulary goes through the teacher)")
         textinit.init_model2vec(student, teacher, load_tokenizer(exp.data.text.tokenizer),
                                 Path(data_cache_root()).parent / "model2vec")
-
-
-def trim_batch(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """Token ids ``[B, L]`` without their trailing all-pad columns: ``x[:, :n]`` with ``n``
-    the longest row's real length (at least 1). Exact for models that mask by pad id."""
-    real = (x != pad).any(0).nonzero()
-    n = int(real.max()) + 1 if len(real) else 1
-    return x[:, :n]
