@@ -284,6 +284,15 @@ def retrieval_pairs(candidates: list[tuple[str, list[str]]], first: dict[str, bo
     return pairs
 
 
+def subsample(sentences: list[str], n: int, seed: int) -> list[str]:
+    """``n`` of ``sentences`` chosen by a seeded hash (the same for the same input), in their
+    original order."""
+    rank = sorted(range(len(sentences)),
+                  key=lambda i: hashlib.sha1(f"{seed}:keep:{sentences[i]}".encode()).hexdigest())
+    keep = set(rank[:n])
+    return [s for i, s in enumerate(sentences) if i in keep]
+
+
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
     """One JSON object per line, UTF-8."""
     with path.open("w", encoding="utf-8") as f:
@@ -298,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--holdout", type=float, default=0.1, help="share of sources held out (0..1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-pairs", type=int, default=2000, help="retrieval pairs at most")
+    p.add_argument("--max-train", type=int, default=None,
+                   help="keep at most this many train sentences: a fixed hash sample, in order")
     p.add_argument("--root", action="append", default=None,
                    help="folder to read instead of site-packages (repeatable)")
     args = p.parse_args(argv)
@@ -312,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
               f"need --min-sentences {args.min_sentences}", file=sys.stderr)
         return 2
     pairs = retrieval_pairs(got["candidates"], got["first"], args.seed, args.max_pairs)
+    if args.max_train is not None and len(got["train"]) > args.max_train:
+        got["train"] = subsample(got["train"], args.max_train, args.seed)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "train.jsonl", [{"text": s} for s in got["train"]])

@@ -142,3 +142,75 @@ def test_transformer_student_from_teacher_layers_on_a_ray_worker(
     assert last["train/loss"] < first["train/loss"], (first, last)
     # two of six teacher layers, copied: far above a random init (~0.01 measured)
     assert out.holdout["cosine"] > 0.3 and last["val/cosine"] > 0.3, out.holdout
+
+
+def cased_tokenizer(tmp_path: Path) -> Path:
+    """A copy of the teacher's tokenizer that keeps case: other ids for the same text."""
+    from kd.models.tokens import model_dir
+
+    spec = json.loads((model_dir(TEACHER) / "tokenizer.json").read_text())
+    spec["normalizer"]["lowercase"] = False
+    (tmp_path / "cased").mkdir()
+    (tmp_path / "cased" / "tokenizer.json").write_text(json.dumps(spec))
+    return tmp_path / "cased"
+
+
+def test_a_student_tokenizer_unlike_the_teachers_is_refused(tmp_path: Path) -> None:
+    """Teacher and student read one token stream: a student that names another tokenizer
+    (or a vocabulary too small for the ids) is refused before anything runs."""
+    from kd.errors import InputError
+    from kd.train.text import check_tokenizers
+
+    base = ["data.source=x.jsonl", "student.model=static_embed", "student.init=random"]
+    cased = cased_tokenizer(tmp_path)
+    exp = load_experiment(REPO / "configs" / "minilm-static.yaml",
+                          [*base, f"student.args={{dim: 32, tokenizer: {cased}}}"])
+    with pytest.raises(InputError) as e:
+        check_tokenizers(exp)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("student: its tokenizer") and str(cased) in msg
+    assert TEACHER in msg and "fingerprint" in msg
+    exp = load_experiment(REPO / "configs" / "minilm-static.yaml",
+                          [*base, f"student.args={{dim: 32, tokenizer: {TEACHER}, vocab_size: 1000}}"])
+    with pytest.raises(InputError, match=r"^student.args.vocab_size: 1000 is smaller than the "
+                                         r"tokenizer's vocabulary of 30522$"):
+        check_tokenizers(exp)
+    exp = load_experiment(REPO / "configs" / "minilm-static.yaml", [*base, "student.args={dim: 32}"])
+    check_tokenizers(exp)  # the teacher's own tokenizer: fine
+
+
+def test_embed_config_errors_name_the_field() -> None:
+    from kd.errors import InputError
+
+    cfg = REPO / "configs" / "minilm-embed.yaml"
+    for override, field in (("data.text=null", "data.text"),
+                            ("distill.min_teacher_confidence=0.5", "distill.min_teacher_confidence"),
+                            ("registry.gate={min_accuracy: 0.9}", "registry.gate.min_accuracy"),
+                            ("distill.losses=[{name: hidden_mse, student: [bert.encoder.layer.0], "
+                             "teacher: [bert.encoder.layer.0]}]", "teacher.cache")):
+        with pytest.raises(InputError) as e:
+            load_experiment(cfg, [override])
+        assert "\n" not in str(e.value) and field in str(e.value), (override, str(e.value))
+
+
+def test_tune_searches_static_student_width_with_one_teacher_pass(
+        corpus: Path, workdir: Path, ray_session: None) -> None:
+    """`kd tune` over the projection size (student.args.dim): two trials, the teacher's
+    embeddings computed once (the cache) and read by both, val/cosine the metric."""
+    from kd.tune.sweep import run_sweep
+
+    exp = embed_config(corpus, workdir, "student.model=static_embed", "student.init=random",
+                       "student.args={dim: 16}", "optim.lr=0.01", "tune.num_samples=2",
+                       "tune.max_concurrent_trials=1", "tune.search.name=random", "tune.seed=0",
+                       "tune.scheduler={name: none}", "tune.resources.cpus_per_worker=0.5",
+                       "tune.space={student.args.dim: 'choice([16, 48])'}", "tune.constraints={}")
+    assert exp.tune.metric == "val/cosine"
+    out = run_sweep(exp, quiet=True)
+    assert len(out.rows) == 2 and out.chosen is not None, out.rows
+    assert all(r["status"] == "DONE" and 0 < r["metric"] <= 1 for r in out.rows), out.rows
+    assert {r["student.args.dim"] for r in out.rows} <= {16, 48}
+    params = {r["student.args.dim"]: r["params"] for r in out.rows}
+    if len(params) == 2:
+        assert params[48] > params[16]
+    caches = list((workdir / "runs" / "teacher-cache").iterdir())
+    assert len(caches) == 1  # one teacher pass for the sweep

@@ -172,7 +172,7 @@ class TeacherForward:
     ``{x, y, idx}`` -> ``{x, y, idx, teacher_logits, teacher_feature:<path>...}``."""
 
     def __init__(self, exp_doc: dict[str, Any], input_shape: list[int], num_classes: int,
-                 paths: list[str], top_k: int | None = None) -> None:
+                 paths: list[str], top_k: int | None = None, actors: int = 1) -> None:
         import torch
 
         from kd.config import experiment_from_dict
@@ -184,6 +184,10 @@ class TeacherForward:
         assert exp.teacher is not None
         self.device = torch.device("cuda" if exp.scaling.use_gpu and torch.cuda.is_available()
                                    else "cpu")
+        if self.device.type == "cpu":  # Ray gave the actor OMP_NUM_THREADS=1: use its share
+            from kd.train.threads import actor_threads
+
+            torch.set_num_threads(actor_threads(actors))
         self.model = freeze(build_spec(exp.teacher, "teacher", tuple(input_shape), num_classes,
                                        load_weights=True)).to(self.device)
         self.paths = paths
@@ -242,7 +246,7 @@ def compute_cache(exp: Experiment, splits: Splits, batch_size: int = 256) -> Tea
                                "input_shape": list(splits.input_shape),
                                "num_classes": splits.num_classes,
                                "paths": facts["outputs"][1:],
-                               "top_k": exp.teacher.cache_top_k},
+                               "top_k": exp.teacher.cache_top_k, "actors": workers},
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if use_gpu else 0)

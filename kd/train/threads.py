@@ -46,6 +46,15 @@ def _node_cpus() -> float | None:
     return None
 
 
+def actor_threads(actors: int) -> int:
+    """Torch threads for one of ``actors`` CPU actors of a pool (the teacher cache's): the
+    node's CPUs shared by the pool (`worker_threads` with the actor's reservation)."""
+    import ray
+
+    reserved = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    return worker_threads(None, reserved, _node_cpus(), actors)
+
+
 def set_worker_threads(resources_per_worker: dict[str, Any]) -> int:
     """Set torch's intra-op threads inside a Ray Train worker; return the count.
     ``resources_per_worker`` is ``scaling.resources_per_worker`` as configured."""
