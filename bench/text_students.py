@@ -160,9 +160,28 @@ def speeds(models: dict[str, tuple[Any, int]], texts: Texts, args: argparse.Name
             ids = texts.ids("holdout", length)[:args.rate_n]
             rates[name].append(encode_rate(model, ids, args.batch_size, 1, pad_id))
     teacher = rates[next(iter(models))]
+    tok_rate = tokenize_rate(texts, args)
     for name, got in rates.items():
-        rows[name].update(sentences_per_s=statistics.median(got), rates=got,
-                          speedup=statistics.median(r / t for r, t in zip(got, teacher)))
+        model_rate = statistics.median(got)
+        rows[name].update(sentences_per_s=model_rate, rates=got,
+                          speedup=statistics.median(r / t for r, t in zip(got, teacher)),
+                          # texts in, embeddings out: the tokenizer and the model one after the other
+                          text_per_s=1.0 / (1.0 / model_rate + 1.0 / tok_rate))
+    teacher_text = rows[next(iter(models))]["text_per_s"]
+    for name in rates:
+        rows[name]["text_speedup"] = rows[name]["text_per_s"] / teacher_text
+
+
+def tokenize_rate(texts: Texts, args: argparse.Namespace) -> float:
+    """Sentences/s of the tokenizer alone (`TextTokenizer.encode`, the one training and the
+    registered model use) on the rate sentences; median of ``--repeats``."""
+    sample = texts.holdout[:args.rate_n]
+    got = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        texts.tok.encode(sample, args.max_length)
+        got.append(len(sample) / (time.perf_counter() - t0))
+    return statistics.median(got)
 
 
 def student_length(meta: dict[str, str], max_length: int) -> int:
@@ -225,11 +244,12 @@ def table(doc: dict[str, Any]) -> str:
         return "-" if v is None else format(v, fmt)
 
     lines = ["| model | params | len | holdout cosine | nn_top1 | nn_top5 | R@1 | R@10 | sentences/s | "
-             "× teacher |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "× teacher | texts/s with tokenizing | × teacher |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in doc["rows"].items():
         lines.append(f"| {name} | {r['params'] / 1e6:.2f} M | {r['max_length']} | {f(r.get('cosine'), '.3f')} | "
                      f"{f(r.get('nn_top1'), '.3f')} | {f(r.get('nn_top5'), '.3f')} | {r['recall_at_1']:.3f} | "
-                     f"{r['recall_at_10']:.3f} | {r['sentences_per_s']:.0f} | {f(r.get('speedup'), '.2f')} |")
+                     f"{r['recall_at_10']:.3f} | {r['sentences_per_s']:.0f} | {f(r.get('speedup'), '.2f')} | "
+                     f"{r['text_per_s']:.0f} | {f(r.get('text_speedup'), '.2f')} |")
     return "\n".join(lines)
 
 

@@ -147,3 +147,29 @@ def test_encode_rate_on_a_text_encoder() -> None:
     assert encode(model, ids, batch_size=8).shape == (20, 384)
     with pytest.raises(InputError, match="encode_rate"):
         encode_rate(model, ids[:0])
+
+
+def test_forward_by_length_equals_one_forward_values_and_gradients() -> None:
+    """A text step forwards rows grouped by length (kd.train.step): the outputs and the
+    gradients equal those of one padded forward, for a model that masks by pad id."""
+    from kd.models import build_model
+    from kd.train.embed_metrics import forward_by_length
+
+    torch.manual_seed(0)
+    model = build_model("bert_student", {"vocab_size": 100, "hidden": 32, "layers": 2, "heads": 4,
+                                         "intermediate": 64, "max_len": 32}, (24,), 16)
+    model.eval()  # no dropout: the two paths must match exactly
+    lengths = torch.tensor([3, 24, 7, 1, 12, 5, 20, 9, 2])
+    ids = torch.zeros(len(lengths), 24, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(1, 100, (int(n),))
+    target = torch.randn(len(lengths), 16)
+    one = model(ids)
+    (one * target).sum().backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    grouped = forward_by_length(model, ids, 0, chunk=4)
+    (grouped * target).sum().backward()
+    assert torch.allclose(grouped, one, atol=1e-5)
+    for g, w in zip([p.grad for p in model.parameters()], want):
+        assert torch.allclose(g, w, atol=1e-5)

@@ -40,10 +40,11 @@ from kd.data import Splits
 from kd.data.shards import shard_dataset
 from kd.errors import InputError
 from kd.train.columns import TEACHER_FEATURE, TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
-from kd.train.embed_metrics import trim_pad
+from kd.train.embed_metrics import encode
 from kd.train.text import pad_id, run_splits, weights_ref
 
 CACHE_DIR = "teacher-cache"
+TEXT_SUB_BATCH = 32
 MARKER = "_SUCCESS"
 FORMAT_VERSION = 3  # 2: the rows' inputs and labels are stored with the outputs; 3: shard sha256s
 LOGITS = "logits"
@@ -203,11 +204,12 @@ class TeacherForward:
 
         x = torch.from_numpy(np.array(batch["x"]))
         x = x.to(self.device, torch.int64 if not x.is_floating_point() else torch.float32)
-        if self.pad is not None:
-            x = trim_pad(x, self.pad)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                              enabled=self.bf16):
-            logits = self.model(x)
+            # text: rows by length in sub-batches, each cut to its longest row (exact: the
+            # models mask by pad id), instead of padding every row to the batch's longest
+            logits = (self.model(x) if self.pad is None
+                      else encode(self.model, x, batch_size=TEXT_SUB_BATCH, pad_id=self.pad))
         out = {"x": np.asarray(batch["x"]), "y": np.asarray(batch["y"]),
                "idx": np.asarray(batch["idx"])}
         if self.top_k:

@@ -109,27 +109,33 @@ def trim_pad(ids: Tensor, pad_id: int) -> Tensor:
     return ids[:, :length]
 
 
-def encode(model: nn.Module, ids: Tensor, batch_size: int = 256, pad_id: int = 0) -> Tensor:
-    """``[N, D]`` float32 outputs of ``model`` over token ids ``[N, L]``, in row order (eval,
-    no grad). Rows are batched by real length (shortest first) and each batch is cut by
-    `trim_pad`, so little padding is computed; exact for models that mask by ``pad_id``.
-    The model's train/eval mode is restored after."""
+def forward_by_length(model: nn.Module, ids: Tensor, pad_id: int, chunk: int) -> Tensor:
+    """``model(ids)`` computed on rows grouped by real length: the rows sorted by length,
+    forwarded ``chunk`` at a time, each chunk cut by `trim_pad`, the outputs put back in
+    row order (differentiably: gradients flow as for one forward). Equal to one forward for
+    models that mask by ``pad_id``, with far less padding when lengths vary."""
     lengths = (ids != pad_id).long().cumsum(dim=1).argmax(dim=1)  # index of the last real token
     order = torch.argsort(lengths, stable=True)
+    outs = [model(trim_pad(ids[order[i:i + chunk]], pad_id)).float()
+            for i in range(0, ids.shape[0], chunk)]
+    if not outs:
+        return torch.empty(0)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return torch.cat(outs)[inverse]
+
+
+def encode(model: nn.Module, ids: Tensor, batch_size: int = 256, pad_id: int = 0) -> Tensor:
+    """``[N, D]`` float32 outputs of ``model`` over token ids ``[N, L]``, in row order (eval,
+    no grad), by `forward_by_length` in batches of ``batch_size``. The model's train/eval
+    mode is restored after."""
     was = model.training
     model.eval()
-    out = []
     try:
         with torch.no_grad():
-            for i in range(0, ids.shape[0], batch_size):
-                out.append(model(trim_pad(ids[order[i:i + batch_size]], pad_id)).float())
+            return forward_by_length(model, ids, pad_id, batch_size)
     finally:
         model.train(was)
-    if not out:
-        return torch.empty(0)
-    result = torch.empty_like(torch.cat(out))
-    result[order] = torch.cat(out)
-    return result
 
 
 def encode_rate(model: nn.Module, ids: Tensor, batch_size: int = 64, repeats: int = 3,

@@ -20,8 +20,10 @@ from kd.train.columns import (
     TEACHER_TOPK_VALUES,
     dense_from_topk,
 )
-from kd.train.embed_metrics import trim_pad
+from kd.train.embed_metrics import encode, forward_by_length, trim_pad
 from kd.train.parallel import all_reduce, is_fsdp, lockstep
+
+TEXT_CHUNK = 16  # rows per length group in a text training step
 
 
 def input_dtype(spec: dict[str, Any]) -> torch.dtype:
@@ -49,6 +51,12 @@ class Step:
         self.t_cap = (FeatureCapture(asm.teachers[0], asm.teacher_paths, "teacher")
                       if asm.teachers else None)
         self.teacher_forwards = 0
+        # text without per-token terms on one unwrapped worker: forward rows grouped by
+        # length (kd.train.embed_metrics.forward_by_length), not padded to the batch's longest;
+        # DDP / FSDP take one forward per backward, so several workers keep one forward
+        self.by_length = (pad_id is not None and not self.s_cap.paths and not asm.teacher_paths
+                          and not isinstance(trainee, torch.nn.parallel.DistributedDataParallel)
+                          and not is_fsdp(trainee))
 
     def cached(self, batch: dict[str, torch.Tensor]) -> bool:
         """True when the batch carries every teacher output the loss needs (the cache's
@@ -77,7 +85,8 @@ class Step:
             return [dense], feats
         self.teacher_forwards += 1
         with torch.no_grad():
-            logits = [t(x).float() for t in self.asm.teachers]
+            logits = [(encode(t, x, TEXT_CHUNK, self.pad_id) if self.by_length else t(x)).float()
+                      for t in self.asm.teachers]
         return logits, dict(self.t_cap.features) if self.t_cap else {}
 
     def inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -91,7 +100,8 @@ class Step:
         y = batch["y"].to(self.device)
         if self.transforms and self.trainee.training:  # the teacher sees the same view
             x = apply_transforms(self.transforms, x, self.gen)
-        logits = self.trainee(x)
+        logits = (forward_by_length(self.trainee, x, self.pad_id, TEXT_CHUNK) if self.by_length
+                  else self.trainee(x))
         t_logits, t_feats = (self.teacher_outputs(batch, x, logits.shape[1])
                              if self.asm.teachers else ([], {}))
         db = DistillBatch(logits.float(), y, t_logits, dict(self.s_cap.features), t_feats,
