@@ -115,6 +115,17 @@ def test_static_student_model2vec_registers_and_embeds_strings(
     with torch.no_grad():
         want = model(torch.as_tensor(ids)).numpy()
     assert got.shape == (2, 384) and np.allclose(got, want, atol=1e-5)
+    # kd serve's request path for a text model (kd.serve.model; the Ray Serve plumbing is
+    # the image models' test_serve): texts in, the same embeddings out
+    from kd.serve.model import RequestError, answer, load_version, parse_texts
+
+    served = load_version(name, version, uri)
+    body = answer(served, served.student.predict(parse_texts(texts)))
+    assert np.allclose(np.asarray(body["embeddings"]), want, atol=1e-5) and "predictions" not in body
+    for bad, status in (([""], 422), ([3], 422), ("text", 422), (["a"] * 5000, 413)):
+        with pytest.raises(RequestError) as e:
+            parse_texts(bad)
+        assert e.value.status == status
     decision = promote(name, exp, version)
     assert decision.promoted and decision.task == "embed", decision
     assert any("cosine" in r for r in decision.reasons), decision.reasons

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from kd.errors import InputError
-from kd.serve.model import MAX_ROWS, RequestError, Served, answer, load_version, parse_rows
+from kd.serve.model import MAX_ROWS, RequestError, Served, answer, load_version, parse_rows, parse_texts
 from kd.serve.watch import AliasWatcher, apply_user_config, resolve_alias
 from kd.serve.webhook import WebhookRejected, is_alias_event, verify
 
@@ -79,7 +79,8 @@ class Model:
         served = self.served
         assert served is not None  # reconfigure ran before the replica took traffic
         try:
-            x = parse_rows(inputs, served.input_shape, served.student.integer, max_rows)
+            x = (parse_texts(inputs, max_rows) if served.student.task == "embed" else
+                 parse_rows(inputs, served.input_shape, served.student.integer, max_rows))
         except RequestError as e:
             return {"status": e.status, "error": e.reason}
         probs = await self._batched((served, x))

@@ -2,9 +2,11 @@
 
 `load_version` reads ``models:/NAME/VERSION`` through kdflow's verified registry read
 (`kd.registry.store.download_version`: sha256 checked against the ``kd.weights_sha256``
-tag) and rebuilds it with `kd.registry.loader.build_module` (safetensors, nothing is
-unpickled). `parse_rows` turns a request's ``inputs`` into a batch or a `RequestError`
-(HTTP status + one-line reason); `answer` turns probabilities into the JSON rows.
+tag) and rebuilds it with `kd.registry.loader.load_student` (safetensors, nothing is
+unpickled; an embedding model with its tokenizer). `parse_rows` turns a request's ``inputs``
+into a batch or a `RequestError` (HTTP status + one-line reason), `parse_texts` does the
+same for an embedding model's texts; `answer` turns probabilities (or embeddings) into
+the JSON rows.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from kd.registry.loader import DATA_DIR, StudentModel, build_module
+from kd.registry.loader import DATA_DIR, StudentModel, load_student
 
 MAX_ROWS = 4096  # rows per request; more is a 413
 
@@ -53,11 +55,28 @@ def load_version(name: str, version: str, tracking_uri: str) -> Served:
     mv = get_version(c, ModelRef(name, version=str(version)))
     folder = download_version(c, mv, weights_only=True)
     try:
-        module, cfg = build_module(folder / DATA_DIR)
+        student = load_student(folder / DATA_DIR)  # an embed model's tokenizer with it
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    labels = tuple(str(s) for s in cfg.get("class_names") or ())
-    return Served(name, mv.version, StudentModel(module, cfg), labels)
+    labels = tuple(str(s) for s in student.config.get("class_names") or ())
+    return Served(name, mv.version, student, labels)
+
+
+def parse_texts(inputs: Any, max_rows: int = MAX_ROWS) -> np.ndarray:
+    """``inputs`` of an embedding model (a list of non-blank strings) as a numpy array of
+    strings; a `RequestError` naming the first bad row otherwise."""
+    if not isinstance(inputs, list):
+        raise RequestError(422, "inputs: expected a list of texts")
+    if not inputs:
+        raise RequestError(422, "inputs: no rows")
+    if len(inputs) > max_rows:
+        raise RequestError(413, f"inputs: {len(inputs)} rows, more than the limit of "
+                                f"{max_rows} per request")
+    for i, v in enumerate(inputs):
+        if not isinstance(v, str) or not v.strip():
+            what = "an empty text" if isinstance(v, str) else f"a {type(v).__name__}"
+            raise RequestError(422, f"inputs: row {i} is {what}; this model embeds non-empty texts")
+    return np.asarray(inputs, dtype=object)
 
 
 def parse_rows(inputs: Any, input_shape: tuple[int, ...], integer: bool,
@@ -101,7 +120,11 @@ def _kind(dtype: np.dtype) -> str:
 
 
 def answer(served: Served, probs: np.ndarray) -> dict[str, Any]:
-    """The /predict body for ``probs`` ``[N, C]`` computed by ``served``."""
+    """The /predict body for ``probs`` ``[N, C]`` computed by ``served`` (an embedding
+    model: its embeddings ``[N, D]``)."""
+    if served.student.task == "embed":
+        return {"model": served.name, "version": served.version,
+                "embeddings": [[float(v) for v in row] for row in probs]}
     pred = probs.argmax(1)
     out: dict[str, Any] = {"model": served.name, "version": served.version,
                            "predictions": [int(p) for p in pred]}
