@@ -339,10 +339,14 @@ def _is_uri(value: str) -> bool:
     return "://" in value or value.startswith(("runs:/", "models:/"))
 
 
-def _abs(value: str | None) -> str | None:
+def _abs(value: str | None, field: str = "path") -> str | None:
     if value is None or _is_uri(value):
         return value
-    p = Path(value).expanduser()
+    try:
+        p = Path(value).expanduser()
+    except RuntimeError:  # "~name" of a user this machine does not have
+        raise InputError(f"{field}: {value!r} starts with ~{value[1:].split('/')[0]}, a user "
+                         "this machine does not know; write the path out") from None
     if p.is_absolute() or not (value.startswith((".", "~")) or "/" in value or p.exists()):
         return value
     return str(p.resolve())
@@ -352,20 +356,22 @@ def resolve_paths(exp: Experiment) -> Experiment:
     """Make relative local paths absolute, so Ray workers (whose working directory
     differs from the driver's) find the same files."""
     exp = exp.model_copy(deep=True)
-    exp.data.source = _abs(exp.data.source) or exp.data.source
-    exp.data.transfer = _abs(exp.data.transfer)
-    if exp.data.text is not None:
-        if exp.data.text.tokenizer is None and exp.teacher is not None:
-            exp.data.text.tokenizer = exp.teacher.args.get("path")  # a pretrained teacher's own
-        exp.data.text.tokenizer = _abs(exp.data.text.tokenizer)
-        exp.data.text.retrieval = _abs(exp.data.text.retrieval)
+    exp.data.source = _abs(exp.data.source, "data.source") or exp.data.source
+    exp.data.transfer = _abs(exp.data.transfer, "data.transfer")
+    text = exp.data.text
+    if text is not None:
+        teacher_path = exp.teacher.args.get("path") if exp.teacher is not None else None
+        if text.tokenizer is None and isinstance(teacher_path, str):
+            text.tokenizer = teacher_path  # a pretrained teacher's own
+        text.tokenizer = _abs(text.tokenizer, "data.text.tokenizer")
+        text.retrieval = _abs(text.retrieval, "data.text.retrieval")
     exp.storage.path = _abs(exp.storage.path if "/" in exp.storage.path
-                            else "./" + exp.storage.path) or exp.storage.path
+                            else "./" + exp.storage.path, "storage.path") or exp.storage.path
     specs = [*(exp.teacher.all() if exp.teacher is not None else []),
              *([exp.student] if exp.student is not None else [])]
     for spec in specs:
-        spec.weights = _abs(spec.weights)
+        spec.weights = _abs(spec.weights, "weights")
         for key in ("path", "tokenizer"):  # text models' directories (kd.models.tokens)
             if isinstance(spec.args.get(key), str):
-                spec.args[key] = _abs(spec.args[key])
+                spec.args[key] = _abs(spec.args[key], f"args.{key}")
     return exp

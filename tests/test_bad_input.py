@@ -150,3 +150,16 @@ def test_an_odd_mapping_key_keeps_the_error_on_one_line(tmp_path: Path) -> None:
         load_experiment(path)
     assert "\n" not in str(e.value)
     assert "'\\n': unknown field" in str(e.value) and "trainer.'ep\\tochs': unknown field" in str(e.value)
+
+
+def test_a_tilde_user_that_does_not_exist_is_one_line() -> None:
+    """``~name/...`` of a user this machine does not have (found by the bad-input corpus:
+    pathlib raised RuntimeError) is a one-line error naming the field."""
+    from kd.config import load_experiment
+    from kd.errors import InputError
+
+    for override, field in (("data.source=~0", "data.source"), ("storage.path=~nobody-x/runs", "storage.path"),
+                            ("teacher.weights=~nobody-x/w.safetensors", "weights")):
+        with pytest.raises(InputError) as e:
+            load_experiment(CONFIGS / "digits-kd.yaml", [override])
+        assert str(e.value).startswith(f"{field}: ") and "\n" not in str(e.value)

@@ -35,10 +35,19 @@ def offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def _path(ref: str) -> Path:
+    """``ref`` as a local path, ``~`` expanded; a ``~name`` of an unknown user is an
+    `InputError` naming it."""
+    try:
+        return Path(str(ref)).expanduser()
+    except RuntimeError:
+        raise InputError(f"{ref}: ~{str(ref)[1:].split('/')[0]} is no user of this machine") from None
+
+
 def model_dir(ref: str) -> Path:
     """The local directory ``ref`` names: a path, or an installed package that ships a
     model. Anything else is an `InputError` naming ``ref``."""
-    p = Path(str(ref)).expanduser()
+    p = _path(ref)
     if p.is_dir():
         return p.resolve()
     if "/" in str(ref) or not str(ref).replace("_", "").replace(".", "").isalnum():
@@ -104,7 +113,7 @@ def load_tokenizer(ref: str) -> TextTokenizer:
     """The tokenizer of model reference ``ref`` (see `model_dir`), or of a
     ``tokenizer.json`` file. A directory without ``tokenizer.json`` is an `InputError`
     naming it; so is a file the ``tokenizers`` library cannot read."""
-    p = Path(str(ref)).expanduser()
+    p = _path(ref)
     path = p if p.is_file() else model_dir(ref) / TOKENIZER_FILE
     if not path.is_file():
         raise InputError(f"{path.parent}: the model directory has no tokenizer ({TOKENIZER_FILE}); "
