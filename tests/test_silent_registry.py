@@ -138,7 +138,9 @@ def test_rollback_stops_on_other_errors_and_leaves_the_alias(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     real = MlflowClient(mlflow_server)
     name = _model_with_history(real)
-    dead = f"http://127.0.0.1:{free_port()}"
+    # port 1 (tcpmux): nothing listens there; a port free_port() found free can be taken by a
+    # Ray or mlflow process of the same suite before the read (a CI flake, seen once)
+    dead = "http://127.0.0.1:1"
     failing = MlflowClient(dead, registry_uri=dead) if failure == "network" else _Denied()
     monkeypatch.setattr(promote, "registry_client", lambda: _FailingReads(real, failing, "2"))
     match = "unreachable" if failure == "network" else "PERMISSION_DENIED|Permission denied"
