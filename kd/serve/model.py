@@ -62,16 +62,21 @@ def load_version(name: str, version: str, tracking_uri: str) -> Served:
     return Served(name, mv.version, student, labels)
 
 
-def parse_texts(inputs: Any, max_rows: int = MAX_ROWS) -> np.ndarray:
-    """``inputs`` of an embedding model (a list of non-blank strings) as a numpy array of
-    strings; a `RequestError` naming the first bad row otherwise."""
+def check_rows(inputs: Any, max_rows: int, what: str) -> None:
+    """A `RequestError` unless ``inputs`` is a non-empty list of at most ``max_rows``."""
     if not isinstance(inputs, list):
-        raise RequestError(422, "inputs: expected a list of texts")
+        raise RequestError(422, f"inputs: expected a list of {what}")
     if not inputs:
         raise RequestError(422, "inputs: no rows")
     if len(inputs) > max_rows:
         raise RequestError(413, f"inputs: {len(inputs)} rows, more than the limit of "
                                 f"{max_rows} per request")
+
+
+def parse_texts(inputs: Any, max_rows: int = MAX_ROWS) -> np.ndarray:
+    """``inputs`` of an embedding model (a list of non-blank strings) as a numpy array of
+    strings; a `RequestError` naming the first bad row otherwise."""
+    check_rows(inputs, max_rows, "texts")
     for i, v in enumerate(inputs):
         if not isinstance(v, str) or not v.strip():
             what = "an empty text" if isinstance(v, str) else f"a {type(v).__name__}"
@@ -83,13 +88,7 @@ def parse_rows(inputs: Any, input_shape: tuple[int, ...], integer: bool,
                max_rows: int = MAX_ROWS) -> np.ndarray:
     """``inputs`` (a list of rows: flat lists of numbers or nested lists in the model's
     input shape) as an array ``[N, *input_shape]``; a `RequestError` otherwise."""
-    if not isinstance(inputs, list):
-        raise RequestError(422, "inputs: expected a list of rows")
-    if not inputs:
-        raise RequestError(422, "inputs: no rows")
-    if len(inputs) > max_rows:
-        raise RequestError(413, f"inputs: {len(inputs)} rows, more than the limit of "
-                                f"{max_rows} per request")
+    check_rows(inputs, max_rows, "rows")
     try:
         arr = np.asarray(inputs)
     except (ValueError, TypeError):
