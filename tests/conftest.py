@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["tests.ray_head"]  # the ray_head fixture (a token-auth Ray head)
+pytest_plugins = ["tests.ray_head", "tests.watchdog"]  # a token-auth Ray head; the hang report
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
