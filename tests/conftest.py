@@ -57,6 +57,35 @@ def ray_session(s3_server: str) -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture(autouse=True)
+def ray_idle_after() -> Iterator[None]:
+    """After each test, the session's Ray is idle again before the next test starts:
+    when a CPU is still reserved, Python's cyclic collector runs (a failure's reference
+    cycles can hold a Ray Data actor pool's handles, `kd.data.stream.run_pool`) and the
+    CPUs are waited for, up to 30 s; one line says so if they stay reserved. A test then
+    never waits forever on a CPU that an earlier test's actor kept."""
+    yield
+    if "ray" not in sys.modules:
+        return
+    import gc
+
+    import ray
+
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+    if ray.available_resources().get("CPU", 0) >= total:
+        return
+    gc.collect()
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < total and time.time() < deadline:
+        time.sleep(0.25)
+    free = ray.available_resources().get("CPU", 0)
+    if free < total:
+        print(f"[conftest] {free:g} of {total:g} CPUs of the session's Ray still reserved 30 s "
+              "after the test", file=sys.stderr, flush=True)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real S3 API server (moto_server) on loopback; sets the AWS environment so

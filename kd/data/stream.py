@@ -16,10 +16,11 @@ Nothing is read in the driver.
 
 from __future__ import annotations
 
+import gc
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from kd.data.readers import TABLE_READERS, Chunk, Columns, read_images
 from kd.errors import InputError
 
 SPLITS = ("train", "val", "holdout")
+T = TypeVar("T")
 BLOCK_ROWS = 4096
 IMAGES_PER_TASK = 256
 MASK63 = np.uint64((1 << 63) - 1)
@@ -256,3 +258,29 @@ def input_errors(it: Iterator[Any]) -> Iterator[Any]:
         if found is None:
             raise
         raise found from None
+
+
+def run_pool(execute: Callable[[], T]) -> T:
+    """Run ``execute``, a Ray Data execution that uses an actor pool (``map_batches``
+    with ``ActorPoolStrategy``), and return its result. A failure that carries an
+    `InputError` is raised as that one line *after* the pool's actors are released;
+    any other failure is raised as it came.
+
+    Why: Ray Data ends a finished pool by dropping its references to the actors, and Ray
+    ends an actor once no handle to it is left. After a failure, frames kept alive by
+    the exception's reference cycles still hold the handles, so the actors, and the
+    CPUs they reserve, live on until Python's cyclic collector runs. In a long-lived
+    process (a sweep driver, a notebook, a test session) the next dataset whose actor
+    takes the last CPU then never gets a CPU for its read tasks, and waits forever
+    (seen: a 2-CPU Ray stuck after one bad-input batch predict). So the exception is
+    dropped and ``gc.collect()`` runs before the one-line error is raised.
+    """
+    found: InputError | None = None
+    try:
+        return execute()
+    except Exception as e:
+        found = find_input_error(e)
+        if found is None:
+            raise
+    gc.collect()  # the failure's cycles, and with them the pool's actor handles
+    raise found

@@ -133,7 +133,7 @@ def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = 
     URI, earlier output without ``overwrite``: `batch_output`) is an `InputError` with
     one line."""
     from kd.data.readers import Columns
-    from kd.data.stream import find_input_error
+    from kd.data.stream import run_pool
     from kd.runtime import ensure_ray
     from kd.tracking import tracking_uri
 
@@ -164,13 +164,8 @@ def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = 
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=1, num_gpus=gpus_per_worker or None)
     fs, path = storage.arrow_fs(output, endpoint)
-    try:
-        ds.write_parquet(path, filesystem=fs, filename_provider=filenames(job))
-    except Exception as e:  # a read task's InputError arrives wrapped by Ray
-        found = find_input_error(e)
-        if found is None:
-            raise
-        raise found from None
+    # a read task's InputError arrives wrapped by Ray; raised once the actors are released
+    run_pool(lambda: ds.write_parquet(path, filesystem=fs, filename_provider=filenames(job)))
     files_out, rows = written(output, job, endpoint)
     mark_done(output, endpoint, {"model": pinned, "rows": rows, "inputs": len(files),
                                  "job": job, "files": files_out})

@@ -38,6 +38,7 @@ from kd import integrity, sse, storage
 from kd.config import Experiment
 from kd.data import Splits
 from kd.data.shards import shard_dataset
+from kd.data.stream import run_pool
 from kd.errors import InputError
 from kd.train.columns import TEACHER_FEATURE, TEACHER_LOGITS, TEACHER_TOPK_INDICES, TEACHER_TOPK_VALUES
 from kd.train.embed_metrics import encode
@@ -252,7 +253,7 @@ def compute_cache(exp: Experiment, splits: Splits, batch_size: int = 256) -> Tea
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if use_gpu else 0)
-    out.write_parquet(f"{path}/{data_dir}", filesystem=fs)
+    run_pool(lambda: out.write_parquet(f"{path}/{data_dir}", filesystem=fs))  # bad data: 1 line
     files = integrity.hash_tree(fs, f"{path}/{data_dir}")  # read back once: shard sha256s
     seconds = time.perf_counter() - t0
     manifest = {"facts": facts, "key": key, "data_dir": data_dir, "rows": len(splits.train),
