@@ -272,8 +272,8 @@ def run_pool(execute: Callable[[], T]) -> T:
     CPUs they reserve, live on until Python's cyclic collector runs. In a long-lived
     process (a sweep driver, a notebook, a test session) the next dataset whose actor
     takes the last CPU then never gets a CPU for its read tasks, and waits forever
-    (seen: a 2-CPU Ray stuck after one bad-input batch predict). So the exception is
-    dropped and ``gc.collect()`` runs before the one-line error is raised.
+    (tests/test_run_pool.py: 1 of 2 CPUs stays reserved without the collection). So the
+    exception is dropped and ``gc.collect()`` runs before the one-line error is raised.
     """
     found: InputError | None = None
     try:
