@@ -82,8 +82,10 @@ def ray_idle_after() -> Iterator[None]:
         time.sleep(0.25)
     free = ray.available_resources().get("CPU", 0)
     if free < total:
-        print(f"[conftest] {free:g} of {total:g} CPUs of the session's Ray still reserved 30 s "
-              "after the test", file=sys.stderr, flush=True)
+        from tests.watchdog import say
+
+        say(f"\n[conftest] {free:g} of {total:g} CPUs of the session's Ray still reserved 30 s "
+            "after the test")
 
 
 @pytest.fixture(scope="session")

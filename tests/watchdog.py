@@ -40,6 +40,11 @@ def pytest_configure(config: pytest.Config) -> None:
     _ERR.append(os.fdopen(os.dup(2), "w", buffering=1))
 
 
+def say(text: str) -> None:
+    """Print ``text`` on the terminal now, even from inside a test (not captured)."""
+    print(text, file=_ERR[0] if _ERR else sys.__stderr__, flush=True)
+
+
 def _bounded(fn: Callable[[], Any], seconds: float = 10.0) -> str:
     """``fn()``'s result as text, or why there is none, within ``seconds``."""
     out: list[str] = []
@@ -124,8 +129,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     def watch() -> None:
         if done.wait(seconds):
             return
-        err = _ERR[0] if _ERR else sys.__stderr__
-        print("\n" + report(item.nodeid, started), file=err, flush=True)
+        say("\n" + report(item.nodeid, started))
 
     threading.Thread(target=watch, name="kd-test-watchdog", daemon=True).start()
     try:
