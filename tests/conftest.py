@@ -57,8 +57,19 @@ def ray_session(s3_server: str) -> Iterator[None]:
     ray.shutdown()
 
 
+def free_cpus_after(seconds: float) -> tuple[float, float]:
+    """``(free, total)`` CPUs of this process's Ray, once all are free or ``seconds`` have passed."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.time() + seconds
+    while ray.available_resources().get("CPU", 0) < total and time.time() < deadline:
+        time.sleep(0.2)
+    return ray.available_resources().get("CPU", 0), total
+
+
 @pytest.fixture(autouse=True)
-def ray_idle_after() -> Iterator[None]:
+def ray_idle_after(request: pytest.FixtureRequest) -> Iterator[None]:
     """After each test, the session's Ray is idle again before the next test starts:
     when a CPU is still reserved, Python's cyclic collector runs (a failure's reference
     cycles can hold a Ray Data actor pool's handles, `kd.data.stream.run_pool`) and the
@@ -77,15 +88,12 @@ def ray_idle_after() -> Iterator[None]:
     if ray.available_resources().get("CPU", 0) >= total:
         return
     gc.collect()
-    deadline = time.time() + 30
-    while ray.available_resources().get("CPU", 0) < total and time.time() < deadline:
-        time.sleep(0.25)
-    free = ray.available_resources().get("CPU", 0)
+    free, total = free_cpus_after(30)
     if free < total:
         from tests.watchdog import say
 
         say(f"\n[conftest] {free:g} of {total:g} CPUs of the session's Ray still reserved 30 s "
-            "after the test")
+            f"after {request.node.nodeid}")
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ CPUs back before the one-line error is raised, in the session's 2-CPU Ray."""
 from __future__ import annotations
 
 import gc
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +11,7 @@ import pytest
 
 from kd.data.stream import run_pool
 from kd.errors import InputError
-
-
-def _free_cpus_after(seconds: float) -> tuple[float, float]:
-    import ray
-
-    total = ray.cluster_resources()["CPU"]
-    deadline = time.time() + seconds
-    while ray.available_resources().get("CPU", 0) < total and time.time() < deadline:
-        time.sleep(0.2)
-    return ray.available_resources().get("CPU", 0), total
+from tests.conftest import free_cpus_after
 
 
 def test_failed_pool_frees_its_cpus_before_the_error(ray_session: None, tmp_path: Path) -> None:
@@ -51,7 +41,7 @@ def test_failed_pool_frees_its_cpus_before_the_error(ray_session: None, tmp_path
     try:
         with pytest.raises(InputError, match="^row 1500: bad value$"):
             run_pool(lambda: ds.write_parquet(str(tmp_path / "out")))
-        free, total = _free_cpus_after(8)
+        free, total = free_cpus_after(8)
     finally:
         gc.enable()
     assert free == total, f"{free:g} of {total:g} CPUs free 8 s after the pool failed"

@@ -165,6 +165,46 @@ def test_teacher_layers_three_start_near_the_teacher(teacher: torch.nn.Module, i
     assert textinit.init_teacher_layers(_student(2), teacher, [1, 4]) == [1, 4]
 
 
+def _start_cosine(s: torch.nn.Module, ids: torch.Tensor, reference: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (s(ids) * reference).sum(-1).mean().item()
+
+
+def test_teacher_layers_narrow_ffn_keeps_the_most_active_neurons(
+        teacher: torch.nn.Module, ids: torch.Tensor, reference: torch.Tensor) -> None:
+    """A 3-layer student with 512 of the teacher's 1536 FFN neurons: each layer holds the
+    teacher layer's weights with the kept neurons' rows / columns, in their order, and
+    ranking by activation on 4 sample rows starts nearer the teacher than keeping the first 512."""
+    def narrow() -> torch.nn.Module:
+        return build_model("bert_student", {"layers": 3, "intermediate": 512, "attn": "eager"},
+                           (L,), 384).eval()
+
+    sample, rest = ids[:4], slice(4, None)
+    s = narrow()
+    assert textinit.init_teacher_layers(s, teacher, None, sample) == [0, 3, 5]
+    scores = textinit.ffn_importance(teacher, [0, 3, 5], sample)
+    arbitrary = narrow()
+    textinit.init_teacher_layers(arbitrary, teacher, None, sample)
+    for j, i in enumerate([0, 3, 5]):
+        t_layer, s_layer = teacher.bert.encoder.layer[i], s.bert.encoder.layer[j]
+        keep = scores[i].topk(512).indices.sort().values
+        assert torch.equal(s_layer.intermediate.dense.weight, t_layer.intermediate.dense.weight[keep])
+        assert torch.equal(s_layer.intermediate.dense.bias, t_layer.intermediate.dense.bias[keep])
+        assert torch.equal(s_layer.output.dense.weight, t_layer.output.dense.weight[:, keep])
+        assert torch.equal(s_layer.attention.self.query.weight, t_layer.attention.self.query.weight)
+        arbitrary.bert.encoder.layer[j].load_state_dict(
+            textinit._pruned_state(t_layer, torch.arange(512)))
+    ranked, first = _start_cosine(s, ids[rest], reference[rest]), _start_cosine(arbitrary, ids[rest], reference[rest])
+    print(f"FFN 512 of 1536: start cosine {ranked:.3f} ranked by activation, {first:.3f} the first 512")
+    assert ranked > first + 0.02
+
+
+def test_teacher_layers_wider_ffn_is_refused(teacher: torch.nn.Module) -> None:
+    s = build_model("bert_student", {"layers": 2, "intermediate": 2048}, (L,), 384)
+    with pytest.raises(InputError, match=r"^student\.args\.intermediate: .*at most the teacher's 1536 .* has 2048$"):
+        textinit.init_teacher_layers(s, teacher, None)
+
+
 @pytest.mark.parametrize("layers, match", [([0, 9, 2], "student.init_layers: index 9"),
                                            ([0, 1], "student.init_layers: 2 indices"),
                                            ([0, -1, 2], "student.init_layers: index -1")])

@@ -26,6 +26,7 @@ import traceback
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -107,7 +108,7 @@ def report(nodeid: str, started: float) -> str:
     lines = [
         f"[watchdog] {nodeid}: still running after {time.time() - started:.0f} s",
         f"[watchdog] load average {os.getloadavg()}; /tmp free {usage.free / 2**30:.1f} GiB",
-        f"[watchdog] memory: {_bounded(lambda: open('/proc/meminfo').read().splitlines()[:3])}",
+        f"[watchdog] memory: {_bounded(lambda: Path('/proc/meminfo').read_text().splitlines()[:3])}",
         f"[watchdog] ray: {_bounded(_ray_resources)}",
         f"[watchdog] s3: {_bounded(_s3_answers)}",
         f"[watchdog] processes:\n{_bounded(_ps)}",

@@ -126,7 +126,7 @@ def assemble(exp: Experiment, role: Role, input_shape: tuple[int, ...], num_clas
         if not teachers:
             raise InputError(f"student.init: {exp.student.init} copies from the teacher: "
                              "configure a teacher and distill.losses")
-        init_text_student(exp, trainee, teachers[0])
+        init_text_student(exp, trainee, teachers[0], sample)
     ce_weight = 1.0 if role == "teacher" else exp.distill.ce_weight
     s_paths, t_paths = required_paths(terms)
     check_paths(trainee, s_paths, "student")

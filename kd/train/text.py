@@ -136,15 +136,17 @@ def text_metadata(exp: Experiment) -> dict[str, str]:
                                    "fingerprint": tok.fingerprint})}
 
 
-def init_text_student(exp: Experiment, student: nn.Module, teacher: nn.Module) -> None:
-    """``student.init: teacher_layers`` (DistilBERT-style layer copy) or ``model2vec``
+def init_text_student(exp: Experiment, student: nn.Module, teacher: nn.Module,
+                      sample: torch.Tensor) -> None:
+    """``student.init: teacher_layers`` (DistilBERT-style layer copy; a narrower FFN keeps
+    the neurons most active on ``sample``, the run's sample batch) or ``model2vec``
     (static embeddings distilled from the teacher's vocabulary, no corpus)."""
     from kd.data.base import data_cache_root
     from kd.train import textinit
 
     assert exp.student is not None
     if exp.student.init == "teacher_layers":
-        textinit.init_teacher_layers(student, teacher, exp.student.init_layers)
+        textinit.init_teacher_layers(student, teacher, exp.student.init_layers, sample)
     elif exp.student.init == "model2vec":
         if exp.data.text is None or exp.data.text.tokenizer is None:
             raise InputError("student.init: model2vec needs data.text (the tokenizer whose "

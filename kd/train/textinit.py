@@ -8,6 +8,15 @@ first and last layer included, ``layers[j] = floor(j * (n_t - 1) / (n_s - 1) + 1
 MiniLM-L6 (mean cosine of the initialised 3-layer student to the teacher, 100 sentences):
 [0, 3, 5] 0.61, [3, 4, 5] 0.60, [1, 3, 5] 0.46, [0, 2, 4] (DistilBERT's every other
 layer) 0.36, [0, 1, 2] 0.28; for 2 layers [0, 5] 0.36, [2, 5] 0.29, [0, 3] 0.26.
+A student with a narrower feed-forward block (``args.intermediate`` ``I_s`` below the
+teacher's ``I_t``; hidden size and heads must match) keeps, in each copied layer, the
+``I_s`` FFN neurons of highest importance ``s_i = mean_tokens |GELU(x W_in_i + b_i)| *
+||W_out[:, i]||_2`` (the mean activation of neuron ``i`` over the non-pad tokens of the
+run's sample batch, the same rows on every rank, times the size of what it writes back),
+in their original order: ``W_in[keep]``, ``b_in[keep]``, ``W_out[:, keep]``. Measured on
+MiniLM-L6 (mean cosine to the teacher of the initialised 3-layer ``[0, 3, 5]`` student,
+200 held-out sentences): ``I_s`` 512 0.52 with the activation from 200 sentences, 0.51
+from 4, 0.47 by weight norms alone (``||W_in_i|| ||W_out[:, i]||``); 768: 0.57; 1536: 0.67.
 
 ``model2vec`` (Tulkens & van Dongen 2024), no corpus: every vocabulary token ``t`` is run
 through the teacher alone as ``[CLS] t [SEP]`` and mean-pooled like a sentence (the
@@ -68,12 +77,14 @@ def default_layer_map(n_teacher: int, n_student: int) -> list[int]:
 
 def _check_shapes(student: nn.Module, teacher: nn.Module) -> None:
     s, t = student.bert.config, teacher.bert.config
-    pairs = [("hidden size", s.hidden_size, t.hidden_size), ("heads", s.num_attention_heads, t.num_attention_heads),
-             ("intermediate size", s.intermediate_size, t.intermediate_size)]
+    pairs = [("hidden size", s.hidden_size, t.hidden_size), ("heads", s.num_attention_heads, t.num_attention_heads)]
     for what, a, b in pairs:
         if a != b:
             raise InputError(f"student.width: init teacher_layers needs the teacher's {what} ({b}), "
                              f"the student has {a} (set student.width and args to match)")
+    if s.intermediate_size > t.intermediate_size:
+        raise InputError(f"student.args.intermediate: init teacher_layers keeps at most the teacher's "
+                         f"{t.intermediate_size} feed-forward neurons, the student has {s.intermediate_size}")
     if s.vocab_size != t.vocab_size:
         raise InputError(f"student.args.vocab_size: init teacher_layers needs the teacher's vocabulary "
                          f"({t.vocab_size}), got {s.vocab_size}")
@@ -95,10 +106,42 @@ def _check_map(layers: list[int] | None, n_teacher: int, n_student: int) -> list
 
 
 @torch.no_grad()
-def init_teacher_layers(student: nn.Module, teacher: nn.Module, layers: list[int] | None) -> list[int]:
+def ffn_importance(teacher: nn.Module, layers: list[int], sample: Tensor) -> dict[int, Tensor]:
+    """``s_i`` (module docstring) of every FFN neuron of each teacher layer in ``layers``:
+    one teacher forward over ``sample`` (token ids ``[B, L]``), hooks on the layers' GELU outputs."""
+    t_layers, acts = _layers(teacher), {}
+    hooks = [t_layers[i].intermediate.register_forward_hook(
+        lambda _m, _inp, out, i=i: acts.__setitem__(i, out.detach())) for i in set(layers)]
+    was = teacher.training
+    teacher.eval()
+    try:
+        teacher(sample)
+    finally:
+        teacher.train(was)
+        for h in hooks:
+            h.remove()
+    keep = sample != getattr(teacher, "pad_id", 0)
+    return {i: acts[i][keep].abs().float().mean(0) * t_layers[i].output.dense.weight.norm(dim=0)
+            for i in acts}
+
+
+def _pruned_state(layer: nn.Module, keep: Tensor) -> dict[str, Tensor]:
+    """``layer``'s state with only the FFN neurons ``keep``."""
+    sd = dict(layer.state_dict())
+    for key in ("intermediate.dense.weight", "intermediate.dense.bias"):
+        sd[key] = sd[key][keep]
+    sd["output.dense.weight"] = sd["output.dense.weight"][:, keep]
+    return sd
+
+
+@torch.no_grad()
+def init_teacher_layers(student: nn.Module, teacher: nn.Module, layers: list[int] | None,
+                        sample: Tensor | None = None) -> list[int]:
     """Copy the teacher's embeddings and layers ``layers[j] -> student layer j`` (module
-    docstring); returns the map used. Shapes that differ are an `InputError` naming
-    ``student.width`` (or the arg), a bad map one naming ``student.init_layers``."""
+    docstring); returns the map used. A student with fewer FFN neurons keeps each layer's
+    most important ones, ranked on ``sample`` (token ids, required then). Shapes that differ
+    are an `InputError` naming ``student.width`` (or the arg), a bad map one naming
+    ``student.init_layers``."""
     t_layers, s_layers = _layers(teacher), _layers(student)
     _check_shapes(student, teacher)
     mapping = _check_map(layers, len(t_layers), len(s_layers))
@@ -107,8 +150,17 @@ def init_teacher_layers(student: nn.Module, teacher: nn.Module, layers: list[int
         getattr(s_emb, name).load_state_dict(getattr(t_emb, name).state_dict())
     n_pos = s_emb.position_embeddings.weight.shape[0]
     s_emb.position_embeddings.weight.copy_(t_emb.position_embeddings.weight[:n_pos])
+    width = student.bert.config.intermediate_size
+    if width < teacher.bert.config.intermediate_size:
+        if sample is None:
+            raise ValueError("init_teacher_layers: a narrower FFN needs a sample batch to rank neurons")
+        scores = ffn_importance(teacher, mapping, sample)
     for j, i in enumerate(mapping):
-        s_layers[j].load_state_dict(t_layers[i].state_dict())
+        if width < teacher.bert.config.intermediate_size:
+            keep = scores[i].topk(width).indices.sort().values
+            s_layers[j].load_state_dict(_pruned_state(t_layers[i], keep))
+        else:
+            s_layers[j].load_state_dict(t_layers[i].state_dict())
     return mapping
 
 
