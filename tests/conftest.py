@@ -93,7 +93,22 @@ def ray_idle_after(request: pytest.FixtureRequest) -> Iterator[None]:
         from tests.watchdog import say
 
         say(f"\n[conftest] {free:g} of {total:g} CPUs of the session's Ray still reserved 30 s "
-            f"after {request.node.nodeid}")
+            f"after {request.node.nodeid}: {holders()}")
+
+
+def holders() -> str:
+    """What holds Ray resources now: live actors by class, and placement groups not removed."""
+    import ray._private.state as state
+    from ray.util import placement_group_table
+
+    actors: dict[str, int] = {}
+    for a in state.actors().values():
+        if a.get("State") in ("ALIVE", "PENDING_CREATION", "RESTARTING"):
+            name = a.get("ActorClassName") or "?"
+            actors[name] = actors.get(name, 0) + 1
+    groups = [f"{g.get('name') or pid[:8]} {g.get('state')} {g.get('bundles')}"
+              for pid, g in placement_group_table().items() if g.get("state") != "REMOVED"]
+    return f"actors {actors}; placement groups {groups}"
 
 
 @pytest.fixture(scope="session")

@@ -88,3 +88,44 @@ def test_run_records_dataset_tags_and_figures(workdir: Path, ray_session: None) 
     # one dataset for both runs: same data, same digest
     assert (c.get_run(t.run_id).inputs.dataset_inputs[0].dataset.digest
             == c.get_run(s.run_id).inputs.dataset_inputs[0].dataset.digest)
+
+
+def test_concurrent_runs_log_the_same_dataset(tmp_path: Path) -> None:
+    """A sweep's trials log the same data set at the same moment: each run gets its input
+    (without `log_dataset`'s second try, 11 of 15 such pairs failed one run with the
+    store's unique-key error)."""
+    import threading
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from kd import tracking
+    from kd.train.lineage import log_dataset
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = tracking.client(uri)
+    eid = c.create_experiment("race")
+    errors: list[BaseException] = []
+    runs_by_digest = {}
+    for k in range(15):
+        ds = DatasetInput(Dataset(name="digits", digest=f"d{k}", source_type="local", source="{}"),
+                          tags=[InputTag("mlflow.data.context", "train")])
+        runs = [c.create_run(eid).info.run_id for _ in range(2)]
+        runs_by_digest[f"d{k}"] = runs
+        barrier = threading.Barrier(2)
+
+        def log(run_id: str, ds: DatasetInput = ds, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                log_dataset(uri, run_id, ds)
+            except BaseException as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []
+    for digest, runs in runs_by_digest.items():
+        for run_id in runs:
+            assert [d.dataset.digest for d in c.get_run(run_id).inputs.dataset_inputs] == [digest]

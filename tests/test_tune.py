@@ -15,6 +15,7 @@ from kd.config import TuneConstraints, load_experiment
 from kd.errors import InputError
 from kd.tune.report import choose, pareto_front
 from kd.tune.space import parse_dist, parse_space
+from tests.conftest import free_cpus_after, holders
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TUNE = CONFIGS / "digits-tune.yaml"
@@ -153,6 +154,10 @@ def test_sweep_mlflow_tree_asha_and_one_teacher_pass(workdir: Path, digits_teach
     assert all(r["epochs"] < exp.trainer.epochs for r in pruned), seen
     # and pruning saved compute: a trial stopped at the first rung trained fewer epochs
     assert min(r["epochs_trained"] for r in pruned) < exp.trainer.epochs, seen
+    # the stopped trials' Train runs gave their CPUs back (kd.tune.orphans; without it their
+    # placement groups stayed reserved, 0.5 of 2 CPUs, for the rest of the Ray session)
+    free, total = free_cpus_after(10)
+    assert free == total, f"{free:g} of {total:g} CPUs free 10 s after the sweep: {holders()}"
     assert parent.data.tags["kd.best_trial_id"] == out.chosen["trial_id"]
     assert float(parent.data.params["best.optim.lr"]) == out.chosen["optim.lr"]
     arts = {a.path for a in c.list_artifacts(out.parent_run_id)}

@@ -93,10 +93,30 @@ def dataset_input(exp: Experiment, splits: Splits) -> Any:
     return DatasetInput(ds, tags=[InputTag("mlflow.data.context", "train")])
 
 
+DUPLICATE = ("UNIQUE constraint failed", "Duplicate entry", "duplicate key value")  # SQLite, MySQL, PostgreSQL
+
+
+def log_dataset(uri: str, run_id: str, dataset: Any) -> None:
+    """``log_inputs`` of one dataset input. Two runs that log the same data set into one
+    experiment at the same moment (a sweep's concurrent trials) both try to insert its
+    row, and the store's unique key refuses the second (seen as ``sqlite3.IntegrityError``
+    failing a trial's first attempt); that insert was rolled back, so it is sent once
+    more and then finds the row the other run wrote."""
+    from mlflow.exceptions import MlflowException
+
+    c = tracking.client(uri)
+    try:
+        c.log_inputs(run_id, datasets=[dataset])
+    except MlflowException as e:
+        if not any(m in str(e) for m in DUPLICATE):
+            raise
+        c.log_inputs(run_id, datasets=[dataset])
+
+
 def log_lineage(uri: str, run_id: str, exp: Experiment, role: str, splits: Splits) -> None:
     """Record the run's dataset input, code tags and, for a student, its teacher's
     weights sha256 (see the module docstring)."""
-    tracking.client(uri).log_inputs(run_id, datasets=[dataset_input(exp, splits)])
+    log_dataset(uri, run_id, dataset_input(exp, splits))
     tags = code_tags()
     if role == "student":
         sha = teacher_sha(exp)

@@ -156,6 +156,7 @@ def _tuner(exp: Experiment, space: dict[str, Dist], base: dict[str, Any], parent
     from ray.tune.search import BasicVariantGenerator
 
     from kd.tune.live import LiveTable  # imports ray.tune: only when a sweep runs
+    from kd.tune.orphans import ReapOrphans
 
     t = exp.tune
     _, own, _ = trial_resources(exp)
@@ -191,7 +192,7 @@ def _tuner(exp: Experiment, space: dict[str, Dist], base: dict[str, Any], parent
                                     scheduler=scheduler, search_alg=search),
         run_config=tune.RunConfig(name=sweep, storage_path=where, storage_filesystem=fs,
                                   verbose=0,
-                                  callbacks=[LiveTable(list(space), t.metric, t.mode)],
+                                  callbacks=[LiveTable(list(space), t.metric, t.mode), ReapOrphans()],
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures)),
     )
 

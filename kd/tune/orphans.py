@@ -1,0 +1,95 @@
+"""Freeing what a stopped trial's Ray Train run leaves behind.
+
+Under Ray Train V2 each trial's `TorchTrainer` runs a controller actor that creates the
+worker group's placement group. When Tune stops a trial (ASHA, a failure), the trial's
+actor is killed and the controller dies with it, ungracefully: its placement group is
+not removed. Ray keeps a placement group until its creator's *job* ends, so in a sweep
+(one job) the stopped trials' CPUs stay reserved, and later trials can wait for CPUs
+that never come back (ray-project/ray#54305). Ray's answer, a detached
+``PlacementGroupCleaner`` per run, asks the state API whether the controller lives; the
+state API is served by the dashboard, which kdflow's local Ray does not start, so there
+the cleaner never acts (and polls forever).
+
+`ReapOrphans` (a Tune callback in the sweep's driver) does the cleaner's job from the
+GCS tables instead, at most every ``every_s`` seconds and after every trial: a placement
+group that is not detached, not removed, and whose creator is an actor that is dead is
+removed. A group made by the driver (Tune's own per-trial groups) has no creator actor and
+is never touched.
+
+Left as it is: each stopped trial's ``PlacementGroupCleaner`` (detached, 0 CPUs) stays
+alive, polling, until the Ray session ends; the driver cannot kill an actor it holds no
+handle to (asking Ray's core worker for one by actor id aborted the process, Ray 2.60).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ray.tune import Callback
+
+
+def _group_data(pg_hex: str) -> Any:
+    """The GCS row (``PlacementGroupTableData``) of one placement group."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    raw = state._global_state_accessor.get_placement_group_info(
+        ray.PlacementGroupID(bytes.fromhex(pg_hex)))
+    return gcs_pb2.PlacementGroupTableData.FromString(raw) if raw else None
+
+
+def orphan_groups() -> list[str]:
+    """Ids of the placement groups whose creator actor is dead (module docstring)."""
+    import ray
+    from ray.util import placement_group_table
+
+    out = []
+    for pg_hex, row in placement_group_table().items():
+        if row.get("state") == "REMOVED":
+            continue
+        data = _group_data(pg_hex)
+        if data is None or data.is_detached or not data.creator_actor_dead:
+            continue
+        if ray.ActorID(data.creator_actor_id).is_nil():  # made by a driver, not an actor
+            continue
+        out.append(pg_hex)
+    return out
+
+
+def reap() -> int:
+    """Remove the orphaned placement groups; how many."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    groups = orphan_groups()
+    for pg_hex in groups:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
+    return len(groups)
+
+
+class ReapOrphans(Callback):
+    """Runs `reap` after every trial and at most every ``every_s`` s while trials run."""
+
+    def __init__(self, every_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every, self.clock, self.last = every_s, clock, clock()
+
+    def _reap(self, force: bool) -> None:
+        now = self.clock()
+        if force or now - self.last >= self.every:
+            self.last = now
+            reap()
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        self._reap(force=False)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._reap(force=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._reap(force=True)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._reap(force=True)
