@@ -12,8 +12,9 @@ the cleaner never acts (and polls forever).
 
 `ReapOrphans` (a Tune callback in the sweep's driver) does the cleaner's job from the
 GCS tables instead, at most every ``every_s`` seconds and after every trial: a placement
-group that is not detached, not removed, and whose creator is an actor that is dead is
-removed. A group made by the driver (Tune's own per-trial groups) has no creator actor and
+group of this job (the sweep's; on a shared cluster other jobs' groups are never
+touched) that is not detached, not removed, and whose creator is an actor that is dead
+is removed. A group made by the driver (Tune's own per-trial groups) has no creator actor and
 is never touched.
 
 Left as it is: each stopped trial's ``PlacementGroupCleaner`` (detached, 0 CPUs) stays
@@ -42,16 +43,19 @@ def _group_data(pg_hex: str) -> Any:
 
 
 def orphan_groups() -> list[str]:
-    """Ids of the placement groups whose creator actor is dead (module docstring)."""
+    """Ids of this job's placement groups whose creator actor is dead (module docstring)."""
     import ray
     from ray.util import placement_group_table
 
+    job = ray.get_runtime_context().get_job_id()
     out = []
     for pg_hex, row in placement_group_table().items():
         if row.get("state") == "REMOVED":
             continue
         data = _group_data(pg_hex)
         if data is None or data.is_detached or not data.creator_actor_dead:
+            continue
+        if data.creator_job_id.hex() != job:  # another job's group
             continue
         if ray.ActorID(data.creator_actor_id).is_nil():  # made by a driver, not an actor
             continue
