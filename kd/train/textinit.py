@@ -151,16 +151,15 @@ def init_teacher_layers(student: nn.Module, teacher: nn.Module, layers: list[int
     n_pos = s_emb.position_embeddings.weight.shape[0]
     s_emb.position_embeddings.weight.copy_(t_emb.position_embeddings.weight[:n_pos])
     width = student.bert.config.intermediate_size
+    scores = None
     if width < teacher.bert.config.intermediate_size:
         if sample is None:
             raise ValueError("init_teacher_layers: a narrower FFN needs a sample batch to rank neurons")
         scores = ffn_importance(teacher, mapping, sample)
     for j, i in enumerate(mapping):
-        if width < teacher.bert.config.intermediate_size:
-            keep = scores[i].topk(width).indices.sort().values
-            s_layers[j].load_state_dict(_pruned_state(t_layers[i], keep))
-        else:
-            s_layers[j].load_state_dict(t_layers[i].state_dict())
+        state = t_layers[i].state_dict() if scores is None else \
+            _pruned_state(t_layers[i], scores[i].topk(width).indices.sort().values)
+        s_layers[j].load_state_dict(state)
     return mapping
 
 
