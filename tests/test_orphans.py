@@ -3,9 +3,12 @@ back); one made by the driver, or by a live actor, is left alone. A real Ray ses
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 
-from kd.tune.orphans import orphan_groups, reap
+from kd.tune.orphans import orphan_cleaners, orphan_groups, reap
 from tests.conftest import free_cpus_after
 
 
@@ -41,4 +44,50 @@ def test_a_dead_actors_placement_group_is_removed_others_are_kept() -> None:
     finally:
         ray.kill(alive)
         remove_placement_group(mine)
+        reap()
+
+
+def _until(cond: Callable[[], bool], seconds: float = 10) -> bool:
+    """Polls ``cond`` until it holds or ``seconds`` pass; its last value."""
+    import time
+
+    deadline = time.time() + seconds
+    while not cond() and time.time() < deadline:
+        time.sleep(0.2)
+    return cond()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_dead_controllers_cleaner_is_stopped_a_live_ones_is_kept() -> None:
+    """Ray Train's detached cleaner of a run whose controller died would poll forever;
+    `reap` ends its process. A live controller's cleaner keeps running."""
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class PlacementGroupCleaner:  # named as Ray Train's, detached as Ray Train makes it
+        def pid(self) -> int:
+            import os
+
+            return os.getpid()
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def start(self) -> int:
+            self.cleaner = PlacementGroupCleaner.options(lifetime="detached").remote()
+            return ray.get(self.cleaner.pid.remote())
+
+    doomed, alive = Controller.remote(), Controller.remote()
+    dead_pid, live_pid = ray.get(doomed.start.remote()), ray.get(alive.start.remote())
+    try:
+        assert orphan_cleaners() == []
+        ray.kill(doomed)
+        assert _until(lambda: orphan_cleaners() == [(dead_pid, True)]), orphan_cleaners()
+        reap()
+        assert _until(lambda: not Path(f"/proc/{dead_pid}").exists()), "the orphan lives"
+        assert Path(f"/proc/{live_pid}").exists(), "a live controller's cleaner was stopped"
+        assert _until(lambda: orphan_cleaners() == []), "Ray still lists it alive"
+    finally:
+        ray.kill(alive)
+        _until(lambda: bool(orphan_cleaners()))
         reap()

@@ -158,6 +158,8 @@ def test_sweep_mlflow_tree_asha_and_one_teacher_pass(workdir: Path, digits_teach
     # placement groups stayed reserved, 0.5 of 2 CPUs, for the rest of the Ray session)
     free, total = free_cpus_after(10)
     assert free == total, f"{free:g} of {total:g} CPUs free 10 s after the sweep: {holders()}"
+    # and their Ray Train placement-group cleaners (detached, polling forever) are stopped
+    assert "PlacementGroupCleaner" not in holders(), holders()
     assert parent.data.tags["kd.best_trial_id"] == out.chosen["trial_id"]
     assert float(parent.data.params["best.optim.lr"]) == out.chosen["optim.lr"]
     arts = {a.path for a in c.list_artifacts(out.parent_run_id)}
