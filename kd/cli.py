@@ -87,16 +87,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from kd.registry.predict import predict_file
 
     if not is_batch(args.input, args.output):
-        if args.key or args.concurrency != 1 or args.gpus_per_worker or args.overwrite:
-            raise InputError("--key, --concurrency, --gpus-per-worker, --overwrite: batch "
-                             "predict only "
+        if (args.key or args.concurrency != 1 or args.gpus_per_worker or args.overwrite
+                or args.text_column != "text"):
+            raise InputError("--key, --concurrency, --gpus-per-worker, --overwrite, "
+                             "--text-column: batch predict only "
                              "(give --output a folder or s3:// prefix)")
         predict_file(args.model, args.input[0], args.output)
     elif args.output is None:
         raise InputError("--output: required for batch predict (a folder or s3:// prefix)")
     else:
         predict_batch(args.model, args.input, args.output, args.batch_size, args.concurrency,
-                      args.gpus_per_worker, args.key, overwrite=args.overwrite)
+                      args.gpus_per_worker, args.key, overwrite=args.overwrite,
+                      text_column=args.text_column)
     return EXIT_OK
 
 
@@ -263,12 +265,15 @@ def _registry_commands(sub: argparse._SubParsersAction) -> None:
                    "(an embedding model: .jsonl / .txt / .parquet / .csv of texts), "
                    "or folders / globs / s3:// prefixes (batch)")
     p.add_argument("--output", help=".npz / .csv / .parquet file (an embedding model: .npz / "
-                   ".npy / .parquet; default: print); batch: a folder or s3:// prefix for parquet")
+                   ".npy / .parquet; default: print); batch: a folder or s3:// prefix for parquet "
+                   "(an embedding model: an 'embedding' column)")
     p.add_argument("--batch-size", type=int, default=1024, help="rows per model call (batch)")
     p.add_argument("--concurrency", type=int, default=1, help="predictor actors (batch)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (batch)")
     p.add_argument("--key", help="row-key column written beside the predictions (batch; "
                    "default: 'id' if present, else file + row)")
+    p.add_argument("--text-column", default="text", help="batch, an embedding model: the "
+                   "jsonl key / parquet or csv column of the texts (default: text)")
     p.add_argument("--overwrite", action="store_true", help="batch: first delete an earlier "
                    "job's part-*.parquet and _SUCCESS.json under --output (else refused)")
     p.set_defaults(fn=cmd_predict)

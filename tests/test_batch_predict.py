@@ -155,7 +155,8 @@ def test_rerun_refused_then_overwrite_replaces(champion: str, tmp_path: Path,
 def test_bad_input_one_line_exit_2(champion: str, tmp_path: Path, bucket: str,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     """No file matches, a missing --key column, rows of the wrong width (in a later file,
-    found by a Ray read task), an unwritable output, and no --output: exit 2, one line."""
+    found by a Ray read task), texts for this model of numbers, an unwritable output, and
+    no --output: exit 2, one line."""
     import pandas as pd
 
     good = pd.DataFrame({"x": list(np.ones((4, WIDTH), np.float32))})
@@ -163,6 +164,7 @@ def test_bad_input_one_line_exit_2(champion: str, tmp_path: Path, bucket: str,
     good.to_parquet(tmp_path / "in" / "a.parquet")
     narrow = pd.DataFrame({"x": list(np.ones((4, 10), np.float32))})
     narrow.to_parquet(tmp_path / "in" / "b.parquet")
+    (tmp_path / "t.txt").write_text("a text for a model of numbers\n")
     cases = [
         (["--input", str(tmp_path / "none-*.parquet"), "--output", str(tmp_path / "o1")],
          f"--input {tmp_path / 'none-*.parquet'}: the pattern matches no file"),
@@ -174,7 +176,9 @@ def test_bad_input_one_line_exit_2(champion: str, tmp_path: Path, bucket: str,
           "s3://no-such-bucket-kd/out/"], "--output s3://no-such-bucket-kd/out/: bucket"),
         (["--input", str(tmp_path / "in")], "--output: required"),
         (["--input", str(tmp_path / "in" / "a.parquet"), "--key", "id"],
-         "--key, --concurrency, --gpus-per-worker, --overwrite: batch predict only"),
+         "--key, --concurrency, --gpus-per-worker, --overwrite, --text-column: batch predict only"),
+        (["--input", str(tmp_path / "t.txt"), "--output", f"{tmp_path}/o6/"],
+         "t.txt: a text file, but the model takes rows of 64 numbers"),
         (["--input", str(tmp_path / "in"), "--output", f"{tmp_path}/o5/", "--key", "pred"],
          "--key pred: clashes with an output column"),
     ]

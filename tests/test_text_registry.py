@@ -313,3 +313,55 @@ def test_text_metadata_and_inputs_are_checked() -> None:
         to_texts(["a", None])
     with pytest.raises(ValueError, match="needs a 'text' column or a single column"):
         to_texts(pd.DataFrame({"a": ["x"], "b": ["y"]}))
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_batch_predict_embeds_text_files_as_a_ray_data_job(
+        text_run: SimpleNamespace, text_champion: str, tmp_path: Path, bucket: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`kd predict` of the embed champion over a .txt and a .jsonl file (keyed by
+    file + line) and over parquet on S3 (keyed by ``id``, texts in ``--text-column``):
+    every text's ``embedding`` is the registered module's. Blank texts, texts for a model
+    of numbers' inputs and numbers for this model are one line each, exit 2."""
+    import pandas as pd
+    from test_batch_predict import put_parquet, read_output
+
+    from kd.data.stream import key_idx
+
+    uri = f"models:/{text_champion}@champion"
+    want = dict(zip(TEXTS, module_embeddings(text_run.weights, TEXTS), strict=True))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text(TEXTS[0] + "\n\n" + "\n".join(TEXTS[1:3]) + "\n")
+    (tmp_path / "in" / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[3:]))
+    assert kd_run(["predict", uri, "--input", str(tmp_path / "in" / "a.txt"),
+                   str(tmp_path / "in" / "b.jsonl"), "--output", str(tmp_path / "out"),
+                   "--batch-size", "2"]) == 0
+    out = read_output(str(tmp_path / "out"))
+    assert len(out) == len(TEXTS) and "text" not in out.columns
+    a = out[out["file"] == str(tmp_path / "in" / "a.txt")].sort_values("row")
+    assert list(a["row"]) == [0, 2, 3]  # line indices; the blank line 1 is skipped
+    assert (a["idx"].to_numpy() == key_idx(None, "a.txt", 0, 3, rows=np.array([0, 2, 3]))).all()
+    lines = {str(tmp_path / "in" / "a.txt"): [TEXTS[0], "", *TEXTS[1:3]],
+             str(tmp_path / "in" / "b.jsonl"): TEXTS[3:]}
+    for _, r in out.iterrows():
+        np.testing.assert_allclose(r["embedding"], want[lines[r["file"]][r["row"]]], atol=1e-5)
+    put_parquet(pd.DataFrame({"id": [f"s{i}" for i in range(len(TEXTS))], "sentence": TEXTS}),
+                f"s3://{bucket}/in/t.parquet")
+    assert kd_run(["predict", uri, "--input", f"s3://{bucket}/in/", "--output",
+                   f"s3://{bucket}/out/", "--text-column", "sentence"]) == 0
+    out = read_output(f"s3://{bucket}/out/").set_index("id")
+    for i, t in enumerate(TEXTS):
+        np.testing.assert_allclose(out.loc[f"s{i}", "embedding"], want[t], atol=1e-5)
+    capsys.readouterr()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "c.jsonl").write_text('{"text": "fine"}\n{"text": "  "}\n')
+    assert kd_run(["predict", uri, "--input", str(tmp_path / "bad"), "--output",
+                   str(tmp_path / "out2")]) == 2
+    assert "c.jsonl: line 2: empty text in 'text' (--text-column)" in capsys.readouterr().err
+    assert kd_run(["predict", uri, "--input", f"s3://{bucket}/in/", "--output",
+                   str(tmp_path / "out3")]) == 2
+    assert "no column 'text' (--text-column); has id, sentence" in capsys.readouterr().err
+    np.savez(tmp_path / "bad" / "x.npz", x=np.zeros((2, L)))
+    assert kd_run(["predict", uri, "--input", str(tmp_path / "bad" / "x.npz"), "--output",
+                   f"{tmp_path / 'out4'}/"]) == 2
+    assert "x.npz: holds no texts" in capsys.readouterr().err

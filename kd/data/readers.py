@@ -197,7 +197,7 @@ def read_jsonl(entry: FileEntry, cols: Columns, rows: int, fs: Any) -> Iterator[
     spec = _text_spec(cols, entry)
     for lines, raw in text_lines(entry, fs, rows):
         texts, y, keys = parse_jsonl(raw, lines + 1, entry.uri, spec.column, cols.y,
-                                     cols.y_required, cols.key)
+                                     cols.y_required, cols.key, spec.setting)
         yield _text_chunk(TextRows(texts, lines + 1, entry.uri, "line", spec), cols, y, keys,
                           int(lines[0]), lines)
 

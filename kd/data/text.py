@@ -38,6 +38,7 @@ class TextSpec:
     fingerprint: str
     max_length: int
     truncation: str = "warn"
+    setting: str = "data.text.column"  # what messages name as the column's setting
 
     def digest_part(self) -> str:
         """The text settings in the data hash: a different tokenizer (by fingerprint, not
@@ -69,19 +70,26 @@ def tokenizer_for(spec: TextSpec) -> Any:
     return tok
 
 
-def encode(texts: list[Any], spec: TextSpec, where: str, unit: str,
-           numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids int64 [N, max_length], cut bool [N])`` of ``texts``. ``numbers`` are the
-    rows' 1-based line / row numbers (``unit``: "line" or "row") for the messages: an
-    empty text (None, or blank after strip) is an `InputError`, and so is a cut text
-    under ``truncation: error``."""
+def check_texts(texts: list[Any], spec: TextSpec, where: str, unit: str,
+                numbers: np.ndarray) -> None:
+    """Every text is a non-blank string; else an `InputError` naming ``where``, the 1-based
+    ``unit`` ("line" / "row") number and the column's setting (``spec.setting``)."""
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             kind = type(t).__name__
             what = "empty text" if isinstance(t, str) else "null text" if t is None else \
                 f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}, not text,"
             raise InputError(f"{where}: {unit} {int(numbers[i])}: {what} in {spec.column!r} "
-                             "(data.text.column); expected a non-empty string")
+                             f"({spec.setting}); expected a non-empty string")
+
+
+def encode(texts: list[Any], spec: TextSpec, where: str, unit: str,
+           numbers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids int64 [N, max_length], cut bool [N])`` of ``texts``. ``numbers`` are the
+    rows' 1-based line / row numbers (``unit``: "line" or "row") for the messages: an
+    empty text (None, or blank after strip) is an `InputError`, and so is a cut text
+    under ``truncation: error``."""
+    check_texts(texts, spec, where, unit, numbers)
     ids, cut = tokenizer_for(spec).encode(texts, spec.max_length)
     if spec.truncation == "error" and cut.any():
         n = int(numbers[int(np.flatnonzero(cut)[0])])
@@ -102,6 +110,10 @@ class TextRows:
     where: str
     unit: str
     spec: TextSpec
+
+    def check(self) -> None:
+        """`check_texts` of all rows (the texts stay untokenized)."""
+        check_texts(self.texts, self.spec, self.where, self.unit, self.numbers)
 
     def encode(self, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """`encode` of all rows, or of the rows where ``keep`` (bool) is True."""
@@ -172,7 +184,8 @@ def _field(obj: dict[str, Any], name: str, setting: str, where: str) -> Any:
 
 
 def parse_jsonl(lines: list[str], numbers: np.ndarray, uri: str, column: str, y: str,
-                y_required: bool, key: str | None) -> tuple[list[Any], np.ndarray, np.ndarray | None]:
+                y_required: bool, key: str | None, setting: str = "data.text.column",
+                ) -> tuple[list[Any], np.ndarray, np.ndarray | None]:
     """``(texts, labels, keys)`` of jsonl ``lines`` (one JSON object each; ``numbers``:
     their 1-based line numbers). A line that is not a JSON object, lacks the text key
     (or the key column, or a label key the config names) is an `InputError` naming the
@@ -189,7 +202,7 @@ def parse_jsonl(lines: list[str], numbers: np.ndarray, uri: str, column: str, y:
                              "per line") from None
         if not isinstance(obj, dict):
             raise InputError(f"{where}: a JSON {type(obj).__name__}, expected an object with key {column!r}")
-        texts.append(_field(obj, column, "data.text.column", where))
+        texts.append(_field(obj, column, setting, where))
         label = _field(obj, y, "data.y_column", where) if y_required else obj.get(y)
         if label is not None:
             if isinstance(label, bool) or not isinstance(label, int):
@@ -202,14 +215,14 @@ def parse_jsonl(lines: list[str], numbers: np.ndarray, uri: str, column: str, y:
 
 def table_texts(table: Any, spec: TextSpec, where: str) -> list[Any]:
     """The text column of an arrow table (parquet / csv) as Python strings; a missing
-    or non-string column is an `InputError` naming the file and ``data.text.column``."""
+    or non-string column is an `InputError` naming the file and the setting (``spec.setting``)."""
     import pyarrow as pa
 
     names = table.column_names
     if spec.column not in names:
-        raise InputError(f"{where}: no column {spec.column!r} (data.text.column); has {', '.join(names)}")
+        raise InputError(f"{where}: no column {spec.column!r} ({spec.setting}); has {', '.join(names)}")
     col = table.column(spec.column)
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-        raise InputError(f"{where}: column {spec.column!r} (data.text.column) is {col.type}, "
+        raise InputError(f"{where}: column {spec.column!r} ({spec.setting}) is {col.type}, "
                          "expected strings")
     return col.to_pylist()

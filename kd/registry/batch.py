@@ -17,6 +17,12 @@
    then writes ``_SUCCESS.json`` last. An output that holds an earlier job's files is
    refused unless ``overwrite`` (`batch_output`: a retried job replaces its rows).
 
+A text embedding model (``task: embed``) takes .txt / .jsonl / .parquet / .csv files of
+texts (the ``--text-column`` key / column, default ``text``): the read tasks check every
+text is non-blank (one line naming the file and line / row), the `Embedder` actors
+tokenize them with the model's own verified tokenizer and write ``embedding``
+(``fixed_size_list<float32>[D]``) beside the keys.
+
 Only the local single-file path (`kd.registry.predict.predict_file`) reads a whole file
 in the driver; `is_batch` decides which path a command line takes.
 """
@@ -34,9 +40,10 @@ import numpy as np
 from kd import storage
 from kd.errors import InputError
 from kd.registry.batch_output import SUCCESS, check_fresh, filenames, mark_done, written
-from kd.registry.batch_read import ReadPlan, check_head, dataset, key_column, list_inputs
+from kd.registry.batch_read import FileTask, ReadPlan, check_head, dataset, key_column, list_inputs
 
 DEFAULT_BATCH = 1024
+TEXT_FORMATS = ("txt", "jsonl")  # text only; parquet / csv may hold either
 LABEL_KEY = "class_names"  # kd_model.json: the class names recorded at training ([] = none)
 
 
@@ -105,6 +112,55 @@ class Predictor:
         return batch
 
 
+class Embedder:
+    """The ``map_batches`` class of an embed model: ``text`` in, ``embedding`` out (the
+    registered model's ``predict``: its tokenizer, cut to its ``max_length``); the key
+    columns pass through unchanged."""
+
+    def __init__(self, model_uri: str, tracking_uri: str, use_gpu: bool = False) -> None:
+        from kd.registry.predict import load_registered
+
+        os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+        self.model = load_registered(model_uri)
+        if use_gpu:
+            self.model.module.to("cuda")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        """An arrow table: the key columns and ``embedding`` of ``batch["text"]``."""
+        import pyarrow as pa
+
+        from kd.registry.predict_text import embedding_column
+
+        emb = self.model.predict(list(batch.pop("text")))
+        return pa.table({**{k: pa.array(v) for k, v in batch.items()},
+                         "embedding": embedding_column(emb)})
+
+
+def read_plan(files: list[FileTask], cfg: dict[str, Any], key: str | None,
+              text_column: str) -> tuple[ReadPlan, type]:
+    """The `ReadPlan` of the inputs for a model of ``kd_model.json`` ``cfg``, and its
+    ``map_batches`` class: texts for an embed model (`Embedder`), else rows of its input
+    width (`Predictor`)."""
+    from kd.data.readers import Columns
+    from kd.data.text import TextSpec
+
+    embed = cfg.get("task") == "embed"
+    for f in files:
+        if (embed and f.fmt in ("npz", "npy")) or (not embed and f.fmt in TEXT_FORMATS):
+            raise InputError(f"--input {f.entry.uri}: " + (
+                "holds no texts; a text embedding model takes .txt / .jsonl / .parquet / .csv"
+                if embed else "a text file, but the model takes rows of "
+                f"{int(np.prod(cfg['input_shape']))} numbers (.npz / .npy / .parquet / .csv)"))
+    cols = Columns(key=key_column(files[0], key))
+    if not embed:
+        return ReadPlan(files, cols, int(np.prod(cfg["input_shape"]))), Predictor
+    text = cfg["text"]
+    cols.text = TextSpec(text_column, text["tokenizer"], text["fingerprint"],
+                         int(text["max_length"]), setting="--text-column")
+    cols.defer_text = True
+    return ReadPlan(files, cols, 0), Embedder
+
+
 def pin_model(uri: str) -> tuple[str, dict[str, Any]]:
     """``(models:/NAME/V, kd_model.json)``: the alias resolved once, the version
     downloaded and verified in the driver (a bad URI fails here, before Ray starts)."""
@@ -127,12 +183,12 @@ def check_output(output: str, endpoint: str | None = None) -> None:
 
 def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = DEFAULT_BATCH,
                   concurrency: int = 1, gpus_per_worker: float = 0.0, key: str | None = None,
-                  endpoint: str | None = None, overwrite: bool = False) -> BatchReport:
+                  endpoint: str | None = None, overwrite: bool = False,
+                  text_column: str = "text") -> BatchReport:
     """Run the batch job (module docstring); returns what it wrote. Bad input (no file
-    matches, a missing key column, a wrong row width, an unwritable output, a bad model
-    URI, earlier output without ``overwrite``: `batch_output`) is an `InputError` with
-    one line."""
-    from kd.data.readers import Columns
+    matches, a missing key or text column, a wrong row width, a blank text, text files for
+    a model of numbers or the reverse, an unwritable output, a bad model URI, earlier
+    output without ``overwrite``: `batch_output`) is an `InputError` with one line."""
     from kd.data.stream import run_pool
     from kd.runtime import ensure_ray
     from kd.tracking import tracking_uri
@@ -141,12 +197,8 @@ def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = 
         raise InputError("--batch-size and --concurrency must be >= 1, --gpus-per-worker >= 0")
     endpoint = storage.endpoint_url(endpoint)
     pinned, cfg = pin_model(model)
-    if cfg.get("task") == "embed":
-        raise InputError(f"{model}: batch predict of text embedding models is not supported; "
-                         "give one local .jsonl/.txt/.parquet/.csv file and an output file")
-    files = list_inputs(inputs, endpoint)
-    plan = ReadPlan(files, Columns(key=key_column(files[0], key)),
-                    int(np.prod(cfg["input_shape"])))
+    plan, udf = read_plan(list_inputs(inputs, endpoint), cfg, key, text_column)
+    files = plan.files
     check_head(plan)
     check_output(output, endpoint)
     cleared = check_fresh(output, endpoint, overwrite)
@@ -158,7 +210,7 @@ def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = 
     import ray.data
 
     ds = dataset(plan).map_batches(
-        Predictor, fn_constructor_kwargs={"model_uri": pinned, "tracking_uri": tracking_uri(),
+        udf, fn_constructor_kwargs={"model_uri": pinned, "tracking_uri": tracking_uri(),
                                           "use_gpu": gpus_per_worker > 0},
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=concurrency),
@@ -169,6 +221,7 @@ def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = 
     files_out, rows = written(output, job, endpoint)
     mark_done(output, endpoint, {"model": pinned, "rows": rows, "inputs": len(files),
                                  "job": job, "files": files_out})
-    print(f"[kd] {pinned}: wrote {rows} predictions for {len(files)} input files to "
+    what = "embeddings" if udf is Embedder else "predictions"
+    print(f"[kd] {pinned}: wrote {rows} {what} for {len(files)} input files to "
           f"{output} ({len(files_out)} parquet files, then {SUCCESS})", flush=True)
     return BatchReport(pinned, rows, len(files), files_out)

@@ -8,12 +8,15 @@ same endpoint settings and refreshing credentials as training data
 listed (`kd.data.manifest.check_unchanged`) and that its rows have the model's width,
 and emits blocks of at most ``BLOCK_ROWS`` rows with the row keys:
 
-- ``file`` (the file's URI) and ``row`` (its row number in the file), always;
+- ``file`` (the file's URI) and ``row`` (its row number in the file; in a .txt / .jsonl
+  file the 0-based line index, blank lines skipped), always;
 - the ``--key`` column's values under their own name, when there is a key column
   (``--key``, else a column named ``id`` when the parquet schema has one);
 - ``idx``: kdflow's 63-bit row key (`kd.data.stream.key_idx`: of the key value, else of
   file + row), the same number training's split and teacher cache use for that row;
-- ``x``: the flattened inputs (float32, or int64 token ids).
+- ``x``: the flattened inputs (float32, or int64 token ids); for a text embedding model
+  (``cols.text`` set, deferred) ``text`` instead: the texts, checked non-blank here and
+  tokenized by the model's own tokenizer in the predictor actor.
 
 Nothing is read in the driver except `check_head`'s first few rows of the first file.
 """
@@ -34,6 +37,7 @@ from kd.errors import InputError
 
 AUTO_KEY = "id"  # a parquet column of this name is the row key when --key is not given
 KEY_COLUMNS = ("file", "row", "idx")
+OUTPUT_COLUMNS = ("pred", "label", "text", "embedding")  # besides p0..p{C-1}
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,8 @@ class FileTask:
 @dataclass(frozen=True)
 class ReadPlan:
     """Everything a read task needs (plain, picklable data): the files, the columns
-    (``cols.key`` = the key column or None) and the model's flat input width."""
+    (``cols.key`` = the key column or None; ``cols.text``: texts, not numbers) and the
+    model's flat input width (0 for texts)."""
 
     files: list[FileTask]
     cols: Columns
@@ -83,10 +88,13 @@ def key_column(first: FileTask, key: str | None) -> str | None:
     """The row-key column: ``key`` when given, else ``id`` when the first parquet file's
     schema has it, else None (the key is file + row). A given ``key`` must not clash with
     an output column, and must be in the first parquet file (npz / csv: the read checks)."""
-    if key is not None and (key in (*KEY_COLUMNS, "pred", "label")
+    if key is not None and (key in (*KEY_COLUMNS, *OUTPUT_COLUMNS)
                             or (key.startswith("p") and key[1:].isdigit())):
         raise InputError(f"--key {key}: clashes with an output column "
-                         f"({', '.join(KEY_COLUMNS)}, pred, label, p0..)")
+                         f"({', '.join(KEY_COLUMNS + OUTPUT_COLUMNS)}, p0..)")
+    if key is not None and first.fmt == "txt":
+        raise InputError(f"--key {key}: a .txt file has no columns (its rows are keyed by "
+                         "file + line); give .jsonl / .parquet / .csv to key by a column")
     if first.fmt != "parquet":
         return key
     import pyarrow.parquet as pq
@@ -114,7 +122,10 @@ def check_head(plan: ReadPlan, rows: int = 8) -> None:
     column or a wrong row width fails here, in seconds, before any Ray task starts."""
     first = plan.files[0]
     for chunk in READERS[first.fmt](first.entry, plan.cols, rows, first.fs):
-        _flat(chunk.x, plan.width, first.entry.uri)
+        if chunk.pending is not None:
+            chunk.pending.check()
+        else:
+            _flat(chunk.x, plan.width, first.entry.uri)
         return
     raise InputError(f"{first.entry.uri}: no rows")
 
@@ -129,14 +140,18 @@ def _blocks(plan: ReadPlan, task: FileTask) -> Iterator[Any]:
         n = len(c.y)
         if not n:
             continue
-        x = np.ascontiguousarray(_flat(c.x, plan.width, e.uri))
         out: dict[str, Any] = {}
         if plan.cols.key is not None:
             out[plan.cols.key] = pa.array(c.keys)
         out["file"] = pa.array([e.uri] * n, pa.string())
-        out["row"] = pa.array(np.arange(c.offset, c.offset + n, dtype=np.int64))
-        out["idx"] = pa.array(key_idx(c.keys, e.rel, c.offset, n))
-        out["x"] = ArrowTensorArray.from_numpy(x)
+        rows = c.rows if c.rows is not None else np.arange(c.offset, c.offset + n, dtype=np.int64)
+        out["row"] = pa.array(rows)
+        out["idx"] = pa.array(key_idx(c.keys, e.rel, c.offset, n, rows=c.rows))
+        if c.pending is not None:  # texts: the predictor tokenizes them
+            c.pending.check()
+            out["text"] = pa.array(c.pending.texts, pa.string())
+        else:
+            out["x"] = ArrowTensorArray.from_numpy(np.ascontiguousarray(_flat(c.x, plan.width, e.uri)))
         yield pa.table(out)
 
 

@@ -73,6 +73,13 @@ def read_texts(path: str) -> list[Any]:
     return texts
 
 
+def embedding_column(emb: np.ndarray) -> Any:
+    """``emb`` [N, D] as an arrow ``fixed_size_list<float32>[D]`` column (one list per row)."""
+    import pyarrow as pa
+
+    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
+
+
 def write_embeddings(emb: np.ndarray, output: str | None) -> None:
     """Write ``emb`` [N, D] to ``output`` (.npz ``embeddings`` / .npy / .parquet
     ``embedding``), or print row, norm and the first values."""
@@ -90,8 +97,7 @@ def write_embeddings(emb: np.ndarray, output: str | None) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        col = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
-        pq.write_table(pa.table({"embedding": col}), output)
+        pq.write_table(pa.table({"embedding": embedding_column(emb)}), output)
     else:
         raise InputError(f"--output {output}: an embedding model writes {', '.join(TEXT_OUTPUTS)}")
     print(f"[kd] wrote {len(emb)} embeddings of width {emb.shape[1]} to {output}", flush=True)
