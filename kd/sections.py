@@ -111,6 +111,9 @@ class GateConfig(Strict):
                                      "cosine between student and teacher embeddings")
     min_recall_at_10: float | None = Field(None, ge=0, le=1, description="task embed: "
                                            "holdout retrieval recall@10 (data.text.retrieval)")
+    max_cosine_drop: float | None = Field(None, ge=0, le=2, description="task embed: "
+                                          "challenger cosine >= champion cosine - value, both "
+                                          "scored on the config's holdout")
     allow_any: bool = False
 
     def criteria(self) -> list[str]:
@@ -138,9 +141,9 @@ class GateConfig(Strict):
 
 
 GATE_CRITERIA = ("min_accuracy", "max_accuracy_drop", "min_teacher_agreement", "max_params",
-                 "max_latency_ms", "min_cosine", "min_recall_at_10")
+                 "max_latency_ms", "min_cosine", "min_recall_at_10", "max_cosine_drop")
 TASK_CRITERIA = {"classify": ("min_accuracy", "max_accuracy_drop", "min_teacher_agreement"),
-                 "embed": ("min_cosine", "min_recall_at_10")}  # the rest apply to every task
+                 "embed": ("min_cosine", "min_recall_at_10", "max_cosine_drop")}  # the rest: every task
 EMPTY_GATE = ("registry.gate names no criterion: set at least one of "
               + ", ".join(GATE_CRITERIA) + ", or registry.gate.allow_any: true to promote "
               "any model")

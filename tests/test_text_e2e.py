@@ -225,3 +225,41 @@ def test_tune_searches_static_student_width_with_one_teacher_pass(
         assert params[48] > params[16]
     caches = list((workdir / "runs" / "teacher-cache").iterdir())
     assert len(caches) == 1  # one teacher pass for the sweep
+
+
+def test_scheduled_retraining_of_a_text_student(
+        corpus: Path, workdir: Path, ray_session: None) -> None:
+    """`kd retrain` of the MiniLM config on two weekly corpora (unlabeled text): the first
+    promotes a champion; the second passes the snapshot checks (the class checks are
+    skipped, there are no labels), scores the champion on the new holdout against the
+    teacher, and reports drift by cosine (floor 0.99)."""
+    from kd.cli import run as kd_run
+
+    lines = (corpus / "train.jsonl").read_text().splitlines()
+    (workdir / "w1.jsonl").write_text("\n".join(lines[:300]) + "\n")
+    (workdir / "w2.jsonl").write_text("\n".join(lines[100:]) + "\n")
+    common = [str(REPO / "configs" / "minilm-embed.yaml"),
+              f"data.text.retrieval={corpus / 'retrieval.jsonl'}", "data.text.max_length=64",
+              "data.split={train: 0.7, val: 0.15, holdout: 0.15}",
+              f"storage.path={workdir / 'runs'}", "trainer.batch_size=32",
+              f"tracking.uri=sqlite:///{workdir}/mlflow.db", "registry.model_name=kd-text-rt",
+              "retrain.tune=false", "retrain.epochs=1", "retrain.workers=0",
+              "registry.gate.min_cosine=0.1", "retrain.drift_floor=0.99",
+              "retrain.checks={min_samples: 100, max_sample_change: 0.5, "
+              "max_class_share_change: 0.05, min_class_share: 0.05}"]
+    assert kd_run(["retrain", *common, f"data.source={workdir / 'w1.jsonl'}"]) == 0
+    assert kd_run(["retrain", *common, f"data.source={workdir / 'w2.jsonl'}"]) in (0, 3)
+    reports = {json.loads(p.read_text())["snapshot"]["source"]: p
+               for p in (workdir / "runs" / "retrain" / "kd-text-rt").glob("*/report.json")}
+    rep = json.loads(reports[str(workdir / "w2.jsonl")].read_text())
+    checks = {c["check"]: c for c in rep["snapshot"]["checks"]}
+    assert checks["class_balance"]["ok"] and "skipped" in checks["class_balance"]["finding"]
+    assert checks["min_class_share"]["ok"] and checks["sample_count"]["ok"]
+    assert rep["task"] == "embed" and rep["champion_version"] == "1"
+    champ, new = rep["champion"], rep["challenger"]
+    assert 0 < champ["cosine"] < 0.99 and 0 < new["cosine"] <= 1 and "recall_at_10" in champ
+    assert rep["drift"] == {"floor": 0.99, "metric": "cosine", "champion": champ["cosine"],
+                            "drifted": True}
+    md = reports[str(workdir / "w2.jsonl")].with_name("report.md").read_text()
+    assert "**DRIFT**: the champion's cosine on the new holdout is" in md
+    assert "| cosine |" in md and "| accuracy |" not in md

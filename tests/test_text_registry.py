@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,10 @@ TEXTS = ["Knowledge distillation trains a small student to imitate a large teach
          "A cat sat on the mat.",
          " ".join(["tokenizers cut long texts to the maximum length"] * 12),  # > 32 tokens
          "Sentence embeddings place similar meanings close together."]
+CORPUS = [f"{subject} {verb} {thing} on day {i}." for i, (subject, verb, thing) in enumerate(
+    (s, v, t) for s in ("The student", "A teacher", "The registry", "Every worker")
+    for v in ("keeps", "reads", "writes") for t in ("the weights", "a sentence", "the model",
+                                                  "its checksum", "the corpus"))]  # 60 rows
 CONSUMER = r"""
 import json, sys
 import mlflow, numpy as np, pandas as pd
@@ -74,6 +79,15 @@ def module_embeddings(weights: str, texts: list[str]) -> np.ndarray:
         return model.eval()(torch.as_tensor(ids)).numpy()
 
 
+def holdout_cosine(exp: Experiment, student: torch.nn.Module, teacher: torch.nn.Module) -> float:
+    """The run's holdout/cosine as training logs it: `evaluate_embed` on ``exp``'s holdout
+    split (the rows the gate scores both versions on)."""
+    from kd.train.embed_eval import evaluate_embed
+    from kd.train.text import run_splits
+
+    return evaluate_embed(exp, student, run_splits(exp).holdout, teacher)["cosine"]
+
+
 def write_embed_run(d: Path, seed: int = 0, gate: dict | None = None) -> SimpleNamespace:
     """An MLflow run laid out like an embed `train_run`: weights (with ``kd.task`` /
     ``kd.text``), config.yaml, ``kd.weights_sha256`` and measured ``holdout/*`` metrics."""
@@ -85,7 +99,9 @@ def write_embed_run(d: Path, seed: int = 0, gate: dict | None = None) -> SimpleN
     teacher.load_state_dict({k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v
                              for k, v in student.state_dict().items()})
     d.mkdir(parents=True, exist_ok=True)
-    save_weights(teacher, d / "teacher.safetensors", {"kd.model": "text_encoder"})
+    save_weights(teacher, d / "teacher.safetensors", {"kd.model": "text_encoder",
+                                                      "kd.num_classes": str(D)})
+    (d / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS))
     exp = Experiment.model_validate({
         "name": "text-kd", "task": "embed",
         "data": {"source": str(d / "train.jsonl"), "format": "jsonl",
@@ -106,10 +122,7 @@ def write_embed_run(d: Path, seed: int = 0, gate: dict | None = None) -> SimpleN
     (d / "weights").mkdir(exist_ok=True)
     weights = d / "weights" / "model.safetensors"
     sha = save_weights(student, weights, meta)
-    ids, _ = load_tokenizer(TOKENIZER).encode(TEXTS, L)
-    with torch.no_grad():  # mean cosine of student and teacher embeddings (holdout/cosine)
-        x = torch.as_tensor(ids)
-        cos = float(torch.nn.functional.cosine_similarity(student(x), teacher(x)).mean())
+    cos = holdout_cosine(exp, student, teacher)
     c.log_artifact(run_id, str(weights), "weights")
     c.log_artifact(run_id, str(d / "config.yaml"))
     for k, v in {"cosine": cos, "params": sum(p.numel() for p in student.parameters()),
@@ -122,7 +135,8 @@ def write_embed_run(d: Path, seed: int = 0, gate: dict | None = None) -> SimpleN
 
 
 @pytest.fixture(scope="module")
-def text_run(tracking: str, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+def text_run(tracking: str, ray_session: None,
+             tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     return write_embed_run(tmp_path_factory.mktemp("text-run"))
 
 
@@ -232,8 +246,15 @@ def test_embed_gate_passes_refuses_and_rejects_wrong_task(
     err = capsys.readouterr().err
     assert "registry.gate.min_accuracy: applies to task classify models" in err
     assert c.get_model_version_by_alias("kd-text", "champion").version == "1"
+    # max_cosine_drop compares with the champion scored on the same holdout rows
+    rc = kd_run(["promote", "kd-text", second.config, "registry.gate.min_cosine=null",
+                 "registry.gate.max_cosine_drop=0.0"])
+    m = re.search(r"cosine (\S+) (meets|fails) >= champion (\S+) - 0", capsys.readouterr().out)
+    assert m and (rc == 0) == (m[2] == "meets") == (float(m[1]) >= float(m[3])), (rc, m)
+    if rc == 0:
+        assert kd_run(["promote", "kd-text", "--rollback"]) == 0
     ok = f"registry.gate.min_cosine={second.cosine - 0.01}"
-    assert kd_run(["promote", "kd-text", second.config, ok]) == 0
+    assert kd_run(["promote", "kd-text", second.config, ok, "--version", "2"]) == 0
     assert "PROMOTED v2" in capsys.readouterr().out
     assert c.get_model_version_by_alias("kd-text", "champion").version == "2"
     assert kd_run(["promote", "kd-text", "--rollback"]) == 0  # back to v1 for the other tests

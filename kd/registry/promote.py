@@ -25,10 +25,9 @@ from typing import Any
 
 from kd.config import EMPTY_GATE, Experiment, GateConfig
 from kd.errors import GateRejected, InputError
-from kd.registry.embed import EMBED, logged_holdout
+from kd.registry.embed import EMBED
 from kd.registry.register import CHALLENGER, CHAMPION, run_config, teacher_and_holdout
 from kd.registry.store import (
-    SHA_TAG,
     AliasNotSet,
     ModelRef,
     download_version,
@@ -72,9 +71,10 @@ def gate_check(gate: GateConfig, new: dict[str, float],
 
     accuracy >= min_accuracy; accuracy >= champion accuracy - max_accuracy_drop (only
     with a champion); teacher_agreement >= min_teacher_agreement; params <= max_params;
-    latency_ms <= max_latency_ms; cosine >= min_cosine and recall_at_10 >=
-    min_recall_at_10 (embedding models). A threshold whose metric is missing fails. A gate with
-    no threshold passes only with ``allow_any: true``; otherwise it is an `InputError`.
+    latency_ms <= max_latency_ms; cosine >= min_cosine, recall_at_10 >=
+    min_recall_at_10 and cosine >= champion cosine - max_cosine_drop (embedding models).
+    A threshold whose metric is missing fails. A gate with no threshold passes only with
+    ``allow_any: true``; otherwise it is an `InputError`.
     """
     if gate.allow_any:
         return True, ["the gate allows any model (registry.gate.allow_any: true)"]
@@ -91,10 +91,10 @@ def gate_check(gate: GateConfig, new: dict[str, float],
 
     if gate.min_accuracy is not None:
         check("accuracy", lambda v, t: v >= t, gate.min_accuracy, f">= {gate.min_accuracy:g}")
-    if gate.max_accuracy_drop is not None and old is not None:
-        floor = old["accuracy"] - gate.max_accuracy_drop
-        check("accuracy", lambda v, t: v >= t, floor,
-              f">= champion {old['accuracy']:.4g} - {gate.max_accuracy_drop:g}")
+    for metric, drop in (("accuracy", gate.max_accuracy_drop), ("cosine", gate.max_cosine_drop)):
+        if drop is not None and old is not None and metric in old:
+            check(metric, lambda v, t: v >= t, old[metric] - drop,
+                  f">= champion {old[metric]:.4g} - {drop:g}")
     if gate.min_teacher_agreement is not None:
         check("teacher_agreement", lambda v, t: v >= t, gate.min_teacher_agreement,
               f">= {gate.min_teacher_agreement:g}")
@@ -106,8 +106,9 @@ def gate_check(gate: GateConfig, new: dict[str, float],
     for metric, limit in (("cosine", gate.min_cosine), ("recall_at_10", gate.min_recall_at_10)):
         if limit is not None:
             check(metric, lambda v, t: v >= t, limit, f">= {limit:g}")
-    if not findings:  # only max_accuracy_drop, and no champion yet
-        return True, ["first champion: max_accuracy_drop has no champion to compare with"]
+    if not findings:  # only a max_*_drop, and no champion yet
+        return True, ["first champion: max_accuracy_drop / max_cosine_drop have no champion "
+                      "to compare with"]
     return all(ok for ok, _ in findings), [text for _, text in findings]
 
 
@@ -207,17 +208,20 @@ def fetch_version(c: Any, mv: Any) -> tuple[Path, dict[str, Any]]:
 
 def score_version(c: Any, mv: Any, exp: Experiment, teacher: Any, x: Any,
                   y: Any) -> dict[str, float]:
-    """Holdout metrics of a registered version (downloaded, sha256-verified, rebuilt).
-    An embedding model's are the holdout metrics its run logged for these weights
-    (`kd.registry.embed.logged_holdout`, teacher metrics as ``teacher_K``)."""
+    """Holdout metrics of a registered version (downloaded, sha256-verified, rebuilt) on
+    the holdout ``x`` of ``exp``: a classifier's by `kd.train.evaluate.evaluate`, an
+    embedding model's by `kd.train.embed_eval.evaluate_embed` (cosine to ``teacher``,
+    neighbours, retrieval), so challenger and champion are scored on the same rows."""
     from kd.registry.loader import build_module
-    from kd.train.evaluate import evaluate
 
     data, cfg = fetch_version(c, mv)
-    if cfg.get("task") == EMBED:
-        student, teacher_m = logged_holdout(c, mv.run_id, mv.tags.get(SHA_TAG, ""))
-        return {**student, **{f"teacher_{k}": v for k, v in teacher_m.items()}}
     module, _ = build_module(data, verify=False)
+    if cfg.get("task") == EMBED:
+        from kd.train.embed_eval import evaluate_embed
+
+        return evaluate_embed(exp, module, x, teacher)
+    from kd.train.evaluate import evaluate
+
     return evaluate(module, x, y, teacher)
 
 
@@ -282,9 +286,9 @@ def promote(name: str, exp: Experiment | None = None, version: str | None = None
 
 def _score_pair(c: Any, new: Any, old: Any | None, exp: Experiment,
                 task: str) -> tuple[dict[str, float], dict[str, float] | None]:
-    """Challenger and champion metrics; the teacher and holdout split are loaded only
-    for a classifier (an embedding model's metrics are its run's, see `score_version`)."""
-    teacher, x, y = teacher_and_holdout(exp) if task != EMBED else (None, None, None)
+    """Challenger and champion metrics, both scored on ``exp``'s holdout against its
+    primary teacher (`score_version`)."""
+    teacher, x, y = teacher_and_holdout(exp)
     new_m = score_version(c, new, exp, teacher, x, y)
     if old is not None and version_task(c, old) != task:
         print(f"[kd] champion v{old.version} is not a {task} model; the gate compares "

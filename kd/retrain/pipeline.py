@@ -210,9 +210,8 @@ def _finish(ctx: stages.Context, status: str, message: str) -> str:
         tracking.end_run(ctx.uri, ctx.parent, status in ("promoted", "rejected"))
     except Exception as e:  # the storage report is written; MLflow may be what failed
         print(f"[kd] warning: could not close MLflow run {ctx.parent}: {e}", flush=True)
-    if drift.get("drifted"):
-        print(f"[kd] DRIFT: champion accuracy {drift['champion_accuracy']:.4f} on the new "
-              f"holdout is below retrain.drift_floor {drift['floor']:g}", flush=True)
+    if report.drift_line(drift):
+        print(f"[kd] DRIFT: {report.drift_line(drift)}", flush=True)
     print(f"[kd] retrain {ctx.model}: {status.upper()}: {message}\n[kd] report: {where}",
           flush=True)
     return where

@@ -19,7 +19,19 @@ from kd import storage, tracking
 
 EXIT_CODES = {"promoted": 0, "nothing_to_do": 0, "skipped": 0, "rejected": 3, "failed": 1,
               "bad_snapshot": 2, "bad_input": 2}
-SHOWN = ("accuracy", "teacher_agreement", "ece", "params", "latency_ms")
+SHOWN = {"classify": ("accuracy", "teacher_agreement", "ece", "params", "latency_ms"),
+         "embed": ("cosine", "nn_top1", "recall_at_10", "teacher_recall_at_10", "params",
+                   "latency_ms")}
+
+
+def drift_line(drift: dict[str, Any] | None) -> str | None:
+    """One sentence when the champion drifted below ``retrain.drift_floor``, else None."""
+    if not drift or not drift.get("drifted"):
+        return None
+    metric = drift.get("metric", "accuracy")  # reports of pipelines evaluated before embed
+    value = drift.get("champion", drift.get("champion_accuracy"))
+    return (f"the champion's {metric} on the new holdout is {value:.4f}, below "
+            f"retrain.drift_floor {drift['floor']:g}")
 
 
 def _stage(name: str, rec: dict[str, Any]) -> dict[str, Any]:
@@ -35,13 +47,19 @@ def build(state: dict[str, Any], status: str, message: str, parent: str,
     stages = state.get("stages", {})
     ev = stages.get("evaluate", {}).get("out", {})
     gate = stages.get("gate", {}).get("out", {})
+    task = ev.get("task", "classify")
+    # an embedding model's gate compares each version's logged holdout metrics; the
+    # side-by-side table is the evaluate stage's, both scored on the new holdout
+    side = ev if task == "embed" else {"challenger": gate.get("challenger_metrics")
+                                       or ev.get("challenger"),
+                                       "champion": gate.get("champion_metrics")
+                                       or ev.get("champion")}
     return {
         "pipeline_id": state.get("pipeline_id"), "model": state.get("model"),
         "status": status, "exit_code": EXIT_CODES[status], "message": message,
         "snapshot": {**state.get("snapshot", {}), "checks": state.get("checks", [])},
         "stages": [_stage(n, stages[n]) for n in state.get("order", []) if n in stages],
-        "challenger": gate.get("challenger_metrics") or ev.get("challenger"),
-        "champion": gate.get("champion_metrics") or ev.get("champion"),
+        "task": task, "challenger": side.get("challenger"), "champion": side.get("champion"),
         "evaluation": {k: ev.get(k) for k in ("challenger", "champion")} if ev else None,
         "champion_version": ev.get("champion_version"),
         "gate": {k: gate.get(k) for k in ("decision", "reason", "version")} if gate else None,
@@ -63,10 +81,9 @@ def markdown(doc: dict[str, Any]) -> str:
              f"{snap.get('samples')} samples",
              f"- MLflow parent run: `{doc['mlflow']['parent_run_id']}` at "
              f"`{doc['mlflow']['tracking_uri']}`"]
-    drift = doc.get("drift")
-    if drift and drift.get("drifted"):
-        lines += ["", f"**DRIFT**: the champion's accuracy on the new holdout is "
-                  f"{drift['champion_accuracy']:.4f}, below the floor {drift['floor']:g}."]
+    drift = drift_line(doc.get("drift"))
+    if drift:
+        lines += ["", f"**DRIFT**: {drift}."]
     lines += ["", "## Snapshot checks", "", "| check | ok | finding |", "|---|---|---|"]
     lines += [f"| {c['check']} | {'yes' if c['ok'] else 'NO'} | {c['finding']} |"
               for c in snap.get("checks", [])]
@@ -82,7 +99,7 @@ def markdown(doc: dict[str, Any]) -> str:
                   f"| metric | challenger | champion{' v' + champ if champ else ' (none)'} |",
                   "|---|---|---|"]
         lines += [f"| {k} | {_fmt(doc['challenger'], k)} | {_fmt(doc.get('champion'), k)} |"
-                  for k in SHOWN]
+                  for k in SHOWN[doc.get("task", "classify")]]
     if doc.get("gate"):
         g = doc["gate"]
         lines += ["", "## Gate", "", f"v{g.get('version')}: **{g.get('decision')}**: "

@@ -59,7 +59,11 @@ def _against_previous(new: dict[str, Any], old: dict[str, Any],
         out.append(("sample_count", ok, f"{new['samples']} samples, {change:.1%} change from "
                     f"previous {old['samples']} ({'<=' if ok else '>'} "
                     f"{lim.max_sample_change:.1%})"))
-    if lim.max_class_share_change is not None and out[1][1]:
+    if lim.max_class_share_change is not None and not (new["labeled"] and old["labeled"]):
+        out.append(("class_balance", True, "skipped: no labels in "
+                    + ("this or the previous snapshot" if new["labeled"] or old["labeled"]
+                       else "either snapshot (an unlabeled corpus)")))
+    elif lim.max_class_share_change is not None and out[1][1]:
         a, b = _shares(new), _shares(old)
         b += [0.0] * (len(a) - len(b))
         worst = max(range(len(a)), key=lambda i: abs(a[i] - b[i]), default=0)
@@ -74,13 +78,16 @@ def _against_previous(new: dict[str, Any], old: dict[str, Any],
 def check(new: dict[str, Any], old: dict[str, Any] | None,
           lim: SnapshotChecks) -> list[tuple[str, bool, str]]:
     """Every configured check as ``(name, passed, finding)``; absolute limits always,
-    the comparisons only when a previous profile exists."""
+    the comparisons only when a previous profile exists. The class checks need labels:
+    on an unlabeled snapshot (a text corpus, unlabeled images) they pass as skipped."""
     out: list[tuple[str, bool, str]] = []
     if lim.min_samples is not None:
         ok = new["samples"] >= lim.min_samples
         out.append(("min_samples", ok, f"{new['samples']} samples "
                     f"{'>=' if ok else '<'} {lim.min_samples}"))
-    if lim.min_class_share is not None:
+    if lim.min_class_share is not None and not new["labeled"]:
+        out.append(("min_class_share", True, "skipped: the snapshot has no labels"))
+    elif lim.min_class_share is not None:
         shares = _shares(new)
         low = min(range(len(shares)), key=shares.__getitem__, default=0)
         ok = bool(shares) and shares[low] >= lim.min_class_share

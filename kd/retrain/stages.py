@@ -175,26 +175,56 @@ def distill(ctx: Context) -> dict[str, Any]:
             "workers": dexp.scaling.num_workers}
 
 
+DRIFT_METRIC = {"classify": "accuracy", "embed": "cosine"}  # what retrain.drift_floor bounds
+
+
+def _embed_pair(ctx: Context) -> tuple[dict[str, float], dict[str, float] | None]:
+    """An embedding student and the champion, both on the new holdout against the same
+    teacher (`kd.train.embed_eval.evaluate_embed`); the champion rebuilt from its
+    registered, sha256-verified files."""
+    from kd.registry.loader import build_module
+    from kd.registry.promote import fetch_version
+    from kd.registry.store import registry_client
+    from kd.train.assemble import primary_teacher
+    from kd.train.embed_eval import evaluate_embed
+    from kd.train.run import model_from_weights
+
+    teacher = primary_teacher(ctx.exp, ctx.splits)
+    model, _ = model_from_weights(ctx.state.out("distill")["weights"])
+    new = evaluate_embed(ctx.exp, model, ctx.splits.holdout, teacher)
+    if ctx.champion is None:
+        return new, None
+    data, _ = fetch_version(registry_client(ctx.uri), ctx.champion)
+    module, _ = build_module(data, verify=False)  # fetch_version verified the files
+    return new, evaluate_embed(ctx.exp, module.eval(), ctx.splits.holdout, teacher)
+
+
 def evaluate(ctx: Context) -> dict[str, Any]:
     """The new student and the current champion on the same new holdout; drift when the
-    champion's accuracy there is below ``retrain.drift_floor``."""
+    champion's `DRIFT_METRIC` there (accuracy; an embedding model: cosine to the
+    teacher) is below ``retrain.drift_floor``."""
     from kd.registry.promote import score_version
     from kd.registry.register import teacher_and_holdout
     from kd.registry.store import registry_client
     from kd.train.run import evaluate_weights
 
-    new = evaluate_weights(ctx.exp, ctx.state.out("distill")["weights"])
     old, version = None, None
+    if ctx.exp.task == "embed":
+        new, old = _embed_pair(ctx)
+    else:
+        new = evaluate_weights(ctx.exp, ctx.state.out("distill")["weights"])
+        if ctx.champion is not None:
+            t, x, y = teacher_and_holdout(ctx.exp)
+            old = score_version(registry_client(ctx.uri), ctx.champion, ctx.exp, t, x, y)
     if ctx.champion is not None:
-        t, x, y = teacher_and_holdout(ctx.exp)
-        old = score_version(registry_client(ctx.uri), ctx.champion, ctx.exp, t, x, y)
         version = str(ctx.champion.version)
-    floor = ctx.retrain.drift_floor
+    floor, metric = ctx.retrain.drift_floor, DRIFT_METRIC[ctx.exp.task]
     drift = None
-    if floor is not None and old is not None:
-        drift = {"floor": floor, "champion_accuracy": old["accuracy"],
-                 "drifted": old["accuracy"] < floor}
-    return {"challenger": new, "champion": old, "champion_version": version, "drift": drift}
+    if floor is not None and old is not None and metric in old:
+        drift = {"floor": floor, "metric": metric, "champion": old[metric],
+                 "drifted": old[metric] < floor}
+    return {"challenger": new, "champion": old, "champion_version": version, "drift": drift,
+            "task": ctx.exp.task}
 
 
 def register(ctx: Context) -> dict[str, Any]:

@@ -85,14 +85,23 @@ def check_tokenizers(exp: Experiment) -> None:
 
 
 def embedding_width(exp: Experiment, sample: torch.Tensor) -> int:
-    """The teacher's embedding width: ``hidden_size`` of a pretrained model's config, or
-    the output width of one forward of ``sample`` through the built teacher."""
+    """The teacher's embedding width: ``hidden_size`` of a pretrained model's config, the
+    ``kd.num_classes`` its weights file records (a kdflow-trained teacher, whose output
+    width is that number), or the output width of one forward of ``sample`` through the
+    built teacher."""
     if exp.teacher is None:
         raise InputError("task: embed needs a teacher: its embeddings are the targets")
     if exp.teacher.model in PRETRAINED and "path" in exp.teacher.args:
         cfg = json.loads((model_dir(str(exp.teacher.args["path"])) / "config.json").read_text())
         if "hidden_size" in cfg:
             return int(cfg["hidden_size"])
+    if exp.teacher.weights:
+        from kd.models.weights import read_metadata, resolve
+
+        path = resolve(exp.teacher.weights)
+        width = read_metadata(path).get("kd.num_classes", "") if path.suffix == ".safetensors" else ""
+        if width.isdigit():
+            return int(width)
     from kd.train.assemble import build_spec
 
     model = build_spec(exp.teacher, "teacher", tuple(sample.shape[1:]), 1, load_weights=True)
