@@ -119,6 +119,38 @@ def test_local_folder_keyed_by_file_and_row(champion: str, tmp_path: Path) -> No
         np.testing.assert_allclose(part[[f"p{i}" for i in range(10)]].to_numpy(), want, atol=1e-5)
 
 
+def test_as_many_actors_as_cpus_still_leaves_the_read_tasks_room(champion: str,
+                                                                tmp_path: Path) -> None:
+    """``--concurrency 2`` on the session's 2-CPU Ray: whole-CPU actors would hold every
+    CPU and the read tasks (0.25 CPU) could never run, a hang. The actors take less, say
+    so, and the job finishes. A real `kd predict` process on the session's cluster, killed
+    if it hangs."""
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+    import ray
+
+    x = np.random.default_rng(2).random((300, WIDTH), dtype=np.float32)
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        pd.DataFrame({"x": list(x[i * 100:(i + 1) * 100])}).to_parquet(tmp_path / "in" / f"{i}.parquet")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, "-m", "kd.cli", "predict", champion, "--input",
+                           str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                           "--concurrency", "2", "--batch-size", "50"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "--concurrency 2 on 2 CPUs: each actor reserves 0.875 CPU" in proc.stdout + proc.stderr
+    out = read_output(str(tmp_path / "out"))
+    assert len(out) == 300
+    for i in range(3):
+        part = out[out["file"] == str(tmp_path / "in" / f"{i}.parquet")].sort_values("row")
+        want = reference(champion, x[i * 100:(i + 1) * 100])
+        np.testing.assert_allclose(part[[f"p{k}" for k in range(10)]].to_numpy(), want, atol=1e-5)
+
+
 def test_rerun_refused_then_overwrite_replaces(champion: str, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """A second job into the same output is refused (one line, exit 2, nothing deleted);

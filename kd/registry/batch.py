@@ -176,6 +176,27 @@ def pin_model(uri: str) -> tuple[str, dict[str, Any]]:
     return pinned, json.loads((folder / DATA_DIR / CONFIG).read_text())
 
 
+def actor_cpus(concurrency: int) -> float:
+    """The CPUs each predictor actor reserves: 1, or less when ``concurrency`` whole-CPU
+    actors would leave the cluster no room for a read task (`data_task_cpus`): the actors
+    would then wait forever for rows no read task can produce. Says so in one line; a
+    share below 0.1 CPU is an `InputError` naming ``--concurrency``."""
+    import ray
+
+    from kd.data.stream import data_task_cpus
+
+    total, read = ray.cluster_resources().get("CPU", 0.0), data_task_cpus()
+    if concurrency + read <= total:
+        return 1.0
+    share = (total - read) / concurrency
+    if share < 0.1:
+        raise InputError(f"--concurrency {concurrency}: the Ray cluster has {total:g} CPUs, too "
+                         f"few for {concurrency} actors and the read tasks ({read:g} CPU each)")
+    print(f"[kd] --concurrency {concurrency} on {total:g} CPUs: each actor reserves "
+          f"{share:.3g} CPU, so the read tasks ({read:g} CPU) can run", flush=True)
+    return share
+
+
 def check_output(output: str, endpoint: str | None = None) -> None:
     """The output folder / ``s3://`` prefix accepts writes (one line naming it if not)."""
     storage.check_writable(output, endpoint, what=f"--output {output}")
@@ -209,12 +230,13 @@ def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = 
     job = uuid.uuid4().hex[:8]
     import ray.data
 
+    cpus = actor_cpus(concurrency)
     ds = dataset(plan).map_batches(
         udf, fn_constructor_kwargs={"model_uri": pinned, "tracking_uri": tracking_uri(),
                                           "use_gpu": gpus_per_worker > 0},
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_cpus=1, num_gpus=gpus_per_worker or None)
+        num_cpus=cpus, num_gpus=gpus_per_worker or None)
     fs, path = storage.arrow_fs(output, endpoint)
     # a read task's InputError arrives wrapped by Ray; raised once the actors are released
     run_pool(lambda: ds.write_parquet(path, filesystem=fs, filename_provider=filenames(job)))
