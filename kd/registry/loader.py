@@ -175,18 +175,26 @@ def to_texts(data: Any) -> list[str]:
 def embed_texts(module: nn.Module, tokenizer: Any, texts: list[str], max_length: int,
                 batch_size: int = PREDICT_BATCH) -> np.ndarray:
     """float32 ``[N, D]``: ``module(ids)`` for ``ids = tokenizer.encode(texts, max_length)``
-    (cut to ``max_length`` like training), in batches whose trailing all-pad columns are
-    dropped (exact: the models mask tokens by the pad id)."""
-    outs = []
+    (cut to ``max_length`` like training), row i for text i. The rows are forwarded
+    longest first, ``batch_size`` at a time, each batch cut after its last non-pad
+    column: texts of similar length share a batch, so little is padding (exact: the
+    models mask tokens by the pad id)."""
+    if not texts:
+        raise ValueError("predict: no texts given")
+    ids, _ = tokenizer.encode(texts, max_length)
+    order = np.argsort(-(ids != tokenizer.pad_id).sum(1), kind="stable")
+    out: np.ndarray | None = None
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
-            ids, _ = tokenizer.encode(texts[i:i + batch_size], max_length)
-            real = (ids != tokenizer.pad_id).any(0).nonzero()[0]
-            ids = ids[:, :int(real.max()) + 1 if len(real) else 1]
-            outs.append(module(torch.as_tensor(ids)).float().numpy())
-    if not outs:
-        raise ValueError("predict: no texts given")
-    return np.concatenate(outs).astype(np.float32, copy=False)
+            rows = order[i:i + batch_size]
+            chunk = ids[rows]
+            real = (chunk != tokenizer.pad_id).any(0).nonzero()[0]
+            chunk = chunk[:, :int(real.max()) + 1 if len(real) else 1]
+            emb = module(torch.as_tensor(chunk)).float().numpy()
+            if out is None:
+                out = np.empty((len(texts), emb.shape[1]), np.float32)
+            out[rows] = emb
+    return out
 
 
 def to_batch(data: Any, input_shape: tuple[int, ...], integer: bool) -> torch.Tensor:
