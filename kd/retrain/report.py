@@ -47,19 +47,14 @@ def build(state: dict[str, Any], status: str, message: str, parent: str,
     stages = state.get("stages", {})
     ev = stages.get("evaluate", {}).get("out", {})
     gate = stages.get("gate", {}).get("out", {})
-    task = ev.get("task", "classify")
-    # an embedding model's gate compares each version's logged holdout metrics; the
-    # side-by-side table is the evaluate stage's, both scored on the new holdout
-    side = ev if task == "embed" else {"challenger": gate.get("challenger_metrics")
-                                       or ev.get("challenger"),
-                                       "champion": gate.get("champion_metrics")
-                                       or ev.get("champion")}
     return {
         "pipeline_id": state.get("pipeline_id"), "model": state.get("model"),
         "status": status, "exit_code": EXIT_CODES[status], "message": message,
         "snapshot": {**state.get("snapshot", {}), "checks": state.get("checks", [])},
         "stages": [_stage(n, stages[n]) for n in state.get("order", []) if n in stages],
-        "task": task, "challenger": side.get("challenger"), "champion": side.get("champion"),
+        "task": ev.get("task", "classify"),
+        "challenger": gate.get("challenger_metrics") or ev.get("challenger"),
+        "champion": gate.get("champion_metrics") or ev.get("champion"),
         "evaluation": {k: ev.get(k) for k in ("challenger", "champion")} if ev else None,
         "champion_version": ev.get("champion_version"),
         "gate": {k: gate.get(k) for k in ("decision", "reason", "version")} if gate else None,
