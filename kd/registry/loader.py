@@ -178,11 +178,12 @@ def embed_texts(module: nn.Module, tokenizer: Any, texts: list[str], max_length:
     (cut to ``max_length`` like training), row i for text i. The rows are forwarded
     longest first, ``batch_size`` at a time, each batch cut after its last non-pad
     column: texts of similar length share a batch, so little is padding (exact: the
-    models mask tokens by the pad id)."""
+    models mask tokens by the pad id). The ids are moved to the module's device."""
     if not texts:
         raise ValueError("predict: no texts given")
     ids, _ = tokenizer.encode(texts, max_length)
     order = np.argsort(-(ids != tokenizer.pad_id).sum(1), kind="stable")
+    device = next(module.parameters()).device  # ids go where the module is (a GPU actor)
     out: np.ndarray | None = None
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
@@ -190,7 +191,7 @@ def embed_texts(module: nn.Module, tokenizer: Any, texts: list[str], max_length:
             chunk = ids[rows]
             real = (chunk != tokenizer.pad_id).any(0).nonzero()[0]
             chunk = chunk[:, :int(real.max()) + 1 if len(real) else 1]
-            emb = module(torch.as_tensor(chunk)).float().numpy()
+            emb = module(torch.as_tensor(chunk).to(device)).float().cpu().numpy()
             if out is None:
                 out = np.empty((len(texts), emb.shape[1]), np.float32)
             out[rows] = emb
