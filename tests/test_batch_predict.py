@@ -117,6 +117,15 @@ def test_local_folder_keyed_by_file_and_row(champion: str, tmp_path: Path) -> No
         assert (part["idx"].to_numpy() == key_idx(None, rel, 0, len(x))).all()
         want = reference(champion, x)
         np.testing.assert_allclose(part[[f"p{i}" for i in range(10)]].to_numpy(), want, atol=1e-5)
+    # --precision bf16: the actors run bf16 weights under autocast; float32 probabilities
+    assert kd_run(["predict", champion, "--input", str(tmp_path / "in"), "--precision", "bf16",
+                   "--output", str(tmp_path / "bf16"), "--batch-size", "16"]) == 0
+    out16 = read_output(str(tmp_path / "bf16")).sort_values(["file", "row"])
+    fp32 = out.sort_values(["file", "row"])
+    p16, p32 = (o[[f"p{i}" for i in range(10)]].to_numpy() for o in (out16, fp32))
+    assert p16.dtype == np.float32 and np.abs(p16 - p32).max() < 0.02
+    assert not np.allclose(p16, p32, atol=1e-6)  # bf16 really ran
+    assert (out16["pred"].to_numpy() == fp32["pred"].to_numpy()).mean() >= 0.95
 
 
 def test_as_many_actors_as_cpus_still_leaves_the_read_tasks_room(champion: str,

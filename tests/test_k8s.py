@@ -290,7 +290,7 @@ def test_shipped_experiments_are_valid_kdflow_configs() -> None:
 
 
 SERVE_ARGS = {"name", "alias", "poll_interval_s", "tracking_uri", "max_batch_size",
-              "batch_wait_timeout_s", "num_replicas", "webhook_secret_env"}  # kd.serve.app:build
+              "batch_wait_timeout_s", "num_replicas", "webhook_secret_env", "precision"}  # build
 
 
 def test_rayservice_runs_the_serve_app(tools: Path) -> None:
@@ -308,7 +308,7 @@ def test_rayservice_runs_the_serve_app(tools: Path) -> None:
     assert app["args"] == {"name": "digits-student", "alias": "champion", "poll_interval_s": 5,
                            "tracking_uri": "http://kdflow-mlflow:5000", "num_replicas": 2,
                            "max_batch_size": 128, "batch_wait_timeout_s": 0.005,
-                           "webhook_secret_env": "KD_WEBHOOK_SECRET"}
+                           "webhook_secret_env": "KD_WEBHOOK_SECRET", "precision": "bf16"}
     assert cfg["http_options"] == {"host": "0.0.0.0", "port": 8000}
     cluster = rs["spec"]["rayClusterConfig"]
     assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
@@ -359,6 +359,7 @@ def test_predict_rayjob_is_a_valid_kd_predict(tools: Path) -> None:
     assert (args.batch_size, args.concurrency, args.gpus_per_worker, args.key) == (
         2048, 4, 0.5, "order_id")
     assert args.overwrite  # a retry replaces the failed attempt's rows (batch_output)
+    assert args.precision == "bf16"
     spec = job["spec"]
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] == 3600
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
@@ -373,6 +374,7 @@ def test_predict_rayjob_is_a_valid_kd_predict(tools: Path) -> None:
     assert "tolerations" not in worker
     assert "nvidia.com/gpu" not in worker["containers"][0]["resources"]["limits"]
     assert "--gpus-per-worker" not in job["spec"]["entrypoint"]
+    assert "--precision" not in job["spec"]["entrypoint"]  # fp32, the default
 
 
 def test_serving_only_release(tools: Path) -> None:

@@ -173,6 +173,7 @@ def test_predict_and_health(app: SimpleNamespace, versions: SimpleNamespace) -> 
     assert code == 200
     assert health["model"] == NAME and health["alias"] == "champion"
     assert health["version"] == "1" and health["registry"] == "ok"
+    assert health["precision"] == "fp32"
     assert abs(health["checked_at"] - time.time()) < 60
 
 
@@ -188,6 +189,33 @@ def test_bad_requests(app: SimpleNamespace, body: bytes, status: int, reason: st
     code, out = http(app.url + "/predict", raw=body)
     assert code == status, out
     assert set(out) == {"error"} and reason in out["error"] and "\n" not in out["error"]
+
+
+def test_bf16_app_beside_the_fp32_one(app: SimpleNamespace, versions: SimpleNamespace,
+                                      registry: SimpleNamespace) -> None:
+    """``precision: bf16`` (``kd serve --precision bf16``): a second application on
+    ``/bf16`` serves the same version with bf16 weights; its probabilities are float32,
+    close to the fp32 app's but not equal, with the same classes; /health says bf16. A bad
+    precision is one line before anything is deployed."""
+    from ray import serve
+
+    from kd.errors import InputError
+    from kd.serve.run import deploy
+
+    with pytest.raises(InputError, match="precision must be one of fp32, bf16; got 'fp16'"):
+        deploy("kd-serve-bad", {"name": NAME, "tracking_uri": registry.url, "precision": "fp16"})
+    assert deploy("kd-serve-bf16", {"name": NAME, "tracking_uri": registry.url, "num_cpus": 0,
+                                    "precision": "bf16"}, route_prefix="/bf16") == "1"
+    try:
+        code, b = http(app.url + "/bf16/predict", {"inputs": versions.x})
+        assert code == 200, b
+        f = http(app.url + "/predict", {"inputs": versions.x})[1]
+        assert b["version"] == f["version"] == "1" and b["predictions"] == f["predictions"]
+        pb, pf = np.asarray(b["probabilities"]), np.asarray(f["probabilities"])
+        assert np.abs(pb - pf).max() < 0.02 and not np.allclose(pb, pf, atol=1e-6)
+        assert http(app.url + "/bf16/health")[1]["precision"] == "bf16"
+    finally:
+        serve.delete("kd-serve-bf16")
 
 
 class Load:

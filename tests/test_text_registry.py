@@ -52,6 +52,19 @@ out = {"list": m.predict(texts).tolist(),
        "frame": m.predict(pd.DataFrame({"text": texts})).tolist(),
        "array": m.predict(np.array(texts)).tolist(),
        "kd_imported": "kd" in sys.modules}
+b = mlflow.pyfunc.load_model(uri, model_config={"precision": "bf16"})
+out["bf16"] = b.predict(texts).tolist()
+out["bf16_dtype"] = str(next(b.get_raw_model().module.parameters()).dtype)
+import os
+os.environ["MLFLOW_PYFUNC_INFERENCE_CONFIG"] = '{"precision": "bf16"}'
+e = mlflow.pyfunc.load_model(uri)
+out["env_dtype"] = str(next(e.get_raw_model().module.parameters()).dtype)
+del os.environ["MLFLOW_PYFUNC_INFERENCE_CONFIG"]
+try:
+    mlflow.pyfunc.load_model(uri, model_config={"precision": "fp16"})
+    out["fp16"] = "accepted"
+except Exception as e:
+    out["fp16"] = f"{type(e).__name__}: {e}"
 try:
     m.predict([texts[0], "  "])
     out["empty"] = "accepted"
@@ -216,6 +229,12 @@ def test_register_embed_model_and_consume(text_run: SimpleNamespace, text_champi
     assert np.array(got["list"]).shape == (len(TEXTS), D)
     assert not got["kd_imported"]
     assert "row 1 is an empty text" in got["empty"] and "accepted" not in got["empty"]
+    # model_config={"precision": "bf16"}: bf16 weights, float32 embeddings close to fp32's
+    bf16 = np.array(got["bf16"])
+    assert got["bf16_dtype"] == got["env_dtype"] == "torch.bfloat16"
+    cos = (bf16 * want).sum(1) / np.linalg.norm(bf16, axis=1) / np.linalg.norm(want, axis=1)
+    assert cos.min() > 0.999 and not np.allclose(bf16, want, atol=1e-6), cos
+    assert got["fp16"] == "ValueError: precision: expected one of fp32, bf16, got 'fp16'"
     net = mlflow.pytorch.load_model(f"models:/{text_champion}/1")  # torch.export traces text_encoder
     ids, _ = load_tokenizer(TOKENIZER).encode(TEXTS, L)
     with torch.no_grad():
@@ -280,7 +299,15 @@ def test_predict_cli_embeds_text_files(text_run: SimpleNamespace, text_champion:
     assert kd_run(["predict", uri, "--input", str(tmp_path / "in.csv"),
                    "--output", str(tmp_path / "out.npy")]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), want, atol=1e-5)
+    assert kd_run(["predict", uri, "--input", str(tmp_path / "in.jsonl"), "--precision", "bf16",
+                   "--output", str(tmp_path / "bf16.npy")]) == 0
+    got = np.load(tmp_path / "bf16.npy")
+    cos = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert got.dtype == np.float32 and cos.min() > 0.999, cos
     capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        kd_run(["predict", uri, "--input", str(tmp_path / "in.jsonl"), "--precision", "fp8"])
+    assert e.value.code == 2 and "--precision: invalid choice: 'fp8'" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": ""}\n')
     assert kd_run(["predict", uri, "--input", str(tmp_path / "bad.jsonl")]) == 2
     assert "bad.jsonl: row 1 is an empty text" in capsys.readouterr().err

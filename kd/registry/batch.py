@@ -41,6 +41,7 @@ from kd import storage
 from kd.errors import InputError
 from kd.registry.batch_output import SUCCESS, check_fresh, filenames, mark_done, written
 from kd.registry.batch_read import FileTask, ReadPlan, check_head, dataset, key_column, list_inputs
+from kd.registry.loader import PRECISIONS
 
 DEFAULT_BATCH = 1024
 TEXT_FORMATS = ("txt", "jsonl")  # text only; parquet / csv may hold either
@@ -80,29 +81,21 @@ def class_names(cfg: dict[str, Any]) -> list[str] | None:
 
 class Predictor:
     """The ``map_batches`` callable class: loads ``models:/NAME/V`` once per actor (sha256
-    verified, `kd.registry.predict.load_registered`), then turns each numpy batch's ``x``
-    into ``pred``, ``p0..`` (and ``label``); the key columns pass through unchanged."""
+    verified, `kd.registry.predict.load_registered`, in ``precision``), then turns each
+    numpy batch's ``x`` into ``pred``, ``p0..`` (and ``label``); the key columns pass
+    through unchanged."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, use_gpu: bool = False) -> None:
-        import torch
-
+    def __init__(self, model_uri: str, tracking_uri: str, use_gpu: bool = False,
+                 precision: str = "fp32") -> None:
         from kd.registry.predict import load_registered
 
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri  # an actor may lack the driver's env
-        self.model = load_registered(model_uri)
-        self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.model.module.to(self.device)
+        self.model = load_registered(model_uri, precision).to("cuda" if use_gpu else "cpu")
         self.labels = class_names(self.model.config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Probabilities of ``batch["x"]``; ``x`` is dropped from the output."""
-        import torch
-
-        from kd.registry.loader import to_batch
-
-        x = to_batch(batch.pop("x"), self.model.input_shape, self.model.integer)
-        with torch.no_grad():
-            probs = self.model.module(x.to(self.device)).float().softmax(-1).cpu().numpy()
+        probs = self.model.predict(batch.pop("x"))
         pred = probs.argmax(1).astype(np.int64)
         batch["pred"] = pred
         if self.labels is not None:
@@ -114,16 +107,15 @@ class Predictor:
 
 class Embedder:
     """The ``map_batches`` class of an embed model: ``text`` in, ``embedding`` out (the
-    registered model's ``predict``: its tokenizer, cut to its ``max_length``); the key
-    columns pass through unchanged."""
+    registered model's ``predict`` in ``precision``: its tokenizer, cut to its
+    ``max_length``); the key columns pass through unchanged."""
 
-    def __init__(self, model_uri: str, tracking_uri: str, use_gpu: bool = False) -> None:
+    def __init__(self, model_uri: str, tracking_uri: str, use_gpu: bool = False,
+                 precision: str = "fp32") -> None:
         from kd.registry.predict import load_registered
 
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
-        self.model = load_registered(model_uri)
-        if use_gpu:
-            self.model.module.to("cuda")
+        self.model = load_registered(model_uri, precision).to("cuda" if use_gpu else "cpu")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         """An arrow table: the key columns and ``embedding`` of ``batch["text"]``."""
@@ -205,8 +197,9 @@ def check_output(output: str, endpoint: str | None = None) -> None:
 def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = DEFAULT_BATCH,
                   concurrency: int = 1, gpus_per_worker: float = 0.0, key: str | None = None,
                   endpoint: str | None = None, overwrite: bool = False,
-                  text_column: str = "text") -> BatchReport:
-    """Run the batch job (module docstring); returns what it wrote. Bad input (no file
+                  text_column: str = "text", precision: str = "fp32") -> BatchReport:
+    """Run the batch job (module docstring), the model in ``precision`` on every actor;
+    returns what it wrote. Bad input (no file
     matches, a missing key or text column, a wrong row width, a blank text, text files for
     a model of numbers or the reverse, an unwritable output, a bad model URI, earlier
     output without ``overwrite``: `batch_output`) is an `InputError` with one line."""
@@ -216,6 +209,8 @@ def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = 
 
     if batch_size < 1 or concurrency < 1 or gpus_per_worker < 0:
         raise InputError("--batch-size and --concurrency must be >= 1, --gpus-per-worker >= 0")
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     endpoint = storage.endpoint_url(endpoint)
     pinned, cfg = pin_model(model)
     plan, udf = read_plan(list_inputs(inputs, endpoint), cfg, key, text_column)
@@ -233,7 +228,8 @@ def predict_batch(model: str, inputs: list[str], output: str, batch_size: int = 
     cpus = actor_cpus(concurrency)
     ds = dataset(plan).map_batches(
         udf, fn_constructor_kwargs={"model_uri": pinned, "tracking_uri": tracking_uri(),
-                                          "use_gpu": gpus_per_worker > 0},
+                                          "use_gpu": gpus_per_worker > 0,
+                                          "precision": precision},
         batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=cpus, num_gpus=gpus_per_worker or None)

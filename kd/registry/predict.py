@@ -20,8 +20,9 @@ from kd.registry.loader import DATA_DIR, StudentModel, load_student
 OUT_FORMATS = (".npz", ".csv", ".parquet")
 
 
-def load_registered(uri: str) -> StudentModel:
-    """The registered student behind ``uri`` (verified), wrapped for prediction."""
+def load_registered(uri: str, precision: str = "fp32") -> StudentModel:
+    """The registered student behind ``uri`` (verified), wrapped for prediction in
+    ``precision`` (`kd.registry.loader.PRECISIONS`)."""
     if uri.startswith("models:/"):
         from kd.registry.store import fetch_verified
 
@@ -31,7 +32,7 @@ def load_registered(uri: str) -> StudentModel:
         if not (folder / DATA_DIR).is_dir():
             raise InputError(f"{uri}: not a models:/ URI or a downloaded kdflow model folder")
     try:
-        return load_student(folder / DATA_DIR)
+        return load_student(folder / DATA_DIR, precision=precision)
     except ValueError as e:  # ChecksumError for a local folder
         raise InputError(f"{uri}: {e}") from None
 
@@ -47,10 +48,12 @@ def read_inputs(path: str) -> np.ndarray:
     return x
 
 
-def predict_file(uri: str, input_path: str, output: str | None = None) -> np.ndarray:
+def predict_file(uri: str, input_path: str, output: str | None = None,
+                 precision: str = "fp32") -> np.ndarray:
     """Probabilities ``[N, C]`` for ``input_path``; written to ``output`` or printed
-    (an embedding model: embeddings ``[N, D]``, `kd.registry.predict_text.predict_texts`)."""
-    model = load_registered(uri)
+    (an embedding model: embeddings ``[N, D]``, `kd.registry.predict_text.predict_texts`);
+    the model runs in ``precision``."""
+    model = load_registered(uri, precision)
     if model.task == "embed":
         from kd.registry.predict_text import predict_texts
 

@@ -2,7 +2,9 @@
 
 The logged model directory (see docs/registry.md)::
 
-    MLmodel             flavors: python_function (loader_module kdflow_model_loader), pytorch (pt2)
+    MLmodel             flavors: python_function (loader_module kdflow_model_loader,
+                        model_config {precision: fp32}: `load_model(uri, model_config=...)`
+                        may set bf16), pytorch (pt2)
     data/student/{model.safetensors,kd_model.json}  the weights of record + architecture
     data/student/tokenizer.json  (text embedding models: `kd.registry.embed`)
     code/kdflow_model_loader/...  kd.registry.loader and the model families (torch only)
@@ -88,7 +90,8 @@ def _save_flavors(path: str, mlflow_model: Any, data_dir: str, code_dir: str, ca
             *extra_reqs]
     mlflow.pyfunc.save_model(path, loader_module=serving.LOADER_MODULE, data_path=data_dir,
                              code_paths=[code_dir], mlflow_model=mlflow_model, signature=signature,
-                             input_example=input_example, pip_requirements=reqs)
+                             input_example=input_example, pip_requirements=reqs,
+                             model_config={"precision": "fp32"})  # overridable when loading
     Path(path, "model_card.md").write_text(card)
     if Path(plots_dir).is_dir():
         shutil.copytree(plots_dir, Path(path, "plots"))

@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from kd.errors import InputError
+from kd.registry.loader import PRECISIONS
 from kd.serve.model import MAX_ROWS, RequestError, Served, answer, load_version, parse_rows, parse_texts
 from kd.serve.watch import AliasWatcher, apply_user_config, resolve_alias
 from kd.serve.webhook import WebhookRejected, is_alias_event, verify
@@ -32,7 +33,7 @@ from kd.serve.webhook import WebhookRejected, is_alias_event, verify
 DEFAULTS: dict[str, Any] = {"alias": "champion", "poll_interval_s": 10.0, "tracking_uri": None,
                             "max_batch_size": 64, "batch_wait_timeout_s": 0.01,
                             "num_replicas": 1, "num_cpus": 1.0, "webhook_secret_env": None,
-                            "max_rows": MAX_ROWS}
+                            "max_rows": MAX_ROWS, "precision": "fp32"}
 
 
 @serve.deployment(name="Model")
@@ -40,13 +41,13 @@ class Model:
     """One version of the model; swapped in place by ``reconfigure``."""
 
     def __init__(self, name: str, tracking_uri: str, threads: int, max_batch_size: int,
-                 batch_wait_timeout_s: float) -> None:
+                 batch_wait_timeout_s: float, precision: str = "fp32") -> None:
         import torch
 
         torch.set_num_threads(max(1, threads))
         self._batched.set_max_batch_size(int(max_batch_size))
         self._batched.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
-        self.name, self.tracking_uri = name, tracking_uri
+        self.name, self.tracking_uri, self.precision = name, tracking_uri, precision
         self.served: Served | None = None
         self.swaps = 0
         self.error: str | None = None
@@ -59,7 +60,8 @@ class Model:
         if self.served is not None and self.served.version == version:
             return
         try:
-            new = await asyncio.to_thread(load_version, self.name, version, self.tracking_uri)
+            new = await asyncio.to_thread(load_version, self.name, version, self.tracking_uri,
+                                          self.precision)
         except Exception as e:
             if self.served is None:
                 raise
@@ -69,9 +71,10 @@ class Model:
         self.swaps += 1
 
     def info(self) -> dict[str, Any]:
-        """The served version, this replica's pid, how many swaps it made, the last error."""
+        """The served version, its precision, this replica's pid, how many swaps it made,
+        the last error."""
         return {"version": self.served.version if self.served else None, "pid": os.getpid(),
-                "swaps": self.swaps, "error": self.error}
+                "swaps": self.swaps, "error": self.error, "precision": self.precision}
 
     async def predict(self, inputs: Any, max_rows: int) -> dict[str, Any]:
         """The /predict body for ``inputs`` (a dict with ``status`` and ``error`` for a bad
@@ -153,7 +156,7 @@ class Ingress:
         if info.get("error") and status["registry"] == "ok":
             status["registry"] = info["error"]
         return _reply({"model": self.name, "alias": self.alias, "version": info["version"],
-                       **status})
+                       "precision": info["precision"], **status})
 
     async def _webhook(self, request: Request) -> JSONResponse:
         body = await request.body()
@@ -174,7 +177,8 @@ def build(args: dict[str, Any]) -> serve.Application:
     (required), ``alias``, ``poll_interval_s``, ``tracking_uri`` (default
     ``$MLFLOW_TRACKING_URI``), ``max_batch_size``, ``batch_wait_timeout_s``,
     ``num_replicas``, ``num_cpus`` (per Model replica; 0 is allowed), ``webhook_secret_env``,
-    ``max_rows``. Resolves the alias once: every replica starts on that version."""
+    ``max_rows``, ``precision`` (fp32 or bf16, `kd.registry.loader.PRECISIONS`).
+    Resolves the alias once: every replica starts on that version."""
     a = resolve_args(args)
     version = resolve_alias(a["name"], a["alias"], a["tracking_uri"])
     model = Model.options(
@@ -183,7 +187,7 @@ def build(args: dict[str, Any]) -> serve.Application:
         # Serve's default (5 in flight per replica) would cap a batch at 5 requests.
         max_ongoing_requests=4 * int(a["max_batch_size"]),
     ).bind(a["name"], a["tracking_uri"], max(1, int(float(a["num_cpus"]))),
-           int(a["max_batch_size"]), float(a["batch_wait_timeout_s"]))
+           int(a["max_batch_size"]), float(a["batch_wait_timeout_s"]), a["precision"])
     # One Ingress replica awaits the Model for every request in flight: no cap of its own.
     return Ingress.options(ray_actor_options={"num_cpus": 0},
                            max_ongoing_requests=INGRESS_IN_FLIGHT).bind(model, a, version)
@@ -201,6 +205,9 @@ def resolve_args(args: dict[str, Any]) -> dict[str, Any]:
         raise InputError("kd.serve.app:build args: name (the registered model) is required")
     a = {**DEFAULTS, **{k: v for k, v in args.items() if v is not None}}
     a["tracking_uri"] = a["tracking_uri"] or tracking_uri()
+    if a["precision"] not in PRECISIONS:
+        raise InputError(f"kd.serve.app:build args: precision must be one of "
+                         f"{', '.join(PRECISIONS)}; got {a['precision']!r}")
     for key in ("poll_interval_s", "batch_wait_timeout_s", "num_cpus"):
         try:
             if float(a[key]) < 0:

@@ -46,16 +46,17 @@ class Served:
         return self.student.input_shape
 
 
-def load_version(name: str, version: str, tracking_uri: str) -> Served:
-    """Download ``models:/name/version`` (verified), rebuild it; an `InputError` names what
-    failed (unknown version, checksum, unreachable registry)."""
+def load_version(name: str, version: str, tracking_uri: str, precision: str = "fp32") -> Served:
+    """Download ``models:/name/version`` (verified), rebuild it in ``precision``
+    (`kd.registry.loader.PRECISIONS`); an `InputError` names what failed (unknown
+    version, checksum, unreachable registry)."""
     from kd.registry.store import ModelRef, download_version, get_version, registry_client
 
     c = registry_client(tracking_uri)
     mv = get_version(c, ModelRef(name, version=str(version)))
     folder = download_version(c, mv, weights_only=True)
     try:
-        student = load_student(folder / DATA_DIR)  # an embed model's tokenizer with it
+        student = load_student(folder / DATA_DIR, precision=precision)  # + an embed model's tokenizer
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     labels = tuple(str(s) for s in student.config.get("class_names") or ())

@@ -90,7 +90,7 @@ def _http_address(host: str, port: int) -> tuple[str, int]:
 
 
 def serve_forever(name: str, alias: str, host: str, port: int, poll_interval_s: float,
-                  replicas: int, num_cpus: float | None = None) -> int:
+                  replicas: int, num_cpus: float | None = None, precision: str = "fp32") -> int:
     """What `kd serve` does (module docstring); returns 0 after a signal."""
     from ray import serve
 
@@ -100,7 +100,8 @@ def serve_forever(name: str, alias: str, host: str, port: int, poll_interval_s: 
     from kd.tracking import tracking_uri
 
     args: dict[str, Any] = {"name": name, "alias": alias, "poll_interval_s": poll_interval_s,
-                            "tracking_uri": tracking_uri(), "num_replicas": replicas}
+                            "tracking_uri": tracking_uri(), "num_replicas": replicas,
+                            "precision": precision}
     if num_cpus is not None:
         args["num_cpus"] = num_cpus
     resolve_alias(name, alias, resolve_args(args)["tracking_uri"])  # before starting anything
@@ -108,8 +109,8 @@ def serve_forever(name: str, alias: str, host: str, port: int, poll_interval_s: 
     serve.start(http_options={"host": host, "port": port})
     host, port = _http_address(host, port)
     version = deploy(name, args)
-    print(f"serving models:/{name}@{alias} version {version} at http://{host}:{port}",
-          flush=True)
+    print(f"serving models:/{name}@{alias} version {version} ({precision}) at "
+          f"http://{host}:{port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
