@@ -413,3 +413,49 @@ def test_batch_predict_embeds_text_files_as_a_ray_data_job(
     assert kd_run(["predict", uri, "--input", str(tmp_path / "bad" / "x.npz"), "--output",
                    f"{tmp_path / 'out4'}/"]) == 2
     assert "x.npz: holds no texts" in capsys.readouterr().err
+
+
+class CountingTeacher(torch.nn.Module):
+    """A teacher that counts the rows it encodes."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.rows = net, 0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.rows += len(ids)
+        return self.net(ids)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_versions_scored_together_share_one_teacher_pass(tmp_path: Path) -> None:
+    """`evaluate_embed_many` (the gate's and the retrain's challenger + champion): the
+    teacher encodes the holdout and the retrieval pairs once for both students, and each
+    student gets the metrics `evaluate_embed` gives it alone."""
+    from kd.train.embed_eval import evaluate_embed, evaluate_embed_many
+    from kd.train.text import run_splits
+
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"query": a, "doc": b}) + "\n"
+                                                  for a, b in zip(CORPUS[::2], CORPUS[1::2])))
+    exp = Experiment.model_validate({
+        "name": "text-many", "task": "embed",
+        "data": {"source": str(tmp_path / "train.jsonl"), "format": "jsonl",
+                 "text": {"tokenizer": TOKENIZER, "max_length": L,
+                          "retrieval": str(tmp_path / "pairs.jsonl")}},
+        "teacher": {"model": "text_encoder", "args": ARGS},
+        "student": {"model": "text_encoder", "args": ARGS}, "distill": {"ce_weight": 0.0}})
+    holdout = run_splits(exp).holdout
+    torch.manual_seed(0)
+    teacher = CountingTeacher(build_model("text_encoder", ARGS, (L,), D, 1.0).eval())
+    students = {k: build_model("text_encoder", ARGS, (L,), D, 1.0).eval() for k in ("a", "b")}
+    alone = {k: evaluate_embed(exp, m, holdout, teacher) for k, m in students.items()}
+    per_student, teacher.rows = teacher.rows / 2, 0
+    together = evaluate_embed_many(exp, students, holdout, teacher)
+    assert teacher.rows == per_student == len(holdout) + 2 * 30  # holdout + 30 queries + 30 docs
+    timed = {"latency_ms", "sentences_per_s"}
+    for k in students:
+        assert set(together[k]) == set(alone[k]) and {"cosine", "recall_at_10"} <= set(alone[k])
+        for key in set(alone[k]) - timed:
+            assert together[k][key] == pytest.approx(alone[k][key], abs=1e-6), key
+    assert together["a"]["cosine"] != together["b"]["cosine"]

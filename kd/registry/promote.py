@@ -206,23 +206,30 @@ def fetch_version(c: Any, mv: Any) -> tuple[Path, dict[str, Any]]:
     return folder / DATA_DIR, json.loads((folder / DATA_DIR / CONFIG).read_text())
 
 
-def score_version(c: Any, mv: Any, exp: Experiment, teacher: Any, x: Any,
-                  y: Any) -> dict[str, float]:
-    """Holdout metrics of a registered version (downloaded, sha256-verified, rebuilt) on
-    the holdout ``x`` of ``exp``: a classifier's by `kd.train.evaluate.evaluate`, an
-    embedding model's by `kd.train.embed_eval.evaluate_embed` (cosine to ``teacher``,
-    neighbours, retrieval), so challenger and champion are scored on the same rows."""
+def score_versions(c: Any, versions: list[Any], exp: Experiment, teacher: Any, x: Any,
+                   y: Any) -> list[dict[str, float]]:
+    """Holdout metrics of registered versions (each downloaded, sha256-verified, rebuilt) on
+    the holdout ``x`` of ``exp``, so all are scored on the same rows: a classifier's by
+    `kd.train.evaluate.evaluate`; embedding models' by
+    `kd.train.embed_eval.evaluate_embed_many` (cosine to ``teacher``, neighbours, retrieval)
+    together, in one pass in which the teacher encodes the holdout once."""
     from kd.registry.loader import build_module
 
-    data, cfg = fetch_version(c, mv)
-    module, _ = build_module(data, verify=False)
-    if cfg.get("task") == EMBED:
-        from kd.train.embed_eval import evaluate_embed
+    built = [build_module(fetch_version(c, mv)[0], verify=False) for mv in versions]
+    if built and all(cfg.get("task") == EMBED for _, cfg in built):
+        from kd.train.embed_eval import evaluate_embed_many
 
-        return evaluate_embed(exp, module, x, teacher)
+        got = evaluate_embed_many(exp, {str(i): m for i, (m, _) in enumerate(built)}, x, teacher)
+        return [got[str(i)] for i in range(len(built))]
     from kd.train.evaluate import evaluate
 
-    return evaluate(module, x, y, teacher)
+    return [evaluate(module, x, y, teacher) for module, _ in built]
+
+
+def score_version(c: Any, mv: Any, exp: Experiment, teacher: Any, x: Any,
+                  y: Any) -> dict[str, float]:
+    """`score_versions` of one version."""
+    return score_versions(c, [mv], exp, teacher, x, y)[0]
 
 
 def version_task(c: Any, mv: Any) -> str:
@@ -287,15 +294,14 @@ def promote(name: str, exp: Experiment | None = None, version: str | None = None
 def _score_pair(c: Any, new: Any, old: Any | None, exp: Experiment,
                 task: str) -> tuple[dict[str, float], dict[str, float] | None]:
     """Challenger and champion metrics, both scored on ``exp``'s holdout against its
-    primary teacher (`score_version`)."""
+    primary teacher, together (`score_versions`)."""
     teacher, x, y = teacher_and_holdout(exp)
-    new_m = score_version(c, new, exp, teacher, x, y)
     if old is not None and version_task(c, old) != task:
         print(f"[kd] champion v{old.version} is not a {task} model; the gate compares "
               "nothing with it", flush=True)
-        return new_m, None
-    old_m = score_version(c, old, exp, teacher, x, y) if old is not None else None
-    return new_m, old_m
+        old = None
+    got = score_versions(c, [new] if old is None else [new, old], exp, teacher, x, y)
+    return got[0], got[1] if old is not None else None
 
 
 def _record(c: Any, d: Decision) -> None:

@@ -180,23 +180,22 @@ DRIFT_METRIC = {"classify": "accuracy", "embed": "cosine"}  # what retrain.drift
 
 def _embed_pair(ctx: Context) -> tuple[dict[str, float], dict[str, float] | None]:
     """An embedding student and the champion, both on the new holdout against the same
-    teacher (`kd.train.embed_eval.evaluate_embed`); the champion rebuilt from its
-    registered, sha256-verified files."""
+    teacher in one pass (`kd.train.embed_eval.evaluate_embed_many`: the teacher encodes
+    the holdout once); the champion rebuilt from its registered, sha256-verified files."""
     from kd.registry.loader import build_module
     from kd.registry.promote import fetch_version
     from kd.registry.store import registry_client
     from kd.train.assemble import primary_teacher
-    from kd.train.embed_eval import evaluate_embed
+    from kd.train.embed_eval import evaluate_embed_many
     from kd.train.run import model_from_weights
 
     teacher = primary_teacher(ctx.exp, ctx.splits)
-    model, _ = model_from_weights(ctx.state.out("distill")["weights"])
-    new = evaluate_embed(ctx.exp, model, ctx.splits.holdout, teacher)
-    if ctx.champion is None:
-        return new, None
-    data, _ = fetch_version(registry_client(ctx.uri), ctx.champion)
-    module, _ = build_module(data, verify=False)  # fetch_version verified the files
-    return new, evaluate_embed(ctx.exp, module.eval(), ctx.splits.holdout, teacher)
+    models = {"new": model_from_weights(ctx.state.out("distill")["weights"])[0]}
+    if ctx.champion is not None:
+        data, _ = fetch_version(registry_client(ctx.uri), ctx.champion)
+        models["champion"] = build_module(data, verify=False)[0].eval()  # files verified
+    got = evaluate_embed_many(ctx.exp, models, ctx.splits.holdout, teacher)
+    return got["new"], got.get("champion")
 
 
 def evaluate(ctx: Context) -> dict[str, Any]:

@@ -68,52 +68,75 @@ def read_pairs(uri: str, endpoint: str | None = None) -> tuple[list[str], list[s
     return queries, docs
 
 
-def retrieval(exp: Experiment, model: nn.Module, teacher: nn.Module | None) -> dict[str, float]:
-    """Recall@1/@10 of student (and teacher) on ``data.text.retrieval`` pairs."""
+def retrieval_ids(exp: Experiment) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """Token ids of the ``data.text.retrieval`` queries and docs and the pad id (None
+    when the experiment names no retrieval file or tokenizer)."""
     text = exp.data.text
     if text is None or text.retrieval is None or text.tokenizer is None:
-        return {}
+        return None
     tok = load_tokenizer(text.tokenizer)
     queries, docs = read_pairs(text.retrieval, exp.storage.endpoint_url)
     q_ids, d_ids = (torch.as_tensor(tok.encode(t, text.max_length)[0]) for t in (queries, docs))
+    return q_ids, d_ids, tok.pad_id
 
-    def scores(m: nn.Module) -> dict[str, float]:
-        return recall_at_k(encode(m, q_ids, pad_id=tok.pad_id), encode(m, d_ids, pad_id=tok.pad_id))
 
-    out = scores(model)
-    if teacher is not None:
-        t = scores(teacher)
-        out.update({f"teacher_{k}": v for k, v in t.items()})
-    out["retrieval_pairs"] = float(len(queries))
-    return out
+def recall(model: nn.Module, ids: tuple[torch.Tensor, torch.Tensor, int]) -> dict[str, float]:
+    """Recall@1/@10 of ``model`` on the retrieval pairs ``ids`` (`retrieval_ids`): the
+    share of queries whose own doc is the nearest / in the 10 nearest of all docs."""
+    q_ids, d_ids, pad = ids
+    return recall_at_k(encode(model, q_ids, pad_id=pad), encode(model, d_ids, pad_id=pad))
 
 
 def evaluate_embed(exp: Experiment, model: nn.Module, split: Any,
                    teacher: nn.Module | None) -> dict[str, float]:
     """The metrics of the module docstring over a streamed holdout ``split``."""
+    return evaluate_embed_many(exp, {"model": model}, split, teacher)["model"]
+
+
+def evaluate_embed_many(exp: Experiment, models: dict[str, nn.Module], split: Any,
+                        teacher: nn.Module | None) -> dict[str, dict[str, float]]:
+    """`evaluate_embed` of every model in ``models`` (name -> module) in one pass over the
+    streamed holdout ``split``. The teacher encodes each
+    holdout batch and the retrieval pairs once, whatever the number of models: scoring a
+    challenger and a champion together costs the teacher half of scoring them apart."""
     tok = load_tokenizer(exp.data.text.tokenizer) if exp.data.text and exp.data.text.tokenizer else None
     pad = tok.pad_id if tok is not None else 0
-    cos_sum, rows, s_nn, t_nn, head = 0.0, 0, [], [], []
+    cos = dict.fromkeys(models, 0.0)
+    s_nn: dict[str, list[torch.Tensor]] = {k: [] for k in models}
+    t_nn: list[torch.Tensor] = []
+    head: list[torch.Tensor] = []
+    rows = 0
     for batch in split.dataset().iter_batches(batch_size=512, batch_format="numpy"):
-        ids = np.array(batch["x"])
-        s = encode(model, torch.as_tensor(ids), pad_id=pad)
-        if teacher is not None:
-            t = encode(teacher, torch.as_tensor(ids), pad_id=pad)
-            cos_sum += float(cosine_rows(s, t).sum())
-            if sum(len(a) for a in s_nn) < NN_ROWS:
-                s_nn.append(s)
-                t_nn.append(t)
+        ids = torch.as_tensor(np.array(batch["x"]))
+        t = encode(teacher, ids, pad_id=pad) if teacher is not None else None
+        keep = t is not None and sum(len(a) for a in t_nn) < NN_ROWS
+        if keep:
+            t_nn.append(t)
+        for name, m in models.items():
+            s = encode(m, ids, pad_id=pad)
+            if t is not None:
+                cos[name] += float(cosine_rows(s, t).sum())
+            if keep:
+                s_nn[name].append(s)
         if sum(len(a) for a in head) < BATCH:
-            head.append(torch.as_tensor(ids))
+            head.append(ids)
         rows += len(ids)
-    out: dict[str, float] = {"rows": float(rows), "params": float(count_params(model)),
-                             "size_bytes": float(model_size_bytes(model))}
-    if teacher is not None and rows:
-        out["cosine"] = cos_sum / rows
-        out.update(neighbour_agreement(torch.cat(s_nn)[:NN_ROWS], torch.cat(t_nn)[:NN_ROWS]))
-    if head:
-        ids = torch.cat(head)[:BATCH]
-        out["latency_ms"] = latency_ms(model, trim_pad(ids[:64], pad))
-        out["sentences_per_s"] = encode_rate(model, ids, pad_id=pad)
-    out.update(retrieval(exp, model, teacher))
+    pairs = retrieval_ids(exp)
+    teacher_recall = recall(teacher, pairs) if pairs and teacher is not None else {}
+    out = {}
+    for name, m in models.items():
+        o = {"rows": float(rows), "params": float(count_params(m)),
+             "size_bytes": float(model_size_bytes(m))}
+        if t_nn and rows:
+            o["cosine"] = cos[name] / rows
+            o.update(neighbour_agreement(torch.cat(s_nn[name])[:NN_ROWS], torch.cat(t_nn)[:NN_ROWS]))
+        if head:
+            ids = torch.cat(head)[:BATCH]
+            o["latency_ms"] = latency_ms(m, trim_pad(ids[:64], pad))
+            o["sentences_per_s"] = encode_rate(m, ids, pad_id=pad)
+        if pairs:
+            o.update(recall(m, pairs))
+            o.update({f"teacher_{k}": v for k, v in teacher_recall.items()})
+            o["retrieval_pairs"] = float(len(pairs[0]))
+        out[name] = o
     return out
