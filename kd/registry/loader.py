@@ -23,9 +23,9 @@ Precision (`PRECISIONS`): ``fp32`` (the default: the weights as trained) or ``bf
 weights are cast to bfloat16 and every forward runs under bf16 autocast; outputs are
 float32 either way. ``mlflow.pyfunc.load_model(uri, model_config={"precision": "bf16"})``,
 ``kd predict --precision bf16`` and ``kd serve --precision bf16`` choose it. Measured on a
-CPU with avx512_bf16 (bench/precision.py): 2.0-2.3x the rows/s of fp32 for MiniLM-sized
+CPU with avx512_bf16 (bench/precision.py): 1.7-2.3x the rows/s of fp32 for MiniLM-sized
 encoders and resnet20, embeddings within 1e-4 of fp32's cosine; on a CPU without native
-bf16 it is slower than fp32, and `load_student` says so in one line.
+bf16 it is slower than fp32, and the first forward says so in one line.
 """
 
 from __future__ import annotations
