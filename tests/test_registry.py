@@ -368,3 +368,39 @@ def test_postgres_backend_flow(postgres_uri: str, trained: SimpleNamespace, s3_s
         proc.wait(timeout=15)
         conn.cursor().execute(f"DROP DATABASE IF EXISTS {db}")
         conn.close()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_classifiers_scored_together_share_one_teacher_pass() -> None:
+    """`evaluate_split_many` (the gate's and the retrain's challenger + champion): the
+    teacher sees each holdout batch once for both students, and each student gets the
+    metrics and confusion matrix `evaluate_with_confusion` gives it alone."""
+    import torch
+
+    from kd.models import build_model
+    from kd.train.evaluate import evaluate_split_many, evaluate_with_confusion
+    from kd.train.text import run_splits
+
+    class Counting(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net, self.rows = net, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.rows += len(x)
+            return self.net(x)
+
+    holdout = run_splits(load_experiment(CONFIGS / "digits-kd.yaml")).holdout
+    torch.manual_seed(0)
+    teacher = Counting(build_model("cnn_small", {}, (1, 8, 8), 10).eval())
+    students = {k: build_model("mlp", {"hidden": [16]}, (1, 8, 8), 10).eval() for k in "ab"}
+    alone = {k: evaluate_with_confusion(m, holdout, teacher) for k, m in students.items()}
+    per_student, teacher.rows = teacher.rows / 2, 0
+    together = evaluate_split_many(students, holdout, teacher)
+    assert teacher.rows == per_student == len(holdout)
+    for k in students:
+        (m, conf), (m1, conf1) = together[k], alone[k]
+        assert (conf == conf1).all() and conf.sum() == len(holdout)
+        assert set(m) == set(m1) and "teacher_agreement" in m
+        assert all(m[key] == pytest.approx(m1[key]) for key in set(m) - {"latency_ms"})
+    assert together["a"][0]["accuracy"] != together["b"][0]["accuracy"]

@@ -209,27 +209,23 @@ def fetch_version(c: Any, mv: Any) -> tuple[Path, dict[str, Any]]:
 def score_versions(c: Any, versions: list[Any], exp: Experiment, teacher: Any, x: Any,
                    y: Any) -> list[dict[str, float]]:
     """Holdout metrics of registered versions (each downloaded, sha256-verified, rebuilt) on
-    the holdout ``x`` of ``exp``, so all are scored on the same rows: a classifier's by
-    `kd.train.evaluate.evaluate`; embedding models' by
-    `kd.train.embed_eval.evaluate_embed_many` (cosine to ``teacher``, neighbours, retrieval)
-    together, in one pass in which the teacher encodes the holdout once."""
+    the streamed holdout split ``x`` of ``exp`` (``y`` unused), so all are scored on the
+    same rows, together in one pass in which the teacher sees the holdout once: classifiers
+    by `kd.train.evaluate.evaluate_split_many`, embedding models by
+    `kd.train.embed_eval.evaluate_embed_many` (cosine to ``teacher``, neighbours, retrieval)."""
     from kd.registry.loader import build_module
 
     built = [build_module(fetch_version(c, mv)[0], verify=False) for mv in versions]
+    models = {str(i): m for i, (m, _) in enumerate(built)}
     if built and all(cfg.get("task") == EMBED for _, cfg in built):
         from kd.train.embed_eval import evaluate_embed_many
 
-        got = evaluate_embed_many(exp, {str(i): m for i, (m, _) in enumerate(built)}, x, teacher)
-        return [got[str(i)] for i in range(len(built))]
-    from kd.train.evaluate import evaluate
+        got = evaluate_embed_many(exp, models, x, teacher)
+    else:
+        from kd.train.evaluate import evaluate_split_many
 
-    return [evaluate(module, x, y, teacher) for module, _ in built]
-
-
-def score_version(c: Any, mv: Any, exp: Experiment, teacher: Any, x: Any,
-                  y: Any) -> dict[str, float]:
-    """`score_versions` of one version."""
-    return score_versions(c, [mv], exp, teacher, x, y)[0]
+        got = {k: m for k, (m, _) in evaluate_split_many(models, x, teacher).items()}
+    return [got[str(i)] for i in range(len(built))]
 
 
 def version_task(c: Any, mv: Any) -> str:

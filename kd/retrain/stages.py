@@ -178,15 +178,15 @@ def distill(ctx: Context) -> dict[str, Any]:
 DRIFT_METRIC = {"classify": "accuracy", "embed": "cosine"}  # what retrain.drift_floor bounds
 
 
-def _embed_pair(ctx: Context) -> tuple[dict[str, float], dict[str, float] | None]:
-    """An embedding student and the champion, both on the new holdout against the same
-    teacher in one pass (`kd.train.embed_eval.evaluate_embed_many`: the teacher encodes
-    the holdout once); the champion rebuilt from its registered, sha256-verified files."""
+def _scored_pair(ctx: Context) -> tuple[dict[str, float], dict[str, float] | None]:
+    """The new student and the champion, both on the new holdout against the same teacher
+    in one pass (the teacher sees the holdout once: `kd.train.evaluate.evaluate_split_many`,
+    an embedding model `kd.train.embed_eval.evaluate_embed_many`); the champion rebuilt from
+    its registered, sha256-verified files."""
     from kd.registry.loader import build_module
     from kd.registry.promote import fetch_version
     from kd.registry.store import registry_client
     from kd.train.assemble import primary_teacher
-    from kd.train.embed_eval import evaluate_embed_many
     from kd.train.run import model_from_weights
 
     teacher = primary_teacher(ctx.exp, ctx.splits)
@@ -194,29 +194,24 @@ def _embed_pair(ctx: Context) -> tuple[dict[str, float], dict[str, float] | None
     if ctx.champion is not None:
         data, _ = fetch_version(registry_client(ctx.uri), ctx.champion)
         models["champion"] = build_module(data, verify=False)[0].eval()  # files verified
-    got = evaluate_embed_many(ctx.exp, models, ctx.splits.holdout, teacher)
+    if ctx.exp.task == "embed":
+        from kd.train.embed_eval import evaluate_embed_many
+
+        got = evaluate_embed_many(ctx.exp, models, ctx.splits.holdout, teacher)
+    else:
+        from kd.train.evaluate import evaluate_split_many
+
+        got = {k: m for k, (m, _) in evaluate_split_many(models, ctx.splits.holdout,
+                                                          teacher).items()}
     return got["new"], got.get("champion")
 
 
 def evaluate(ctx: Context) -> dict[str, Any]:
-    """The new student and the current champion on the same new holdout; drift when the
-    champion's `DRIFT_METRIC` there (accuracy; an embedding model: cosine to the
-    teacher) is below ``retrain.drift_floor``."""
-    from kd.registry.promote import score_version
-    from kd.registry.register import teacher_and_holdout
-    from kd.registry.store import registry_client
-    from kd.train.run import evaluate_weights
-
-    old, version = None, None
-    if ctx.exp.task == "embed":
-        new, old = _embed_pair(ctx)
-    else:
-        new = evaluate_weights(ctx.exp, ctx.state.out("distill")["weights"])
-        if ctx.champion is not None:
-            t, x, y = teacher_and_holdout(ctx.exp)
-            old = score_version(registry_client(ctx.uri), ctx.champion, ctx.exp, t, x, y)
-    if ctx.champion is not None:
-        version = str(ctx.champion.version)
+    """The new student and the current champion on the same new holdout (`_scored_pair`);
+    drift when the champion's `DRIFT_METRIC` there (accuracy; an embedding model: cosine
+    to the teacher) is below ``retrain.drift_floor``."""
+    new, old = _scored_pair(ctx)
+    version = str(ctx.champion.version) if ctx.champion is not None else None
     floor, metric = ctx.retrain.drift_floor, DRIFT_METRIC[ctx.exp.task]
     drift = None
     if floor is not None and old is not None and metric in old:

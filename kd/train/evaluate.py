@@ -88,48 +88,63 @@ def batch_scores(logits: torch.Tensor, y: torch.Tensor, teacher_pred: torch.Tens
             "bins": bins[None]}
 
 
-def evaluate_stream(model: nn.Module, split: Any, teacher: nn.Module | None,
-                    num_classes: int) -> tuple[dict[str, float], np.ndarray]:
-    """Accuracy, ECE, teacher agreement and the confusion matrix of ``model`` over a
-    streamed split: the driver iterates the split's blocks (one 512-row batch in memory
-    at a time) and sums `batch_scores`. Scoring in the driver, not in a Ray Data actor,
-    saves an actor start (3-11 s measured on 2 cores) per run; one process scores either
-    way."""
-    counts, conf = np.zeros(4), np.zeros((num_classes, num_classes), np.int64)
-    bins = np.zeros((3, ECE_BINS))
+def evaluate_stream_many(models: dict[str, nn.Module], split: Any, teacher: nn.Module | None,
+                         num_classes: dict[str, int]) -> dict[str, tuple[dict[str, float], np.ndarray]]:
+    """Accuracy, ECE, teacher agreement and the confusion matrix of every model in
+    ``models`` (name -> module, ``num_classes[name]`` classes) over a streamed split, in one
+    pass: the driver iterates the split's blocks (one 512-row batch in memory at a time),
+    runs the teacher once per batch whatever the number of models, and sums
+    `batch_scores`. Scoring in the driver, not in a Ray Data actor, saves an actor start
+    (3-11 s measured on 2 cores) per run; one process scores either way."""
+    sums = {k: [np.zeros(4), np.zeros((c, c), np.int64), np.zeros((3, ECE_BINS))]
+            for k, c in num_classes.items()}
     for batch in split.dataset().iter_batches(batch_size=512, batch_format="numpy"):
         x = np.array(batch["x"])  # a writable copy of the block's view
-        logits = predict_logits(model, x)
+        y = torch.as_tensor(np.array(batch["y"]))
         tpred = predict_logits(teacher, x).argmax(1) if teacher is not None else None
-        b = batch_scores(logits, torch.as_tensor(np.array(batch["y"])), tpred, num_classes)
-        counts += b["counts"].sum(0)
-        conf += b["confusion"].sum(0).astype(np.int64)
-        bins += b["bins"].sum(0)
-    n, lab, hit, agree = counts
-    m = {"accuracy": hit / lab if lab else float("nan"),
-         "ece": float(np.abs(bins[2] - bins[1]).sum() / lab) if lab else float("nan")}
-    if teacher is not None:
-        m["teacher_agreement"] = agree / n if n else float("nan")
-    return {k: float(v) for k, v in m.items()}, conf
+        for name, model in models.items():
+            b = batch_scores(predict_logits(model, x), y, tpred, num_classes[name])
+            sums[name][0] += b["counts"].sum(0)
+            sums[name][1] += b["confusion"].sum(0).astype(np.int64)
+            sums[name][2] += b["bins"].sum(0)
+    out = {}
+    for name, (counts, conf, bins) in sums.items():
+        n, lab, hit, agree = counts
+        m = {"accuracy": hit / lab if lab else float("nan"),
+             "ece": float(np.abs(bins[2] - bins[1]).sum() / lab) if lab else float("nan")}
+        if teacher is not None:
+            m["teacher_agreement"] = agree / n if n else float("nan")
+        out[name] = ({k: float(v) for k, v in m.items()}, conf)
+    return out
+
+
+def evaluate_split_many(models: dict[str, nn.Module], split: Any, teacher: nn.Module | None = None,
+                        batch_size: int = 128) -> dict[str, tuple[dict[str, float], np.ndarray]]:
+    """`evaluate` of a streamed split plus its confusion matrix (`confusion_counts`,
+    summed over the blocks) for every model in ``models``, in one pass
+    (`evaluate_stream_many`: a gate's challenger and champion cost the teacher one pass)."""
+    sample = split.sample(batch_size).x
+    classes = {k: int(predict_logits(m, sample[:1]).shape[1]) if len(sample) else 1
+               for k, m in models.items()}
+    got = evaluate_stream_many(models, split, teacher, classes)
+    dtype = torch.int64 if np.issubdtype(sample.dtype, np.integer) else torch.float32
+    for name, model in models.items():
+        out = got[name][0]
+        out.update(params=float(count_params(model)), size_bytes=float(model_size_bytes(model)))
+        out["latency_ms"] = latency_ms(model, torch.as_tensor(sample, dtype=dtype))
+    return got
 
 
 def evaluate_with_confusion(model: nn.Module, split: Any, teacher: nn.Module | None = None,
                             batch_size: int = 128) -> tuple[dict[str, float], np.ndarray]:
-    """`evaluate` of a streamed split plus its confusion matrix (`confusion_counts`,
-    summed over the blocks)."""
-    num_classes = int(predict_logits(model, split.sample(1).x).shape[1]) if len(split) else 1
-    out, conf = evaluate_stream(model, split, teacher, num_classes)
-    out.update(params=float(count_params(model)), size_bytes=float(model_size_bytes(model)))
-    sample = split.sample(batch_size).x
-    dtype = torch.int64 if np.issubdtype(sample.dtype, np.integer) else torch.float32
-    out["latency_ms"] = latency_ms(model, torch.as_tensor(sample, dtype=dtype))
-    return out, conf
+    """`evaluate_split_many` of one model."""
+    return evaluate_split_many({"model": model}, split, teacher, batch_size)["model"]
 
 
 def evaluate(model: nn.Module, x: Any, y: np.ndarray | None = None,
              teacher: nn.Module | None = None, batch_size: int = 128) -> dict[str, float]:
     """Metrics of ``model`` on ``(x, y)``, or on a streamed split passed as ``x`` (``y``
-    unused; see `evaluate_stream`). Labels -1 are skipped for accuracy/ECE. Keys:
+    unused; see `evaluate_stream_many`). Labels -1 are skipped for accuracy/ECE. Keys:
     ``accuracy``, ``ece``, ``teacher_agreement`` (share of equal argmax, if a teacher
     is given), ``params``, ``size_bytes`` and ``latency_ms`` for one batch."""
     if hasattr(x, "dataset"):
