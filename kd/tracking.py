@@ -53,7 +53,6 @@ def start_run(exp: Experiment, kind: str, tags: dict[str, str] | None = None,
     YAML as an artifact; returns the run id. Params, tags and the YAML are redacted
     (`kd.redact`): a password in ``tracking.uri`` or a key in the environment is
     logged as ``***``."""
-    from mlflow.entities import Param
 
     uri = tracking_uri(exp)
     c = client(uri)
@@ -62,16 +61,28 @@ def start_run(exp: Experiment, kind: str, tags: dict[str, str] | None = None,
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(c, exp.tracking.experiment),
                        run_name=exp.tracking.run_name or f"{exp.name}-{kind}", tags=all_tags)
-    run_id = run.info.run_id
+    log_config(c, run.info.run_id, exp, fresh=True)
+    return run.info.run_id
+
+
+def log_config(c: Any, run_id: str, exp: Experiment, fresh: bool = False) -> None:
+    """Log ``exp``'s flattened config as params and its YAML as the ``config.yaml``
+    artifact (both redacted). Unless ``fresh``, only what the run lacks: a resumed run
+    whose first attempt died between creating the run and logging these gets them now
+    (params it has keep their first values)."""
+    from mlflow.entities import Param
+
+    have = {} if fresh else c.get_run(run_id).data.params
     params = [Param(k, v[:6000])
-              for k, v in redact_map(flatten(exp.model_dump(mode="json"))).items()]
+              for k, v in redact_map(flatten(exp.model_dump(mode="json"))).items() if k not in have]
     for i in range(0, len(params), PARAM_CHUNK):
         c.log_batch(run_id, params=params[i:i + PARAM_CHUNK])
+    if not fresh and any(a.path == "config.yaml" for a in c.list_artifacts(run_id)):
+        return
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "config.yaml"
         path.write_text(redact(exp.to_yaml()))
         c.log_artifact(run_id, str(path))
-    return run_id
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
@@ -107,8 +118,9 @@ def end_run(uri: str, run_id: str, ok: bool) -> None:
 
 def resume_run(exp: Experiment, ray_run_name: str) -> str | None:
     """The id of the MLflow run an earlier submission with this Ray run name
-    created (tag ``kd.ray_run_name``), set RUNNING again; None if there is none.
-    Re-submitting a job therefore continues one MLflow run instead of opening a second."""
+    created (tag ``kd.ray_run_name``), set RUNNING again, with the params and config.yaml
+    it lacks (`log_config`); None if there is none. Re-submitting a job therefore
+    continues one MLflow run instead of opening a second."""
     uri = tracking_uri(exp)
     c = client(uri)
     e = c.get_experiment_by_name(exp.tracking.experiment)
@@ -121,6 +133,7 @@ def resume_run(exp: Experiment, ray_run_name: str) -> str | None:
         return None
     run_id = runs[0].info.run_id
     c.update_run(run_id, status="RUNNING")
+    log_config(c, run_id, exp)  # the first attempt may have died before logging them
     return run_id
 
 

@@ -104,3 +104,28 @@ def test_second_run_of_a_name_does_not_replace_the_first_runs_weights(
     tags = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(first.run_id).data.tags
     assert tags["kd.weights_uri"] == first.weights
     assert read_metadata(first.weights)[OWNER_KEY] == tags["kd.ray_run_name"]
+
+
+def test_a_resumed_run_gets_the_config_its_killed_first_attempt_never_logged(
+        ray_session: None, workdir: Path) -> None:
+    """The bug: an attempt killed between creating its MLflow run (tagged with the Ray run
+    name) and logging its params left a run without params or config.yaml; the resumed
+    attempt reused that run as it was, so `kd register` and `kd distill --from-run` could
+    not read its config. The resumed attempt now logs what the run lacks."""
+    from kd import tracking
+    from kd.train.run import train_run
+
+    exp = load_experiment(CONFIGS / "digits-teacher.yaml",
+                          ["scaling.num_workers=0", "trainer.epochs=1", "teacher.args.channels=[4, 8]",
+                           f"storage.path={workdir / 'runs'}"])
+    c = MlflowClient(tracking.tracking_uri(exp))
+    killed = c.create_run(tracking.experiment_id(c, exp.tracking.experiment),
+                          tags={"kd.ray_run_name": "resumed-run"}).info.run_id
+    c.log_param(killed, "trainer.epochs", "7")  # a param the first attempt got to log
+    out = train_run(exp, "teacher", run_name="resumed-run")
+    assert out.run_id == killed
+    params = c.get_run(killed).data.params
+    assert params["trainer.epochs"] == "7"  # kept: the first value stays
+    assert params["teacher.model"] == exp.teacher.model and params["seed"] == str(exp.seed)
+    assert {"config.yaml"} <= {a.path for a in c.list_artifacts(killed)}
+    assert load_experiment(tracking.config_from_run(killed)).hash() == exp.hash()
