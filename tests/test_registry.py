@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import CONFIGS, REPO, free_port, launch_mlflow_server
+from conftest import CONFIGS, REPO, counting, free_port, launch_mlflow_server
 
 from kd.cli import run as kd_run
 from kd.config import load_experiment
@@ -381,18 +381,9 @@ def test_classifiers_scored_together_share_one_teacher_pass() -> None:
     from kd.train.evaluate import evaluate_split_many, evaluate_with_confusion
     from kd.train.text import run_splits
 
-    class Counting(torch.nn.Module):
-        def __init__(self, net: torch.nn.Module) -> None:
-            super().__init__()
-            self.net, self.rows = net, 0
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            self.rows += len(x)
-            return self.net(x)
-
     holdout = run_splits(load_experiment(CONFIGS / "digits-kd.yaml")).holdout
     torch.manual_seed(0)
-    teacher = Counting(build_model("cnn_small", {}, (1, 8, 8), 10).eval())
+    teacher = counting(build_model("cnn_small", {}, (1, 8, 8), 10).eval())
     students = {k: build_model("mlp", {"hidden": [16]}, (1, 8, 8), 10).eval() for k in "ab"}
     alone = {k: evaluate_with_confusion(m, holdout, teacher) for k, m in students.items()}
     per_student, teacher.rows = teacher.rows / 2, 0

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import counting
 
 from kd.cli import run as kd_run
 from kd.config import Experiment, GateConfig
@@ -415,18 +416,6 @@ def test_batch_predict_embeds_text_files_as_a_ray_data_job(
     assert "x.npz: holds no texts" in capsys.readouterr().err
 
 
-class CountingTeacher(torch.nn.Module):
-    """A teacher that counts the rows it encodes."""
-
-    def __init__(self, net: torch.nn.Module) -> None:
-        super().__init__()
-        self.net, self.rows = net, 0
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        self.rows += len(ids)
-        return self.net(ids)
-
-
 @pytest.mark.usefixtures("ray_session")
 def test_versions_scored_together_share_one_teacher_pass(tmp_path: Path) -> None:
     """`evaluate_embed_many` (the gate's and the retrain's challenger + champion): the
@@ -447,7 +436,7 @@ def test_versions_scored_together_share_one_teacher_pass(tmp_path: Path) -> None
         "student": {"model": "text_encoder", "args": ARGS}, "distill": {"ce_weight": 0.0}})
     holdout = run_splits(exp).holdout
     torch.manual_seed(0)
-    teacher = CountingTeacher(build_model("text_encoder", ARGS, (L,), D, 1.0).eval())
+    teacher = counting(build_model("text_encoder", ARGS, (L,), D, 1.0).eval())
     students = {k: build_model("text_encoder", ARGS, (L,), D, 1.0).eval() for k in ("a", "b")}
     alone = {k: evaluate_embed(exp, m, holdout, teacher) for k, m in students.items()}
     per_student, teacher.rows = teacher.rows / 2, 0
