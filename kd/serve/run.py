@@ -109,8 +109,9 @@ def serve_forever(name: str, alias: str, host: str, port: int, poll_interval_s: 
     serve.start(http_options={"host": host, "port": port})
     host, port = _http_address(host, port)
     version = deploy(name, args)
-    print(f"serving models:/{name}@{alias} version {version} ({precision}) at "
-          f"http://{host}:{port}", flush=True)
+    note = "" if precision == "fp32" else f" in {precision}"  # the fp32 line is unchanged
+    print(f"serving models:/{name}@{alias} version {version} at http://{host}:{port}{note}",
+          flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
