@@ -249,7 +249,8 @@ class StudentModel:
     model: embeddings of texts); ``module`` is the rebuilt ``nn.Module``
     (``pyfunc_model.get_raw_model().module``); ``tokenizer`` the `TextTokenizer` of an
     embed model (None otherwise); ``precision`` one of `PRECISIONS` (bf16: the module's
-    weights are bfloat16 and `forward` runs under bf16 autocast)."""
+    weights are cast to bfloat16 in place, so pass a module of its own, and `forward` runs
+    under bf16 autocast)."""
 
     def __init__(self, module: nn.Module, cfg: dict[str, Any], tokenizer: Any = None,
                  precision: str = "fp32") -> None:
