@@ -61,12 +61,16 @@ class TeacherConfig(ModelSpec):
 
 
 class StudentConfig(ModelSpec):
-    """The student; ``init`` picks random init or pruning the teacher."""
+    """The student; ``init`` picks random init or pruning the teacher; ``freeze`` keeps
+    parts of it as built (e.g. embeddings copied from the teacher)."""
 
     init: Literal["random", "teacher_pruned", "teacher_layers", "model2vec"] = "random"
     init_layers: list[int] | None = Field(None, description="init: teacher_layers: the "
                                           "teacher's layer index copied into each student "
                                           "layer; default evenly spaced")
+    freeze: list[str] = Field(default_factory=list, description="module or parameter paths "
+                              "(e.g. bert.embeddings.word_embeddings) kept as built or "
+                              "initialised: no gradient, not in the optimizer")
 
 
 class LossTerm(BaseModel):

@@ -51,7 +51,7 @@ def test_two_workers_kd_fitnets_filter_ranks_agree(ray_session: None, workdir: P
         "name": "kd2", "seed": 0, "data": {"source": "digits"},
         "teacher": {"model": "mlp", "args": {"hidden": [64]},
                     "weights": str(workdir / "teacher.safetensors")},
-        "student": {"model": "mlp", "args": {"hidden": [32]}},
+        "student": {"model": "mlp", "args": {"hidden": [32]}, "freeze": ["fc.bias"]},
         "distill": {"ce_weight": 0.5, "min_teacher_confidence": threshold, "losses": [
             {"name": "kd", "weight": 1.0},
             {"name": "fitnet", "weight": 1.0, "student": "body.0", "teacher": "body.0"}]},
@@ -81,3 +81,11 @@ def test_two_workers_kd_fitnets_filter_ranks_agree(ray_session: None, workdir: P
 
     saved = load_file(workdir / "runs" / "kd2-run" / "epoch_00002" / "loss.safetensors")
     assert all(torch.equal(saved[k], states[1]["loss"][k]) for k in adapters)
+    # student.freeze: the frozen parameter is still the one built under the run's seed
+    # on both ranks (DDP and the optimizer left it alone); the rest of the student trained
+    from kd.models import build_model
+
+    torch.manual_seed(0)
+    init = build_model("mlp", {"hidden": [32]}, (1, 8, 8), 10, 1.0).state_dict()
+    assert torch.equal(states[0]["trainee"]["fc.bias"], init["fc.bias"])
+    assert not torch.equal(states[0]["trainee"]["fc.weight"], init["fc.weight"])

@@ -12,7 +12,7 @@ from torch import nn
 
 from kd.errors import InputError
 from kd.models import MODELS, build_model, count_params, model_size_bytes
-from kd.models.weights import freeze, load_into, load_state_dict, read_metadata, save_weights
+from kd.models.weights import freeze, freeze_paths, load_into, load_state_dict, read_metadata, save_weights
 
 DIGITS = (1, 8, 8)
 CIFAR = (3, 32, 32)
@@ -334,3 +334,17 @@ def test_load_from_s3(s3_server: str, bucket: str, tmp_path: Path) -> None:
         load_state_dict(f"s3://{bucket}/teachers/missing.safetensors")
     with pytest.raises(InputError, match="bucket does not exist"):
         load_state_dict("s3://no-such-bucket-kd/t.safetensors")
+
+
+def test_freeze_paths_by_module_or_parameter_and_its_errors() -> None:
+    """``student.freeze``: module paths and parameter names stop those gradients only; a
+    path that names nothing, or freezing everything, is one line naming the field."""
+    m = build_model("mlp", {"hidden": [16]}, (1, 8, 8), 10)
+    assert freeze_paths(m, ["body.0", "fc.bias"], "student.freeze") == 64 * 16 + 16 + 10
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["fc.weight"]
+    m(torch.rand(4, 1, 8, 8)).sum().backward()
+    assert m.fc.weight.grad is not None and m.fc.bias.grad is None
+    with pytest.raises(InputError, match=r"student.freeze\[1\]: 'body.7' is no module or parameter"):
+        freeze_paths(m, ["fc", "body.7"], "student.freeze")
+    with pytest.raises(InputError, match="freezes every parameter"):
+        freeze_paths(build_model("mlp", {"hidden": [16]}, (1, 8, 8), 10), ["body", "fc"], "student.freeze")

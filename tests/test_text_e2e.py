@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from kd.config import load_experiment
 
@@ -110,8 +111,6 @@ def test_static_student_model2vec_registers_and_embeds_strings(
     got = np.asarray(loaded.predict(texts))
     tok = load_tokenizer(TEACHER)
     ids, _ = tok.encode(texts, 64)
-    import torch
-
     with torch.no_grad():
         want = model(torch.as_tensor(ids)).numpy()
     assert got.shape == (2, 384) and np.allclose(got, want, atol=1e-5)
@@ -135,12 +134,14 @@ def test_transformer_student_from_teacher_layers_on_a_ray_worker(
         corpus: Path, workdir: Path, ray_session: None) -> None:
     """The default path: one Ray Train worker, the online teacher, a 2-layer student copied
     from teacher layers 0 and 5, with the embedding, hidden-state and attention terms on a
-    layer mapping (eager attention on both sides, so the probabilities can be captured)."""
+    layer mapping (eager attention on both sides, so the probabilities can be captured),
+    no dropout and the copied word embeddings frozen (``student.freeze``)."""
     from kd.train.run import train_run
 
     exp = embed_config(
         corpus, workdir, "teacher.cache=false", "teacher.args.attn=eager",
-        "student.args={layers: 2, attn: eager}", "student.init_layers=[0, 5]", "trainer.epochs=2",
+        "student.args={layers: 2, attn: eager, dropout: 0.0}", "student.init_layers=[0, 5]",
+        "student.freeze=[bert.embeddings.word_embeddings]", "trainer.epochs=2",
         "distill.losses=[{name: embed_cosine, weight: 1.0}, {name: embed_relational, weight: 1.0},"
         " {name: hidden_mse, weight: 0.1, student: [bert.encoder.layer.1],"
         " teacher: [bert.encoder.layer.5]},"
@@ -153,6 +154,16 @@ def test_transformer_student_from_teacher_layers_on_a_ray_worker(
     assert last["train/loss"] < first["train/loss"], (first, last)
     # two of six teacher layers, copied: far above a random init (~0.01 measured)
     assert out.holdout["cosine"] > 0.3 and last["val/cosine"] > 0.3, out.holdout
+    # student.freeze: the word embeddings are still the teacher's copy; the layers trained
+    from kd.models import build_model
+    from kd.models.weights import load_state_dict
+
+    got, _ = load_state_dict(out.weights)
+    teacher = build_model("hf_encoder", {"path": TEACHER}, (64,), 384).state_dict()
+    key = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(got[key], teacher[key])
+    key = "bert.encoder.layer.1.output.dense.weight"
+    assert not torch.equal(got[key], teacher[key.replace("layer.1", "layer.5")])
 
 
 def cased_tokenizer(tmp_path: Path) -> Path:

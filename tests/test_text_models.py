@@ -126,6 +126,17 @@ def test_bert_student_width_projection_and_rebuild() -> None:
     assert out.shape == (3, 384) and torch.allclose(out.norm(dim=-1), torch.ones(3), atol=1e-5)
     same = build_model("bert_student", {"layers": 1, "hidden": 384}, (L,), 384)
     assert same.proj is None
+    assert s.bert.config.hidden_dropout_prob == 0.1  # BERT's default unless set
+    quiet = build_model("bert_student", {"layers": 1, "dropout": 0.0}, (L,), 384)
+    assert quiet.bert.config.hidden_dropout_prob == quiet.bert.config.attention_probs_dropout_prob == 0.0
+    quiet.train()
+    with torch.no_grad():  # no dropout: train mode gives eval mode's output
+        train_out = quiet(x)
+    quiet.eval()
+    with torch.no_grad():
+        assert torch.allclose(train_out, quiet(x), atol=1e-6)
+    with pytest.raises(InputError, match="'dropout' must be a number in"):
+        build_model("bert_student", {"layers": 1, "dropout": 1.5}, (L,), 384)
 
 
 def test_static_embed_is_a_masked_mean() -> None:

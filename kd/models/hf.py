@@ -179,18 +179,23 @@ def bert_student(
     normalize: bool = True,
     attn: str = "sdpa",
     tokenizer: str | None = None,
+    dropout: float = 0.1,
 ) -> BertStudent:
     """A random-init transformers ``BertModel`` (no pooler, BERT defaults otherwise: GELU,
     dropout 0.1, LayerNorm eps 1e-12, 2 token types) with mean pooling over ids != pad_id,
     a Linear projection ``hidden -> num_classes`` when they differ, L2 normalisation.
     ``width`` scales ``hidden`` (kept a multiple of ``heads``) and ``intermediate``;
     ``tokenizer`` is only recorded (attribute ``tokenizer``); ``attn: eager`` exposes
-    attention probabilities (see the module docstring)."""
+    attention probabilities (see the module docstring). ``dropout`` is BERT's hidden and
+    attention-probability dropout (default 0.1, BERT's; 0 trains about 1.2x faster on CPU
+    and, when distilling an embedding, the student underfits rather than overfits)."""
     name = "bert_student"
     _positive(name, vocab_size=vocab_size, hidden=hidden, layers=layers, heads=heads,
               intermediate=intermediate, max_len=max_len)
     attn = _choice(name, "attn", attn, ATTNS)
     _seq_len(name, input_shape, max_len)
+    if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+        raise InputError(f"model {name!r}: argument 'dropout' must be a number in [0, 1), got {dropout!r}")
     if isinstance(pad_id, bool) or not isinstance(pad_id, int) or not 0 <= pad_id < vocab_size:
         raise InputError(f"model {name!r}: argument 'pad_id' {pad_id!r} is outside the vocabulary of {vocab_size}")
     h = max(heads, int(round(hidden * width / heads)) * heads)
@@ -199,7 +204,8 @@ def bert_student(
 
     cfg = BertConfig(vocab_size=vocab_size, hidden_size=h, num_hidden_layers=layers,
                      num_attention_heads=heads, intermediate_size=scaled(intermediate, width),
-                     max_position_embeddings=max_len, pad_token_id=pad_id)
+                     max_position_embeddings=max_len, pad_token_id=pad_id,
+                     hidden_dropout_prob=float(dropout), attention_probs_dropout_prob=float(dropout))
     cfg._attn_implementation = attn
     bert = BertModel(cfg, add_pooling_layer=False)
     proj = nn.Linear(h, num_classes) if h != num_classes else None

@@ -245,3 +245,24 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def freeze_paths(model: nn.Module, paths: list[str], field: str) -> int:
+    """Stop the gradient of every parameter under each of ``paths`` (a module path such
+    as ``bert.embeddings.word_embeddings``, or one parameter's name); the module keeps its
+    train/eval mode. Returns the number of frozen elements. A path that names nothing, or
+    a list that would freeze every parameter, is an InputError naming ``field[i]``."""
+    named = dict(model.named_parameters())
+    frozen: set[str] = set()
+    for i, path in enumerate(paths):
+        hits = [n for n in named if n == path or n.startswith(path + ".")]
+        if not hits:
+            near = sorted({n.rsplit(".", 1)[0] for n in named})[:8]
+            raise InputError(f"{field}[{i}]: {path!r} is no module or parameter of the model "
+                             f"(modules with parameters include: {', '.join(near)}, ...)")
+        frozen.update(hits)
+    if named and len(frozen) == len(named):
+        raise InputError(f"{field}: freezes every parameter of the model: nothing would train")
+    for n in frozen:
+        named[n].requires_grad_(False)
+    return sum(named[n].numel() for n in frozen)

@@ -18,7 +18,7 @@ from kd.errors import InputError
 from kd.losses import CompositeLoss, LossContext, build_composite
 from kd.losses.base import required_paths
 from kd.models import build_model
-from kd.models.weights import freeze, load_into, load_state_dict
+from kd.models.weights import freeze, freeze_paths, load_into, load_state_dict
 from kd.train.capture import check_paths, feature_shapes
 from kd.train.text import init_text_student, weights_ref
 
@@ -127,6 +127,8 @@ def assemble(exp: Experiment, role: Role, input_shape: tuple[int, ...], num_clas
             raise InputError(f"student.init: {exp.student.init} copies from the teacher: "
                              "configure a teacher and distill.losses")
         init_text_student(exp, trainee, teachers[0], sample)
+    if role == "student" and exp.student is not None and exp.student.freeze:
+        freeze_paths(trainee, exp.student.freeze, "student.freeze")  # after any init copies
     ce_weight = 1.0 if role == "teacher" else exp.distill.ce_weight
     s_paths, t_paths = required_paths(terms)
     check_paths(trainee, s_paths, "student")
