@@ -69,7 +69,7 @@ def batches(corpus: Path, n: int, batch: int, max_length: int) -> tuple[list[dic
 
 
 def worker(corpus: Path, shape: str, recipe: str, sample: Any, max_length: int, pad_id: int) -> Any:
-    """(step, updater, trainee) of one recipe, built as the loop builds them."""
+    """(step, updater, trainable parameter count) of one recipe, built as the loop builds them."""
     import torch
 
     from kd.config import load_experiment
