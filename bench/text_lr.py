@@ -1,18 +1,24 @@
-"""The learning rate of a text student: held-out cosine to the teacher after the same
-number of steps, for several AdamW learning rates.
+"""Short training probes of a text student's recipe: held-out cosine to the teacher after
+the same number of steps, for several learning rates or other config overrides.
 
 kdflow's own pieces, as `bench/text_step.py` builds them (`assemble` on
 ``configs/minilm-embed.yaml``, the loop's `Step` and `Updater`), with the recipe
-``dropout 0 + frozen word embeddings``. Every learning rate trains the same student
+``dropout 0 + frozen word embeddings``. Every run trains the same student
 from the same teacher-layer copy on the same ``--steps`` batches of shuffled training
-sentences (seed ``--seed``), at a constant rate, which is epoch 0 of a ``kd distill``
+sentences (seed ``--seed``), at a constant learning rate, which is epoch 0 of a ``kd distill``
 run (its cosine schedule is 1.0 there); every ``--every`` steps the student encodes
 ``--eval`` sentences of ``holdout.jsonl`` (sources no training sentence came from) and
 the mean cosine to the teacher's embeddings is recorded.
 
     PYTHONPATH=$PWD python bench/text_lr.py /work/text-corpus --lrs 2e-4 5e-4 1e-3 2e-3
+    PYTHONPATH=$PWD python bench/text_lr.py /work/text-corpus --section "text student losses" \
+        --runs "optim.lr=5e-4" "optim.lr=5e-4;distill.losses=[{name: embed_cosine}]"
 
-Prints a table, writes bench/results/text_lr.json and the RESULTS.md section. A short
+A run is ``;``-separated ``key=value`` overrides of ``configs/minilm-embed.yaml``;
+``--lrs X`` is short for the run ``optim.lr=X``.
+
+Prints a table, writes bench/results/text_lr.json (``text_lr-SECTION.json`` for another
+``--section``) and the RESULTS.md section. A short
 horizon favours high rates; the whole-run answer is a ``kd distill`` (bench/RESULTS.md,
 "text students").
 """
@@ -36,6 +42,12 @@ from _results import write_section  # noqa: E402
 from text_step import SHAPES, batches, embedded, worker  # noqa: E402
 
 RECIPE = "dropout 0 + frozen word embeddings"
+SECTION = "text student learning rate"
+
+
+def raw_name(section: str) -> str:
+    """The file under bench/results/ that keeps a section's raw numbers."""
+    return "text_lr" + ("" if section == SECTION else "-" + section.replace(" ", "_")) + ".json"
 
 
 def texts(path: Path, n: int, seed: int) -> list[str]:
@@ -46,14 +58,15 @@ def texts(path: Path, n: int, seed: int) -> list[str]:
     return rows[:n]
 
 
-def curve(args: argparse.Namespace, lr: float, data: list[dict[str, Any]], sample: Any,
+def curve(args: argparse.Namespace, run: str, data: list[dict[str, Any]], sample: Any,
           pad_id: int, held: tuple[Any, Any]) -> dict[str, Any]:
-    """Train one student at ``lr``; its held-out cosine every ``--every`` steps."""
+    """Train one student with the overrides ``run``; its held-out cosine every ``--every``
+    steps."""
 
     from kd.train.embed_metrics import cosine_rows, encode
 
     step, updater, _ = worker(Path(args.corpus), args.shape, RECIPE, sample, args.max_length,
-                              pad_id, (f"optim.lr={lr}",))
+                              pad_id, tuple(run.split(";")))
     points, t0, losses = [], time.perf_counter(), []
     for i, b in enumerate(data, 1):
         loss, _, _ = step(b)
@@ -64,8 +77,8 @@ def curve(args: argparse.Namespace, lr: float, data: list[dict[str, Any]], sampl
             cos = float(cosine_rows(encode(step.trainee, held[0], 64, pad_id), held[1]).mean())
             points.append({"step": i, "samples": i * args.batch_size, "cosine": cos,
                            "train_loss": sum(losses[-args.every:]) / len(losses[-args.every:])})
-            print(f"[bench] lr {lr:g}: step {i}: held-out cosine {cos:.4f}", flush=True)
-    return {"lr": lr, "points": points, "seconds": time.perf_counter() - t0}
+            print(f"[bench] {run}: step {i}: held-out cosine {cos:.4f}", flush=True)
+    return {"run": run, "points": points, "seconds": time.perf_counter() - t0}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -75,37 +88,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train = texts(corpus / "train.jsonl", args.steps * args.batch_size, args.seed)
     data, sample, pad_id = batches(corpus, args.steps, args.batch_size, args.max_length, train)
     ids, emb, _ = embedded(texts(corpus / "holdout.jsonl", args.eval, args.seed), args.max_length)
-    curves = [curve(args, lr, data, sample, pad_id, (ids, emb)) for lr in args.lrs]
+    runs = args.runs or [f"optim.lr={lr:g}" for lr in args.lrs]
+    curves = [curve(args, run, data, sample, pad_id, (ids, emb)) for run in runs]
     return {"curves": curves, "recipe": RECIPE, "torch_threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "args": vars(args)}
 
 
 def table(doc: dict[str, Any]) -> str:
     steps = [p["step"] for p in doc["curves"][0]["points"]]
-    lines = ["| AdamW lr | " + " | ".join(f"cosine at {s} steps" for s in steps)
+    lines = ["| overrides | " + " | ".join(f"cosine at {s} steps" for s in steps)
              + " | train loss, last steps | minutes |",
              "|---|" + "---|" * (len(steps) + 2)]
     for c in doc["curves"]:
-        lines.append(f"| {c['lr']:g} | " + " | ".join(f"{p['cosine']:.4f}" for p in c["points"])
+        lines.append(f"| `{c['run']}` | " + " | ".join(f"{p['cosine']:.4f}" for p in c["points"])
                      + f" | {c['points'][-1]['train_loss']:.4f} | {c['seconds'] / 60:.1f} |")
     return "\n".join(lines)
 
 
 def caption(doc: dict[str, Any]) -> str:
     a = doc["args"]
-    return (f"`python bench/text_lr.py CORPUS --steps {a['steps']} --lrs "
-            f"{' '.join(f'{v:g}' for v in a['lrs'])}`: student {a['shape']} "
+    runs = " ".join(f'"{r}"' for r in a["runs"]) if a["runs"] else None
+    what = f"--runs {runs}" if runs else "--lrs " + " ".join(f"{v:g}" for v in a["lrs"])
+    return (f"`python bench/text_lr.py CORPUS --steps {a['steps']} {what}`: student {a['shape']} "
             f"(`student.args={SHAPES[a['shape']]}`, `init: teacher_layers`), recipe "
-            f"{doc['recipe']}, `embed_cosine + embed_relational`, batch {a['batch_size']}, "
-            f"constant rate (epoch 0 of `kd distill`); held-out cosine to the teacher on "
-            f"{a['eval']} `holdout.jsonl` sentences, one run per rate (seed {a['seed']}); torch "
-            f"threads {doc['torch_threads']} on {doc['cpus']} CPUs. Raw: `bench/results/text_lr.json`.")
+            f"{doc['recipe']}, otherwise `configs/minilm-embed.yaml` (AdamW lr 2e-4, "
+            f"`embed_cosine + embed_relational`), batch {a['batch_size']}, constant learning rate "
+            f"(epoch 0 of `kd distill`); held-out cosine to the teacher on {a['eval']} "
+            f"`holdout.jsonl` sentences, one run each (seed {a['seed']}); torch "
+            f"threads {doc['torch_threads']} on {doc['cpus']} CPUs. Raw: "
+            f"`bench/results/{raw_name(a['section'])}`.")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("corpus", help="folder of scripts/build_text_corpus.py (train/holdout.jsonl)")
     p.add_argument("--lrs", nargs="+", type=float, default=[2e-4, 5e-4, 1e-3, 2e-3])
+    p.add_argument("--runs", nargs="+", default=[], help="';'-separated overrides per run")
+    p.add_argument("--section", default=SECTION, help="RESULTS.md section")
     p.add_argument("--shape", default="t2", choices=list(SHAPES))
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--every", type=int, default=200)
@@ -115,11 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    if not args.no_write and args.runs and args.section == SECTION:
+        p.error("--runs: name the RESULTS.md section with --section")
     doc = run(args)
     print(table(doc))
     if not args.no_write:
-        (REPO / "bench" / "results" / "text_lr.json").write_text(json.dumps(doc, indent=2) + "\n")
-        write_section("text student learning rate", caption(doc) + "\n\n" + table(doc))
+        (REPO / "bench" / "results" / raw_name(args.section)).write_text(json.dumps(doc, indent=2) + "\n")
+        write_section(args.section, caption(doc) + "\n\n" + table(doc))
     return 0
 
 
