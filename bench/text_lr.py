@@ -58,6 +58,17 @@ def texts(path: Path, n: int, seed: int) -> list[str]:
     return rows[:n]
 
 
+def base_recipe(corpus: Path) -> dict[str, Any]:
+    """The optimizer and losses of ``configs/minilm-embed.yaml`` as it stands: what a run's
+    overrides change."""
+    from kd.config import load_experiment
+
+    exp = load_experiment(REPO / "configs" / "minilm-embed.yaml",
+                          [f"data.source={corpus / 'train.jsonl'}"])
+    return {"optim": exp.optim.name, "lr": exp.optim.lr,
+            "losses": " + ".join(t.name for t in exp.distill.losses)}
+
+
 def curve(args: argparse.Namespace, run: str, data: list[dict[str, Any]], sample: Any,
           pad_id: int, held: tuple[Any, Any]) -> dict[str, Any]:
     """Train one student with the overrides ``run``; its held-out cosine every ``--every``
@@ -90,7 +101,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ids, emb, _ = embedded(texts(corpus / "holdout.jsonl", args.eval, args.seed), args.max_length)
     runs = args.runs or [f"optim.lr={lr:g}" for lr in args.lrs]
     curves = [curve(args, run, data, sample, pad_id, (ids, emb)) for run in runs]
-    return {"curves": curves, "recipe": RECIPE, "torch_threads": torch.get_num_threads(),
+    return {"curves": curves, "recipe": RECIPE, "base": base_recipe(corpus), "torch_threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "args": vars(args)}
 
 
@@ -108,11 +119,12 @@ def table(doc: dict[str, Any]) -> str:
 def caption(doc: dict[str, Any]) -> str:
     a = doc["args"]
     runs = " ".join(f'"{r}"' for r in a["runs"]) if a["runs"] else None
+    b = doc["base"]
     what = f"--runs {runs}" if runs else "--lrs " + " ".join(f"{v:g}" for v in a["lrs"])
     return (f"`python bench/text_lr.py CORPUS --steps {a['steps']} {what}`: student {a['shape']} "
             f"(`student.args={SHAPES[a['shape']]}`, `init: teacher_layers`), recipe "
-            f"{doc['recipe']}, otherwise `configs/minilm-embed.yaml` (AdamW lr 2e-4, "
-            f"`embed_cosine + embed_relational`), batch {a['batch_size']}, constant learning rate "
+            f"{doc['recipe']}, otherwise `configs/minilm-embed.yaml` ({b['optim']} lr {b['lr']:g}, "
+            f"`{b['losses']}`), batch {a['batch_size']}, constant learning rate "
             f"(epoch 0 of `kd distill`); held-out cosine to the teacher on {a['eval']} "
             f"`holdout.jsonl` sentences, one run each (seed {a['seed']}); torch "
             f"threads {doc['torch_threads']} on {doc['cpus']} CPUs. Raw: "
