@@ -90,6 +90,7 @@ def test_static_student_model2vec_registers_and_embeds_strings(
     from kd.train.run import model_from_weights, train_run
 
     exp = embed_config(corpus, workdir, "scaling.num_workers=0", "student.model=static_embed",
+                       "student.freeze=[]",
                        "student.args={dim: 64}", "student.init=model2vec",
                        "teacher.cache=false", "optim.lr=0.01",
                        "registry.gate={min_cosine: 0.5}")
@@ -222,6 +223,7 @@ def test_tune_searches_static_student_width_with_one_teacher_pass(
     from kd.tune.sweep import run_sweep
 
     exp = embed_config(corpus, workdir, "student.model=static_embed", "student.init=random",
+                       "student.freeze=[]",
                        "student.args={dim: 16}", "optim.lr=0.01", "tune.num_samples=2",
                        "tune.max_concurrent_trials=1", "tune.search.name=random", "tune.seed=0",
                        "tune.scheduler={name: none}", "tune.resources.cpus_per_worker=0.5",
