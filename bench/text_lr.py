@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from _results import write_section  # noqa: E402
-from text_step import SHAPES, batches, embedded, worker  # noqa: E402
+from text_step import SHAPES, batches, embedded, text_parser, worker  # noqa: E402
 
 RECIPE = "dropout 0 + frozen word embeddings"
 SECTION = "text student learning rate"
@@ -132,19 +132,14 @@ def caption(doc: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("corpus", help="folder of scripts/build_text_corpus.py (train/holdout.jsonl)")
+    p = text_parser(__doc__, steps=600)
     p.add_argument("--lrs", nargs="+", type=float, default=[2e-4, 5e-4, 1e-3, 2e-3])
     p.add_argument("--runs", nargs="+", default=[], help="';'-separated overrides per run")
     p.add_argument("--section", default=SECTION, help="RESULTS.md section")
     p.add_argument("--shape", default="t2", choices=list(SHAPES))
-    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--every", type=int, default=200)
     p.add_argument("--eval", type=int, default=2000)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     if not args.no_write and args.runs and args.section == SECTION:
         p.error("--runs: name the RESULTS.md section with --section")

@@ -169,17 +169,24 @@ def caption(doc: dict[str, Any]) -> str:
             f"the end. Raw: `bench/results/text_step.json`.")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("corpus", help="folder of scripts/build_text_corpus.py (train.jsonl)")
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--warmup", type=int, default=2)
+def text_parser(doc: str, steps: int) -> argparse.ArgumentParser:
+    """The arguments every text-training bench takes: the corpus folder, ``--steps``,
+    ``--batch-size``, ``--max-length`` and ``--no-write``."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("corpus", help="folder of scripts/build_text_corpus.py (train/holdout.jsonl)")
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--no-write", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = text_parser(__doc__, steps=12)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     doc = run(args)
     print(table(doc))
