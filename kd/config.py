@@ -91,12 +91,24 @@ class DistillConfig(Strict):
 
 
 class ScheduleConfig(Strict):
-    """LR schedule: cosine (with linear warm-up), step, or none."""
+    """LR schedule: cosine (with linear warm-up), step, or none; set once an epoch
+    (``per: epoch``) or before every optimizer update (``per: step``, where the warm-up
+    is ``warmup_epochs`` epochs plus ``warmup_steps`` steps and the cosine decays smoothly
+    to 0 over the run's steps)."""
 
     name: Literal["cosine", "step", "none"] = "cosine"
+    per: Literal["epoch", "step"] = "epoch"
     warmup_epochs: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
     step_size: int = Field(30, ge=1)
     gamma: float = Field(0.1, gt=0)
+
+    @model_validator(mode="after")
+    def _steps_need_per_step(self) -> ScheduleConfig:
+        if self.warmup_steps and self.per != "step":
+            raise ValueError("warmup_steps: counts training steps (batches), so it needs per: step "
+                             "(or use warmup_epochs)")
+        return self
 
 
 class OptimConfig(Strict):

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from kd import cli
 from kd.config import load_experiment
+from kd.errors import InputError
 from kd.models.weights import read_metadata
 from kd.train.optim import lr_factor
 from kd.train.run import train_run
@@ -21,12 +22,67 @@ FAST = ["scaling.num_workers=0", "trainer.epochs=3", "checkpoint.every_epochs=1"
 
 
 def test_lr_schedule() -> None:
-    assert lr_factor(0, 10, "cosine", 2, 30, 0.1) == 0.5
-    assert lr_factor(1, 10, "cosine", 2, 30, 0.1) == 1.0
-    assert lr_factor(2, 10, "cosine", 2, 30, 0.1) == 1.0
-    assert math.isclose(lr_factor(6, 10, "cosine", 2, 30, 0.1), 0.5)
-    assert lr_factor(35, 40, "step", 0, 30, 0.1) == pytest.approx(0.1)
-    assert lr_factor(5, 10, "none", 0, 30, 0.1) == 1.0
+    assert lr_factor(0, 10, 1, "cosine", 2, 30, 0.1) == 0.5
+    assert lr_factor(1, 10, 1, "cosine", 2, 30, 0.1) == 1.0
+    assert lr_factor(2, 10, 1, "cosine", 2, 30, 0.1) == 1.0
+    assert math.isclose(lr_factor(6, 10, 1, "cosine", 2, 30, 0.1), 0.5)
+    assert lr_factor(35, 40, 1, "step", 0, 30, 0.1) == pytest.approx(0.1)
+    assert lr_factor(5, 10, 1, "none", 0, 30, 0.1) == 1.0
+    # per step (100 steps an epoch): step decay still moves at whole epochs
+    assert lr_factor(2999, 4000, 100, "step", 0, 30, 0.1) == 1.0
+    assert lr_factor(3000, 4000, 100, "step", 0, 30, 0.1) == pytest.approx(0.1)
+
+
+def test_a_per_step_schedule_warms_up_and_decays_smoothly() -> None:
+    """``per: step``: linear warm-up over ``warmup_steps``, then a cosine that falls at
+    every update and ends near 0; the same (epoch, batch) always gives the same LR (what
+    a resumed run and every rank rely on); steps past the expected count hold the
+    epoch's last value."""
+    import torch
+
+    from kd.train.optim import set_lr
+
+    exp = load_experiment(CONFIGS / "digits-kd.yaml", [
+        "trainer.epochs=3", "optim.lr=0.1", "optim.schedule={name: cosine, per: step, warmup_steps: 4}"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    def lr(epoch: int, step: int) -> float:
+        set_lr(opt, [0.1], exp, epoch, step, 10)
+        return opt.param_groups[0]["lr"]
+
+    assert [lr(0, i) for i in range(4)] == pytest.approx([0.025, 0.05, 0.075, 0.1])
+    after = [lr(e, i) for e in range(3) for i in range(10)][4:]
+    assert after[0] == pytest.approx(0.1)
+    assert all(b < a for a, b in zip(after, after[1:], strict=False))
+    assert lr(1, 9) == pytest.approx(0.05 * (1 + math.cos(math.pi * 15 / 26)))
+    assert 0 < lr(2, 9) < 0.001 and lr(2, 9) == lr(2, 15)
+    per_epoch = load_experiment(CONFIGS / "digits-kd.yaml", [
+        "trainer.epochs=3", "optim.lr=0.1", "optim.schedule={name: cosine}"])
+    set_lr(opt, [0.1], per_epoch, 1, 7, 10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.075)  # the whole epoch at one value
+
+
+def test_warmup_steps_need_a_per_step_schedule() -> None:
+    with pytest.raises(InputError, match=r"optim\.schedule: .*warmup_steps: .*needs per: step"):
+        load_experiment(CONFIGS / "digits-kd.yaml", ["optim.schedule.warmup_steps=100"])
+
+
+def test_the_loop_sets_a_per_step_lr_before_every_update(digits_teacher: str, workdir: Path) -> None:
+    """A real `kd distill` with ``per: step``: the LR logged at each epoch's end is the
+    schedule's value at that epoch's last batch (a per-epoch schedule would log 1.0x,
+    0.75x and 0.25x of the base LR here)."""
+    exp = load_experiment(CONFIGS / "digits-kd.yaml", [
+        f"teacher.weights={digits_teacher}", "scaling.num_workers=0", "trainer.epochs=3",
+        "optim.schedule={name: cosine, per: step, warmup_steps: 3}"])
+    out = train_run(exp, "student")
+    client = MlflowClient(mlflow.get_tracking_uri())
+    rows = client.get_metric_history(out.run_id, "train/labeled_samples")[0].value
+    spe = math.ceil(rows / exp.trainer.batch_size)
+    logged = [m.value for m in sorted(client.get_metric_history(out.run_id, "lr"), key=lambda m: m.step)]
+    want = [exp.optim.lr * lr_factor(e * spe + spe - 1, 3 * spe, spe, "cosine", 3, 30, 0.1)
+            for e in range(3)]
+    assert logged == pytest.approx(want)
+    assert logged[2] < 0.01 * exp.optim.lr
 
 
 @pytest.fixture(scope="module")

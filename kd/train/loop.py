@@ -36,7 +36,7 @@ from kd.train.checkpoint import (
     save_checkpoint,
 )
 from kd.train.consistency import broadcast_state, check_ranks_agree, decide_restore, replicated
-from kd.train.optim import make_optimizer, set_epoch_lr
+from kd.train.optim import make_optimizer, per_step, set_lr
 from kd.train.parallel import all_reduce, grad_sync, place_teacher, prepare, rng_states, world_info
 from kd.train.progress import EpochProgress
 from kd.train.step import Step, autocast, evaluate_shard, input_dtype
@@ -175,8 +175,9 @@ def _resume(w: Worker, restored: dict[str, Any]) -> None:
 
 def _train_epoch(w: Worker, train_ds: Any, epoch: int, global_step: int) -> tuple[EpochSums, int]:
     """One pass over this worker's shard of ``train``; returns its sums and the global step."""
-    exp, accum = w.exp, w.exp.trainer.grad_accum
-    set_epoch_lr(w.opt, w.base_lrs, epoch, exp)
+    exp, accum, spe = w.exp, w.exp.trainer.grad_accum, w.spec["steps_per_epoch"]
+    set_lr(w.opt, w.base_lrs, exp, epoch, 0, spe)
+    stepwise = per_step(exp)
     w.trainee.train()
     acc = EpochSums()
     t0 = time.perf_counter()
@@ -197,6 +198,8 @@ def _train_epoch(w: Worker, train_ds: Any, epoch: int, global_step: int) -> tupl
                 total, parts, db = w.step(batch)
             w.updater.backward(total / accum)
         if sync:
+            if stepwise:
+                set_lr(w.opt, w.base_lrs, exp, epoch, i, spe)
             w.updater.step()
         _accumulate(acc, total, parts, db)
         progress.step(len(db.labels))

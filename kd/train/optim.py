@@ -1,4 +1,4 @@
-"""The optimizer and the per-epoch learning-rate schedule."""
+"""The optimizer and the learning-rate schedule (per epoch or per optimizer step)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,19 @@ from torch import nn
 from kd.config import Experiment
 
 
-def lr_factor(epoch: int, epochs: int, name: str, warmup: int, step_size: int,
-              gamma: float) -> float:
-    """LR multiplier for ``epoch``: linear warm-up to 1 over ``warmup`` epochs, then
-    cosine ``0.5 (1 + cos(pi e / E))`` over the rest, or ``gamma ** (e // step)``."""
-    if epoch < warmup:
-        return (epoch + 1) / warmup
-    e, span = epoch - warmup, max(1, epochs - warmup)
+def lr_factor(unit: int, units: int, units_per_epoch: int, name: str, warmup: int,
+              step_size: int, gamma: float) -> float:
+    """LR multiplier at ``unit`` of ``units`` (units are epochs, or optimizer steps with
+    ``units_per_epoch`` of them an epoch): linear warm-up ``(u + 1) / W`` over the first
+    ``W = warmup`` units, then cosine ``0.5 (1 + cos(pi (u - W) / (U - W)))`` over the rest,
+    or ``gamma ** (epoch // step_size)`` by whole epochs, or 1 (``none``)."""
+    if unit < warmup:
+        return (unit + 1) / warmup
+    u, span = unit - warmup, max(1, units - warmup)
     if name == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * e / span))
+        return 0.5 * (1.0 + math.cos(math.pi * u / span))
     if name == "step":
-        return gamma ** (e // step_size)
+        return gamma ** ((unit // units_per_epoch) // step_size)
     return 1.0
 
 
@@ -33,10 +35,24 @@ def make_optimizer(exp: Experiment, params: list[nn.Parameter]) -> torch.optim.O
     return cls(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
+def per_step(exp: Experiment) -> bool:
+    """Whether the LR is set before every optimizer update (``optim.schedule.per: step``)."""
+    return exp.optim.schedule.per == "step"
 
-def set_epoch_lr(opt: torch.optim.Optimizer, base_lrs: list[float], epoch: int, exp: Experiment) -> None:
-    """Set every param group's LR to its base LR times `lr_factor` of ``epoch``."""
-    sched = exp.optim.schedule
-    f = lr_factor(epoch, exp.trainer.epochs, sched.name, sched.warmup_epochs, sched.step_size, sched.gamma)
+
+def set_lr(opt: torch.optim.Optimizer, base_lrs: list[float], exp: Experiment, epoch: int,
+           step: int, steps_per_epoch: int) -> None:
+    """Set every param group's LR to its base LR times `lr_factor` at batch ``step`` of
+    ``epoch``. Per epoch the unit is the epoch; per step it is
+    ``epoch * steps_per_epoch + min(step, steps_per_epoch - 1)``: a pure function of the
+    epoch and the batch index, so every rank (same batch count) and a resumed run set the
+    same LR."""
+    sched, epochs = exp.optim.schedule, exp.trainer.epochs
+    if sched.per == "step":
+        n = max(1, steps_per_epoch)
+        unit, units, warmup = epoch * n + min(step, n - 1), epochs * n, sched.warmup_epochs * n + sched.warmup_steps
+    else:
+        n, unit, units, warmup = 1, epoch, epochs, sched.warmup_epochs
+    f = lr_factor(unit, units, n, sched.name, warmup, sched.step_size, sched.gamma)
     for g, lr in zip(opt.param_groups, base_lrs, strict=True):
         g["lr"] = lr * f
