@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=str(REPO / "bench" / "results" / "text_students.json"))
     p.add_argument("--no-write", action="store_true", help="print only; write no JSON or RESULTS.md")
+    p.add_argument("--section", default="text students: all-MiniLM-L6-v2 distillation",
+                   help="the RESULTS.md section (level 2) to write")
     args = p.parse_args(argv)
     for name in ("holdout.jsonl", "retrieval.jsonl", "corpus.json"):
         if not (Path(args.corpus) / name).is_file():
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(doc, indent=2) + "\n")
-        write_section("text students: all-MiniLM-L6-v2 distillation", body)
+        write_section(args.section, body)
     return 0
 
 
