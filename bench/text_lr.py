@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from _results import write_section  # noqa: E402
-from text_step import SHAPES, batches, embedded, text_parser, worker  # noqa: E402
+from text_step import SHAPES, batches, embedded, student_args, text_parser, worker  # noqa: E402
 
 RECIPE = "dropout 0 + frozen word embeddings"
 SECTION = "text student learning rate"
@@ -122,7 +122,7 @@ def caption(doc: dict[str, Any]) -> str:
     b = doc["base"]
     what = f"--runs {runs}" if runs else "--lrs " + " ".join(f"{v:g}" for v in a["lrs"])
     return (f"`python bench/text_lr.py CORPUS --steps {a['steps']} {what}`: student {a['shape']} "
-            f"(`student.args={SHAPES[a['shape']]}`, `init: teacher_layers`), recipe "
+            f"(`student.args={student_args(a['shape'])}`, `init: teacher_layers`), recipe "
             f"{doc['recipe']}, otherwise `configs/minilm-embed.yaml` ({b['optim']} lr {b['lr']:g}, "
             f"`{b['losses']}`), batch {a['batch_size']}, constant learning rate "
             f"(epoch 0 of `kd distill`); held-out cosine to the teacher on {a['eval']} "

@@ -35,15 +35,21 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from _results import write_section  # noqa: E402
 
-SHAPES = {"t2": "{layers: 2}", "t3i512": "{layers: 3, intermediate: 512}"}
+SHAPES: dict[str, dict[str, Any]] = {"t2": {"layers": 2}, "t3i512": {"layers": 3, "intermediate": 512}}
 NO_FREEZE = ["student.freeze=[]"]  # whatever configs/minilm-embed.yaml freezes
-RECIPES = {
-    "BERT defaults (dropout 0.1)": ([], NO_FREEZE),
-    "dropout 0": (["dropout: 0.0"], NO_FREEZE),
-    "frozen word embeddings": ([], ["student.freeze=[bert.embeddings.word_embeddings]"]),
-    "dropout 0 + frozen word embeddings": (["dropout: 0.0"],
+RECIPES: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "BERT defaults (dropout 0.1)": ({}, NO_FREEZE),
+    "dropout 0": ({"dropout": 0.0}, NO_FREEZE),
+    "frozen word embeddings": ({}, ["student.freeze=[bert.embeddings.word_embeddings]"]),
+    "dropout 0 + frozen word embeddings": ({"dropout": 0.0},
                                            ["student.freeze=[bert.embeddings.word_embeddings]"]),
 }
+
+
+def student_args(shape: str, extra: dict[str, Any] | None = None) -> str:
+    """The ``student.args`` override value of ``shape`` plus ``extra``, as YAML flow
+    (JSON is YAML): ``{"layers": 2, "dropout": 0.0}``."""
+    return json.dumps({**SHAPES[shape], **(extra or {})})
 
 
 def embedded(texts: list[str], max_length: int) -> tuple[Any, Any, int]:
@@ -94,9 +100,9 @@ def worker(corpus: Path, shape: str, recipe: str, sample: Any, max_length: int, 
     from kd.train.update import Updater
 
     args, extra = RECIPES[recipe]
-    student_args = SHAPES[shape][:-1] + "".join(f", {a}" for a in args) + "}"
     exp = load_experiment(REPO / "configs" / "minilm-embed.yaml", [
-        f"data.source={corpus / 'train.jsonl'}", f"student.args={student_args}", *extra, *overrides])
+        f"data.source={corpus / 'train.jsonl'}", f"student.args={student_args(shape, args)}",
+        *extra, *overrides])
     torch.manual_seed(0)
     asm = assemble(exp, "student", (max_length,), 384, torch.as_tensor(sample))
     params = [p for p in asm.trainee.parameters() if p.requires_grad]
