@@ -12,10 +12,11 @@ the mean cosine to the teacher's embeddings is recorded.
 
     PYTHONPATH=$PWD python bench/text_lr.py /work/text-corpus --lrs 2e-4 5e-4 1e-3 2e-3
     PYTHONPATH=$PWD python bench/text_lr.py /work/text-corpus --section "text student losses" \
-        --runs "optim.lr=5e-4" "optim.lr=5e-4;distill.losses=[{name: embed_cosine}]"
+        --run optim.lr=5e-4 --run optim.lr=5e-4 "distill.losses=[{name: embed_cosine}]"
 
-A run is ``;``-separated ``key=value`` overrides of ``configs/minilm-embed.yaml``;
-``--lrs X`` is short for the run ``optim.lr=X``.
+Each ``--run`` is one run: its ``key=value`` overrides of ``configs/minilm-embed.yaml``,
+one argument each (a value may hold any character); ``--lrs X`` is short for
+``--run optim.lr=X``.
 
 Prints a table, writes bench/results/text_lr.json (``text_lr-SECTION.json`` for another
 ``--section``) and the RESULTS.md section. A short
@@ -29,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -69,7 +71,7 @@ def base_recipe(corpus: Path) -> dict[str, Any]:
             "losses": " + ".join(t.name for t in exp.distill.losses)}
 
 
-def curve(args: argparse.Namespace, run: str, data: list[dict[str, Any]], sample: Any,
+def curve(args: argparse.Namespace, run: list[str], data: list[dict[str, Any]], sample: Any,
           pad_id: int, held: tuple[Any, Any]) -> dict[str, Any]:
     """Train one student with the overrides ``run``; its held-out cosine every ``--every``
     steps."""
@@ -77,7 +79,8 @@ def curve(args: argparse.Namespace, run: str, data: list[dict[str, Any]], sample
     from kd.train.embed_metrics import cosine_rows, encode
 
     step, updater, _ = worker(Path(args.corpus), args.shape, RECIPE, sample, args.max_length,
-                              pad_id, tuple(run.split(";")))
+                              pad_id, tuple(run))
+    label = " ".join(run)
     points, t0, losses = [], time.perf_counter(), []
     for i, b in enumerate(data, 1):
         loss, _, _ = step(b)
@@ -88,8 +91,8 @@ def curve(args: argparse.Namespace, run: str, data: list[dict[str, Any]], sample
             cos = float(cosine_rows(encode(step.trainee, held[0], 64, pad_id), held[1]).mean())
             points.append({"step": i, "samples": i * args.batch_size, "cosine": cos,
                            "train_loss": sum(losses[-args.every:]) / len(losses[-args.every:])})
-            print(f"[bench] {run}: step {i}: held-out cosine {cos:.4f}", flush=True)
-    return {"run": run, "points": points, "seconds": time.perf_counter() - t0}
+            print(f"[bench] {label}: step {i}: held-out cosine {cos:.4f}", flush=True)
+    return {"run": label, "overrides": run, "points": points, "seconds": time.perf_counter() - t0}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -99,7 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train = texts(corpus / "train.jsonl", args.steps * args.batch_size, args.seed)
     data, sample, pad_id = batches(corpus, args.steps, args.batch_size, args.max_length, train)
     ids, emb, _ = embedded(texts(corpus / "holdout.jsonl", args.eval, args.seed), args.max_length)
-    runs = args.runs or [f"optim.lr={lr:g}" for lr in args.lrs]
+    runs = args.runs or [[f"optim.lr={lr:g}"] for lr in args.lrs]
     curves = [curve(args, run, data, sample, pad_id, (ids, emb)) for run in runs]
     return {"curves": curves, "recipe": RECIPE, "base": base_recipe(corpus), "torch_threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "args": vars(args)}
@@ -118,9 +121,9 @@ def table(doc: dict[str, Any]) -> str:
 
 def caption(doc: dict[str, Any]) -> str:
     a = doc["args"]
-    runs = " ".join(f'"{r}"' for r in a["runs"]) if a["runs"] else None
+    runs = " ".join("--run " + shlex.join(r) for r in a["runs"])
     b = doc["base"]
-    what = f"--runs {runs}" if runs else "--lrs " + " ".join(f"{v:g}" for v in a["lrs"])
+    what = runs if runs else "--lrs " + " ".join(f"{v:g}" for v in a["lrs"])
     return (f"`python bench/text_lr.py CORPUS --steps {a['steps']} {what}`: student {a['shape']} "
             f"(`student.args={student_args(a['shape'])}`, `init: teacher_layers`), recipe "
             f"{doc['recipe']}, otherwise `configs/minilm-embed.yaml` ({b['optim']} lr {b['lr']:g}, "
@@ -134,7 +137,8 @@ def caption(doc: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = text_parser(__doc__, steps=600)
     p.add_argument("--lrs", nargs="+", type=float, default=[2e-4, 5e-4, 1e-3, 2e-3])
-    p.add_argument("--runs", nargs="+", default=[], help="';'-separated overrides per run")
+    p.add_argument("--run", dest="runs", action="append", nargs="+", default=[],
+                   metavar="KEY=VALUE", help="one run's overrides; repeat for more runs")
     p.add_argument("--section", default=SECTION, help="RESULTS.md section")
     p.add_argument("--shape", default="t2", choices=list(SHAPES))
     p.add_argument("--every", type=int, default=200)
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if not args.no_write and args.runs and args.section == SECTION:
-        p.error("--runs: name the RESULTS.md section with --section")
+        p.error("--run: name the RESULTS.md section with --section")
     doc = run(args)
     print(table(doc))
     if not args.no_write:
