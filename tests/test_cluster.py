@@ -11,6 +11,7 @@ on S3 making the loader fall back to the previous good one.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -24,7 +25,7 @@ from kd import storage
 from kd.cli import run as kd_run
 from kd.config import experiment_from_dict, resolve_paths
 from kd.errors import InputError
-from kd.train.checkpoint import checkpoint_candidates, load_latest_good
+from kd.train.checkpoint import CKPT_MANIFEST, checkpoint_candidates, load_latest_good
 from tests.conftest import CONFIGS, free_port
 
 
@@ -58,16 +59,28 @@ def _mlflow_runs(exp):
 
 
 def _kill_after_first_checkpoint(s3, bucket: str, killed: list[int]) -> threading.Thread:
-    """A thread that waits for ``runs/r1/epoch_00001`` to be complete on S3 (its 3 files
-    uploaded, so epoch 2 is under way), then ``kill -9``s one live Ray Train worker,
-    from outside its process."""
+    """A thread that waits for ``runs/r1/epoch_00001`` to be complete on S3 (its
+    ``manifest.json`` and every file it lists, at the listed size: Ray uploads a
+    checkpoint's files in no fixed order, so a count of keys can be reached while the
+    manifest is still missing), then ``kill -9``s one live Ray Train worker, from outside
+    its process."""
     from tests.rank_probe import train_worker_pids
+
+    prefix = "runs/r1/epoch_00001/"
+
+    def complete() -> bool:
+        listed = {o["Key"]: o["Size"] for o in
+                  s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])}
+        if prefix + CKPT_MANIFEST not in listed:
+            return False
+        body = s3.get_object(Bucket=bucket, Key=prefix + CKPT_MANIFEST)["Body"].read()
+        files = json.loads(body)["files"]
+        return all(listed.get(prefix + name) == f["size"] for name, f in files.items())
 
     def run() -> None:
         deadline = time.time() + 300
         while time.time() < deadline:
-            if s3.list_objects_v2(Bucket=bucket, Prefix="runs/r1/epoch_00001/"
-                                  ).get("KeyCount", 0) >= 3:
+            if complete():
                 pids = train_worker_pids()
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
