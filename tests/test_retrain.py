@@ -156,6 +156,28 @@ def test_state_round_trips_on_s3_and_from_parent_tags(bucket: str, s3_server: st
     assert list(rebuilt) == ["tune"] and rebuilt["tune"]["out"] == again.out("tune")
 
 
+def test_skipped_stage_rewrites_its_tags_from_the_state_file(mlflow_server: str,
+                                                              tmp_path: Path) -> None:
+    """A process killed after the state file said ``done`` but before the parent run's tag
+    did (the crash the slow fixture makes) must not leave the tag at ``running``."""
+    from kd import tracking
+    from kd.retrain.pipeline import run_stage
+    from kd.retrain.state import State
+
+    c = tracking.client(mlflow_server)
+    parent = c.create_run(tracking.experiment_id(c, "kd-retrain-tags")).info.run_id
+    st = State.load(str(tmp_path), None, {"pipeline_id": "p", "stages": {}})
+    st.mark("tune", "running")
+    tracking.set_tags(mlflow_server, parent, {"kd.stage.tune": "running"})
+    st.mark("tune", "done", seconds=2.0, out={"sweep_run_id": "s"})  # killed here
+    ctx = SimpleNamespace(state=State.load(str(tmp_path), None, {}),
+                          pipeline_id="p", uri=mlflow_server, parent=parent)
+    assert run_stage(ctx, "tune") == {"sweep_run_id": "s"}  # skipped, not rerun
+    tags = c.get_run(parent).data.tags
+    assert tags["kd.stage.tune"] == "done" and tags["kd.stage.tune.seconds"] == "2.0"
+    assert json.loads(tags["kd.stage.tune.out"]) == {"sweep_run_id": "s"}
+
+
 # ---- slow: the pipeline end to end -------------------------------------------------------
 
 def write_snapshot(path: Path, keep: np.ndarray | None = None, noise: float = 0.0) -> str:

@@ -159,9 +159,12 @@ def _open(exp: Experiment, model: str, pid: str, splits: Any, prof: dict[str, An
 
 def run_stage(ctx: stages.Context, name: str) -> dict[str, Any]:
     """Run stage ``name`` unless it is done; record running / done / failed in the state
-    file and the parent run's tags; returns the stage's outputs."""
+    file and the parent run's tags; returns the stage's outputs. The state file is written
+    first, so a process killed between the two writes leaves a done stage tagged
+    ``running``: a skipped stage's tags are therefore written again from the state file."""
     if ctx.state.done(name):
         print(f"[kd] retrain {ctx.pipeline_id}: {name} already done, skipped", flush=True)
+        tracking.set_tags(ctx.uri, ctx.parent, stage_tags(name, ctx.state.stages[name]))
         return ctx.state.out(name)
     print(f"[kd] retrain {ctx.pipeline_id}: {name} ...", flush=True)
     ctx.state.mark(name, "running")
