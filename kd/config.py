@@ -72,6 +72,13 @@ class StudentConfig(ModelSpec):
                               "(e.g. bert.embeddings.word_embeddings) kept as built or "
                               "initialised: no gradient, not in the optimizer")
 
+    @model_validator(mode="after")
+    def _init_or_weights(self) -> StudentConfig:
+        if self.weights and self.init != "random":  # an init runs after the weights load
+            raise ValueError(f"init: {self.init} would overwrite weights: {self.weights}; pick one "
+                             "(init: random continues from the weights)")
+        return self
+
 
 class LossTerm(BaseModel):
     """One loss term: ``name``, ``weight`` and the loss's own parameters."""

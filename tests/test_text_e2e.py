@@ -167,6 +167,38 @@ def test_transformer_student_from_teacher_layers_on_a_ray_worker(
     assert not torch.equal(got[key], teacher[key.replace("layer.1", "layer.5")])
 
 
+def test_a_student_continues_from_its_weights(corpus: Path, workdir: Path, tmp_path: Path) -> None:
+    """The second stage of docs/text.md: ``student.weights`` with ``student.init: random``
+    starts the student from a finished run's weights (strictly; ``student.freeze`` still
+    holds). A teacher init runs after the weights load and would overwrite them silently,
+    so both together are refused with one line naming the fields."""
+    from kd.errors import InputError
+    from kd.models.tokens import load_tokenizer
+    from kd.models.weights import save_weights
+    from kd.train.assemble import assemble
+
+    texts = ["Return the number of items in a container.", "Open a file and return a stream."]
+    ids = torch.as_tensor(load_tokenizer(TEACHER).encode(texts, 64)[0])
+    first = assemble(embed_config(corpus, workdir, "student.init_layers=[0, 5]"),
+                     "student", (64,), 384, ids).trainee
+    with torch.no_grad():  # "trained": no longer what any init would build
+        for p in first.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = tmp_path / "stage1.safetensors"
+    save_weights(first, path)
+    exp = embed_config(corpus, workdir, "student.init=random", f"student.weights={path}")
+    got = assemble(exp, "student", (64,), 384, ids).trainee
+    want = first.state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in got.state_dict().items())
+    assert not got.bert.embeddings.word_embeddings.weight.requires_grad
+    assert got.bert.encoder.layer[1].output.dense.weight.requires_grad
+    with torch.no_grad():
+        assert torch.allclose(got(ids), first(ids))
+    with pytest.raises(InputError, match=r"student: .*init: teacher_layers would overwrite "
+                                         r"weights: .*stage1.safetensors; pick one"):
+        embed_config(corpus, workdir, f"student.weights={path}")
+
+
 def cased_tokenizer(tmp_path: Path) -> Path:
     """A copy of the teacher's tokenizer that keeps case: other ids for the same text."""
     from kd.models.tokens import model_dir

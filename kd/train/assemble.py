@@ -89,8 +89,6 @@ def init_from_teacher(exp: Experiment, student: nn.Module, input_shape: tuple[in
 
     if exp.teacher is None or not exp.teacher.weights:
         raise InputError("student.init: teacher_pruned needs teacher.weights")
-    if exp.student is not None and exp.student.weights:
-        raise InputError("student.init: teacher_pruned and student.weights both set: pick one")
     if exp.student is not None and (exp.student.model != exp.teacher.model
                                     or exp.student.args != exp.teacher.args):
         raise InputError(f"student.init: teacher_pruned needs the teacher's model and args "
