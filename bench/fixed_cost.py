@@ -70,7 +70,7 @@ def child(argv: list[str]) -> None:
     from kd import runtime
 
     timed(runtime, "ensure_ray", "ray")
-    for attr, phase in [("load_splits", "data"), ("preflight", "preflight"),
+    for attr, phase in [("run_splits", "data"), ("preflight", "preflight"),
                         ("ensure_ray", "ray"), ("fit", "fit"), ("evaluate", "holdout eval"),
                         ("evaluate_with_confusion", "holdout eval"),
                         ("primary_teacher", "holdout eval"), ("save_weights", "weights"),
