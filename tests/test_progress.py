@@ -126,16 +126,33 @@ def test_timed_feed_counts_only_the_wait_for_each_batch() -> None:
     assert fast.data_wait < 0.15
 
 
+def _split_coordinators() -> int:
+    """Ray Data SplitCoordinator actors this Ray has ever started (the GCS actor table
+    keeps dead ones; `tests.rank_probe` explains why not ``ray.util.state``)."""
+    from ray._private import state
+
+    return sum(a["ActorClassName"] == "SplitCoordinator" for a in state.actors().values())
+
+
 @pytest.mark.slow
 def test_one_worker_uses_the_cores_it_is_given(ray_session: None, workdir: Path) -> None:
     """ray_session declares 2 CPUs: the default one-worker run uses both (Ray alone would
     give it OMP_NUM_THREADS=1), at the driver's niceness (Ray alone: 15 more); a
-    reservation of 1 CPU gives 1 thread."""
+    reservation of 1 CPU gives 1 thread. The one worker reads the whole train split
+    itself, every row once an epoch, with no Ray Data split coordinator in between
+    (`kd.train.driver.datasets_to_split`: its actor cost 2.8x in streaming samples/s)."""
     import ray
+
+    from kd.config import load_experiment
+    from kd.data import load_splits
 
     node_cpus = ray.cluster_resources()["CPU"]
     assert node_cpus == 2
+    coordinators = _split_coordinators()
     metrics = _metrics_of_run([], workdir)
+    assert _split_coordinators() == coordinators
+    train_rows = len(load_splits(load_experiment(REPO / "configs" / "digits-teacher.yaml").data).train)
+    assert metrics["train/labeled_samples"] == train_rows
     assert metrics["worker/torch_threads"] == node_cpus
     # and at the driver's niceness, not Ray's worker default of +15 (kd.runtime)
     assert metrics["worker/niceness"] == os.nice(0)
