@@ -127,7 +127,8 @@ def _median_after_warmup(rates: list[float]) -> float:
 
 
 def kdflow_run(work: Path, tpath: Path, args: argparse.Namespace, extra: list[str]) -> dict:
-    """One `train_run` of the mode; its per-epoch samples/s, feed-wait shares, wall s."""
+    """One `train_run` of the mode; its per-epoch samples/s, feed-wait shares, wall s,
+    the last epoch's ``train/loss``."""
     from mlflow.tracking import MlflowClient
 
     from kd.train.run import train_run
@@ -148,7 +149,8 @@ def kdflow_run(work: Path, tpath: Path, args: argparse.Namespace, extra: list[st
     return {"rates": rates, "img_s": _median_after_warmup(rates),
             "wait_share": _median_after_warmup([w / t for w, t in zip(wait_s, train_s, strict=True)]),
             "compute_img_s": _median_after_warmup(compute), "wall_s": wall,
-            "threads": out.metrics.get("worker/torch_threads")}
+            "threads": out.metrics.get("worker/torch_threads"),
+            "final_loss": history("train/loss")[-1]}
 
 
 def plain_in_ray(mode: str, x: torch.Tensor, y: torch.Tensor, teacher: torch.nn.Module,
