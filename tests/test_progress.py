@@ -140,7 +140,7 @@ def test_one_worker_uses_the_cores_it_is_given(ray_session: None, workdir: Path)
     give it OMP_NUM_THREADS=1), at the driver's niceness (Ray alone: 15 more); a
     reservation of 1 CPU gives 1 thread. The one worker reads the whole train split
     itself, every row once an epoch, with no Ray Data split coordinator in between
-    (`kd.train.driver.datasets_to_split`: its actor cost 2.8x in streaming samples/s)."""
+    (`kd.train.driver.datasets_to_split`; its cost in bench/split_of_one.py)."""
     import ray
 
     from kd.config import load_experiment
