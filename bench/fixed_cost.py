@@ -74,6 +74,7 @@ def child(argv: list[str]) -> None:
                         ("ensure_ray", "ray"), ("fit", "fit"), ("evaluate", "holdout eval"),
                         ("evaluate_with_confusion", "holdout eval"),
                         ("primary_teacher", "holdout eval"), ("save_weights", "weights"),
+                        ("publish_weights", "weights"),
                         ("build_spec", "weights"), ("load_state_dict", "weights"),
                         ("log_lineage", "mlflow logging"), ("log_run_figures", "mlflow logging")]:
         timed(run, attr, phase)

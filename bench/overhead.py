@@ -236,6 +236,19 @@ def write_outputs(facts: dict, command: str) -> None:
         "`bench/results/overhead.json`.\n\n" + table(rows)))
 
 
+def random_teacher(work: Path) -> tuple[torch.nn.Module, Path]:
+    """The benches' resnet56 teacher with random weights (seed 1), frozen, and the
+    safetensors file under ``work`` that kdflow's configs point at."""
+    from kd.models import build_model
+    from kd.models.weights import freeze, save_weights
+
+    torch.manual_seed(1)
+    tpath = work / "teacher.safetensors"
+    teacher = freeze(build_model("resnet56", {}, tuple(SHAPE), CLASSES))
+    save_weights(teacher, tpath)
+    return teacher, tpath
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=5000, help="synthetic rows (80%% train)")
@@ -256,13 +269,8 @@ def main() -> None:
         return
     work = enter_work_dir(args.work, "overhead")
     from kd.data import load_splits
-    from kd.models import build_model
-    from kd.models.weights import freeze, save_weights
 
-    torch.manual_seed(1)
-    tpath = work / "teacher.safetensors"
-    teacher = freeze(build_model("resnet56", {}, tuple(SHAPE), CLASSES))
-    save_weights(teacher, tpath)
+    teacher, tpath = random_teacher(work)
     splits = load_splits(experiment(work, str(tpath), args.rows, args.epochs, args.workers, []).data)
     train = splits.train.sample(len(splits.train))  # the same train rows kdflow trains on
     ctx = {"x": torch.as_tensor(train.x), "y": torch.as_tensor(train.y), "teacher": teacher,

@@ -29,10 +29,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-import torch  # noqa: E402
 from _common import enter_work_dir  # noqa: E402
 from _results import write_section  # noqa: E402
-from overhead import CLASSES, MODES, SHAPE, kdflow_run  # noqa: E402
+from overhead import MODES, kdflow_run, random_teacher  # noqa: E402
 
 WAYS = ("split of one", "whole stream (kdflow)")
 
@@ -58,13 +57,8 @@ def main() -> None:
     ap.add_argument("--work", default=None)
     args = ap.parse_args()
     args.workers = 1
-    from kd.models import build_model
-    from kd.models.weights import freeze, save_weights
-
     work = enter_work_dir(args.work, "split-of-one")
-    torch.manual_seed(1)
-    tpath = work / "teacher.safetensors"
-    save_weights(freeze(build_model("resnet56", {}, tuple(SHAPE), CLASSES)), tpath)
+    _, tpath = random_teacher(work)
     t_start = time.time()
     runs: dict[str, list[dict]] = {w: [] for w in WAYS}
     for r in range(args.repeats):
