@@ -60,10 +60,10 @@ def run_once(source: str, work: Path) -> dict[str, float]:
 
     def sample() -> None:  # RssAnon: the driver's own memory; RssShmem: object-store pages it mapped
         while not stop.is_set():
-            for line in Path("/proc/self/status").read_text().splitlines():
-                key = fields.get(line.split(" ", 1)[0].split("\t", 1)[0])
+            for words in map(str.split, Path("/proc/self/status").read_text().splitlines()):
+                key = fields.get(words[0]) if words else None
                 if key:
-                    peak[key] = max(peak[key], int(line.split()[1]) * 1024)
+                    peak[key] = max(peak[key], int(words[1]) * 1024)
             time.sleep(0.2)
 
     threading.Thread(target=sample, daemon=True).start()

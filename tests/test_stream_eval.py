@@ -1,5 +1,6 @@
 """Holdout evaluation over a streamed split: per-batch counts summed in the driver
-equal the metrics of the same rows scored in memory; `confusion_counts`."""
+(scored there, or in Ray Data tasks) equal the metrics of the same rows scored in
+memory; `StreamSplit.batches` reads every row of a split; `confusion_counts`."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import kd.data.splits
 from kd.config import DataConfig
 from kd.data import load_splits
 from kd.models import build_model
@@ -22,8 +24,15 @@ def test_confusion_counts_rows_true_cols_predicted_skips_unlabeled() -> None:
     assert m.sum() == 5  # the unlabeled row is not counted
 
 
-def test_streamed_holdout_metrics_equal_in_memory_ones(ray_session: None) -> None:
+@pytest.mark.parametrize("where", ["read here", "ray data tasks"])
+def test_streamed_holdout_metrics_equal_in_memory_ones(where: str, ray_session: None,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways of scoring a streamed split (read in this process when small; Ray Data
+    tasks beside the reads when large) give the in-memory metrics of the same rows."""
+    if where == "ray data tasks":
+        monkeypatch.setattr(kd.data.splits, "LOCAL_READ_BYTES", 0)
     splits = load_splits(DataConfig(source="digits"))
+    assert splits.holdout.read_here == (where == "read here")
     torch.manual_seed(0)
     model = build_model("mlp", {"hidden": [16]}, splits.input_shape, splits.num_classes).eval()
     teacher = build_model("mlp", {"hidden": [8]}, splits.input_shape, splits.num_classes).eval()
@@ -34,3 +43,18 @@ def test_streamed_holdout_metrics_equal_in_memory_ones(ray_session: None) -> Non
     for k in ("accuracy", "ece", "teacher_agreement"):
         assert streamed[k] == pytest.approx(in_memory[k], abs=1e-6), k
     assert conf.sum() == len(rows) and np.trace(conf) / conf.sum() == pytest.approx(streamed["accuracy"])
+
+
+@pytest.mark.parametrize("where", ["read here", "ray data"])
+def test_split_batches_give_every_row_of_the_split_once(where: str, ray_session: None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    if where == "ray data":
+        monkeypatch.setattr(kd.data.splits, "LOCAL_READ_BYTES", 0)
+    splits = load_splits(DataConfig(source="digits"))
+    got = list(splits.holdout.batches(100))
+    assert got and max(len(b["y"]) for b in got) <= 100
+    idx = np.concatenate([b["idx"] for b in got])
+    assert len(idx) == len(splits.holdout) == len(set(idx.tolist()))
+    assert np.concatenate([b["x"] for b in got]).shape[1:] == splits.input_shape
+    others = {int(i) for s in (splits.train, splits.val) for b in s.batches(512) for i in b["idx"]}
+    assert not others & set(idx.tolist())

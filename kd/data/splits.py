@@ -2,11 +2,14 @@
 
 A `StreamSplit` is a `Source` (plain data) and its counts; ``dataset()`` gives the
 lazy Ray Dataset, ``sample(n)`` reads at most ``n`` rows (a bounded `ArraySplit`) for
-what needs a few real rows in the driver (the preflight batch, a latency probe).
+what needs a few real rows in the driver (the preflight batch, a latency probe), and
+``batches(n)`` every row in batches: read in the calling process when the source is small
+(`LOCAL_READ_BYTES`), else streamed by Ray Data.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +17,9 @@ import numpy as np
 
 from kd.data.base import ArraySplit
 from kd.data.profile import SplitCounts
-from kd.data.stream import Source, data_task_cpus, dataset, read_head
+from kd.data.stream import Source, block_arrays, data_task_cpus, dataset, read_blocks, read_head
+
+LOCAL_READ_BYTES = 32 << 20  # sources up to this size are read in the calling process
 
 
 @dataclass
@@ -48,6 +53,31 @@ class StreamSplit:
             ds = ds.map_batches(fn, fn_constructor_kwargs=kwargs, batch_size=1024,
                                 batch_format="numpy", concurrency=1, num_cpus=data_task_cpus())
         return ds
+
+    @property
+    def source_bytes(self) -> int:
+        """The bytes of the files this split is read from (all splits share them)."""
+        return sum(s.manifest.total_bytes for s in self.sources)
+
+    @property
+    def read_here(self) -> bool:
+        """True when `batches` reads in the calling process: no ``maps``, and the source
+        files total at most `LOCAL_READ_BYTES`."""
+        return not self.maps and self.source_bytes <= LOCAL_READ_BYTES
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Every row as numpy batches of at most ``batch_size`` rows (``x``, ``y``,
+        ``idx``). When `read_here`, read in this process file by file
+        (`kd.data.stream.read_blocks`: one block in memory, no Ray Data execution, no
+        object-store pages mapped here); else streamed by Ray Data's read tasks."""
+        if not self.read_here:
+            yield from self.dataset().iter_batches(batch_size=batch_size, batch_format="numpy")
+            return
+        for src in self.sources:
+            for block in read_blocks(src):
+                cols = block_arrays(block)
+                for i in range(0, block.num_rows, batch_size):
+                    yield {k: v[i:i + batch_size] for k, v in cols.items()}
 
     def sample(self, n: int) -> ArraySplit:
         """The first ``n`` rows (fewer if the split is smaller): read in this process

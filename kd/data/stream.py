@@ -11,7 +11,8 @@ A `Source` (manifest + split + label policy) is plain picklable data; `dataset` 
 it into a lazy Ray Dataset whose read tasks open one file each (a chunk of images)
 and emit blocks of at most ``BLOCK_ROWS`` rows with columns ``x`` (tensor), ``y``
 (int64, -1 = no label) and ``idx`` (int64); text is tokenized there too (int64 ids).
-Nothing is read in the driver.
+The read tasks do the reading; `read_blocks` reads one split in the calling
+process, one block at a time, for what is small (a sample, a small holdout).
 """
 
 from __future__ import annotations
@@ -187,22 +188,33 @@ def _tasks(src: Source) -> list[list[Any]]:
     return [[f] for f in files]
 
 
-def read_head(src: Source, n: int) -> Iterator[dict[str, np.ndarray]]:
-    """The first ``n`` rows of ``src``'s split as numpy columns, read in this process
-    file by file in manifest order; it stops once ``n`` rows are read (bounded memory,
-    no Ray Data execution: a sample for a shape or a latency probe costs a file read,
-    not a task start)."""
-    got = 0
+def read_blocks(src: Source) -> Iterator[Any]:
+    """Every non-empty block of ``src``'s split, read in this process file by file in
+    manifest order: one block (at most ``BLOCK_ROWS`` rows) in memory at a time, no Ray
+    Data execution and no object-store pages."""
     for files in _tasks(src):
         for block in _read_file(src, files):
-            if not block.num_rows:
-                continue
-            part = block.slice(0, n - got)
-            got += part.num_rows
-            yield {"x": np.asarray(part.column("x").combine_chunks().to_numpy_ndarray()),
-                   "y": part.column("y").to_numpy(), "idx": part.column("idx").to_numpy()}
-            if got >= n:
-                return
+            if block.num_rows:
+                yield block
+
+
+def block_arrays(block: Any) -> dict[str, np.ndarray]:
+    """An arrow block's ``x``, ``y`` and ``idx`` as numpy arrays."""
+    return {"x": np.asarray(block.column("x").combine_chunks().to_numpy_ndarray()),
+            "y": block.column("y").to_numpy(), "idx": block.column("idx").to_numpy()}
+
+
+def read_head(src: Source, n: int) -> Iterator[dict[str, np.ndarray]]:
+    """The first ``n`` rows of ``src``'s split as numpy columns (`read_blocks`); it stops
+    once ``n`` rows are read (bounded memory, no Ray Data execution: a sample for a shape
+    or a latency probe costs a file read, not a task start)."""
+    got = 0
+    for block in read_blocks(src):
+        part = block.slice(0, n - got)
+        got += part.num_rows
+        yield block_arrays(part)
+        if got >= n:
+            return
 
 
 def dataset(src: Source) -> Any:

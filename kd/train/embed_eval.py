@@ -106,7 +106,7 @@ def evaluate_embed_many(exp: Experiment, models: dict[str, nn.Module], split: An
     t_nn: list[torch.Tensor] = []
     head: list[torch.Tensor] = []
     rows = 0
-    for batch in split.dataset().iter_batches(batch_size=512, batch_format="numpy"):
+    for batch in split.batches(512):
         ids = torch.as_tensor(np.array(batch["x"]))
         t = encode(teacher, ids, pad_id=pad) if teacher is not None else None
         keep = t is not None and sum(len(a) for a in t_nn) < NN_ROWS

@@ -1,14 +1,15 @@
 """Model quality and cost on a held-out split: accuracy, teacher agreement,
 calibration (ECE), confusion matrix, parameter count, size on disk and latency per batch.
 
-`evaluate` takes arrays, or a streamed split (`kd.data.StreamSplit`): then the driver
-scores it batch by batch as Ray Data streams it and sums per-batch counts
-(`batch_scores`), so the holdout is never loaded whole."""
+`evaluate` takes arrays, or a streamed split (`kd.data.StreamSplit`): then it is scored
+batch by batch and the per-batch counts (`batch_scores`) are summed, so the holdout is
+never loaded whole: a small split in this process, a large one in Ray Data tasks."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -88,27 +89,57 @@ def batch_scores(logits: torch.Tensor, y: torch.Tensor, teacher_pred: torch.Tens
             "bins": bins[None]}
 
 
+def score_batch(batch: dict[str, Any], models: list[nn.Module], teacher: nn.Module | None,
+                num_classes: list[int]) -> dict[str, np.ndarray]:
+    """`batch_scores` of every model in ``models`` (``num_classes[i]`` classes) on one
+    batch, keyed ``counts<i>``, ``confusion<i>`` and ``bins<i>`` (each with a leading
+    axis of 1, a Ray Data output row); the teacher runs once per batch."""
+    x = np.array(batch["x"])  # a writable copy of the block's view
+    y = torch.as_tensor(np.array(batch["y"]))
+    tpred = predict_logits(teacher, x).argmax(1) if teacher is not None else None
+    out: dict[str, np.ndarray] = {}
+    for i, model in enumerate(models):
+        for k, v in batch_scores(predict_logits(model, x), y, tpred, num_classes[i]).items():
+            out[f"{k}{i}"] = v
+    return out
+
+
+def _scored_parts(split: Any, models: list[nn.Module], teacher: nn.Module | None,
+                  classes: list[int]) -> Iterator[dict[str, np.ndarray]]:
+    """`score_batch` of every 512-row batch of ``split``: in this process when the split
+    is read here (`StreamSplit.read_here`: a small source, no task start), else in Ray
+    Data tasks fused with the reads, in parallel, so only the per-batch counts reach
+    this process, never the rows (nor their object-store pages)."""
+    if split.read_here:
+        for batch in split.batches(512):
+            yield score_batch(batch, models, teacher, classes)
+        return
+    from kd.data.stream import data_task_cpus, input_errors
+
+    ds = split.dataset().map_batches(
+        score_batch, fn_kwargs={"models": models, "teacher": teacher, "num_classes": classes},
+        batch_size=512, batch_format="numpy", num_cpus=data_task_cpus())
+    yield from input_errors(ds.iter_batches(batch_size=None, batch_format="numpy"))
+
+
 def evaluate_stream_many(models: dict[str, nn.Module], split: Any, teacher: nn.Module | None,
                          num_classes: dict[str, int]) -> dict[str, tuple[dict[str, float], np.ndarray]]:
     """Accuracy, ECE, teacher agreement and the confusion matrix of every model in
     ``models`` (name -> module, ``num_classes[name]`` classes) over a streamed split, in one
-    pass: the driver iterates the split's blocks (one 512-row batch in memory at a time),
-    runs the teacher once per batch whatever the number of models, and sums
-    `batch_scores`. Scoring in the driver, not in a Ray Data actor, saves an actor start
-    (3-11 s measured on 2 cores) per run; one process scores either way."""
-    sums = {k: [np.zeros(4), np.zeros((c, c), np.int64), np.zeros((3, ECE_BINS))]
-            for k, c in num_classes.items()}
-    for batch in split.dataset().iter_batches(batch_size=512, batch_format="numpy"):
-        x = np.array(batch["x"])  # a writable copy of the block's view
-        y = torch.as_tensor(np.array(batch["y"]))
-        tpred = predict_logits(teacher, x).argmax(1) if teacher is not None else None
-        for name, model in models.items():
-            b = batch_scores(predict_logits(model, x), y, tpred, num_classes[name])
-            sums[name][0] += b["counts"].sum(0)
-            sums[name][1] += b["confusion"].sum(0).astype(np.int64)
-            sums[name][2] += b["bins"].sum(0)
+    pass that runs the teacher once per batch whatever the number of models: the sums of
+    `score_batch` over `_scored_parts`. A small split is scored in this process (an actor
+    start cost 3-11 s on 2 cores, more than scoring digits); a large one by Ray Data
+    tasks beside the reads, so this process holds counts, not rows."""
+    names = list(models)
+    classes = [num_classes[k] for k in names]
+    sums = [[np.zeros(4), np.zeros((c, c), np.int64), np.zeros((3, ECE_BINS))] for c in classes]
+    for part in _scored_parts(split, [models[k] for k in names], teacher, classes):
+        for i, acc in enumerate(sums):
+            acc[0] += np.asarray(part[f"counts{i}"]).sum(0)
+            acc[1] += np.asarray(part[f"confusion{i}"]).sum(0).astype(np.int64)
+            acc[2] += np.asarray(part[f"bins{i}"]).sum(0)
     out = {}
-    for name, (counts, conf, bins) in sums.items():
+    for name, (counts, conf, bins) in zip(names, sums):
         n, lab, hit, agree = counts
         m = {"accuracy": hit / lab if lab else float("nan"),
              "ece": float(np.abs(bins[2] - bins[1]).sum() / lab) if lab else float("nan")}
