@@ -48,6 +48,8 @@ def test_streamed_holdout_metrics_equal_in_memory_ones(where: str, ray_session: 
 @pytest.mark.parametrize("where", ["read here", "ray data"])
 def test_split_batches_give_every_row_of_the_split_once(where: str, ray_session: None,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`StreamSplit.batches`, read here or by Ray Data: every holdout row once, in batches
+    of at most the asked size, with the split's shape, and none of train's or val's rows."""
     if where == "ray data":
         monkeypatch.setattr(kd.data.splits, "LOCAL_READ_BYTES", 0)
     splits = load_splits(DataConfig(source="digits"))
