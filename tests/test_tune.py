@@ -309,3 +309,57 @@ def test_failed_and_pruned_trials_in_the_run_tree(workdir: Path) -> None:
     killed = c.get_run(pruned_run)
     assert killed.info.status == "KILLED"
     assert killed.data.tags["kd.stopped"] == "stopped by ASHA after epoch 1"
+
+
+def test_a_trial_that_ended_before_tune_saw_it_counts_as_done_and_is_not_rerun(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C between a trial's MLflow run ending FINISHED and Tune marking the trial
+    TERMINATED: the sweep counts the trial as ended (its run has every epoch and its
+    weights), and on `--resume` the trial reports that run's metrics instead of training.
+    A trial interrupted mid-training stays interrupted and its run ends KILLED."""
+    import ray.tune
+    from mlflow.tracking import MlflowClient
+
+    import kd.train.run
+    from kd import tracking
+    from kd.tune.runs import finish_children, finished_trial
+    from kd.tune.sweep import trial
+
+    exp = load_experiment(TUNE)
+    uri, epochs, metric = tracking.tracking_uri(exp), exp.trainer.epochs, exp.tune.metric
+    base = exp.model_dump(mode="json")
+    parent = tracking.start_run(exp, "sweep")
+    runs = {}
+    for tid, last, ok in (("t1", epochs, True), ("t2", 1, None)):
+        runs[tid] = tracking.start_run(exp, "student", {"kd.trial_id": tid,
+                                                        "kd.ray_run_name": f"sweep-x-{tid}"},
+                                       parent_run_id=parent)
+        for step in range(1, last + 1):
+            tracking.log_metrics(uri, runs[tid], {"epoch": step, metric: step / 100,
+                                                  "val/accuracy": step / 100}, step=step)
+        if ok:
+            tracking.set_tags(uri, runs[tid], {"kd.weights_uri": "file:///w.safetensors"})
+            tracking.end_run(uri, runs[tid], ok)
+    nan = math.nan
+    rows = [{"trial_id": tid, "status": "INTERRUPTED", "epochs": 1, "error": "", "metric": nan,
+             "val/accuracy": nan, "val/teacher_agreement": nan} for tid in ("t1", "t2")]
+    finish_children(uri, exp, parent, rows, base, "sweep-x")
+    assert rows[0]["status"] == "DONE" and rows[0]["epochs"] == epochs
+    assert rows[0]["metric"] == pytest.approx(epochs / 100)
+    assert rows[0]["weights"] == "file:///w.safetensors"
+    assert rows[1]["status"] == "INTERRUPTED" and rows[1]["epochs_trained"] == 1
+    c = MlflowClient(uri)
+    assert c.get_run(runs["t1"]).info.status == "FINISHED"
+    assert "kd.stopped" not in c.get_run(runs["t1"]).data.tags
+    assert c.get_run(runs["t2"]).info.status == "KILLED"
+    assert finished_trial(exp, "sweep-x-t2") is None
+
+    reported: list[dict] = []
+    monkeypatch.setattr(ray.tune, "get_context",
+                        lambda: type("Ctx", (), {"get_trial_id": lambda self: "t1"})())
+    monkeypatch.setattr(ray.tune, "report", reported.append)
+    monkeypatch.setattr(kd.train.run, "train_run", lambda *a, **k: pytest.fail("trained again"))
+    trial({}, base, parent, "sweep-x")
+    assert len(reported) == 1 and reported[0]["epoch"] == epochs
+    assert reported[0][metric] == pytest.approx(epochs / 100)
+    assert [m.step for m in c.get_metric_history(runs["t1"], "epoch")] == list(range(1, epochs + 1))

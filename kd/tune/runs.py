@@ -50,6 +50,31 @@ def child_runs(uri: str, exp: Experiment, parent: str) -> dict[str, Any]:
     return out
 
 
+def completed(run: Any, epochs: int) -> bool:
+    """Whether a trial's child run ended the whole trial: FINISHED, its last ``epoch``
+    metric the config's ``trainer.epochs``, its weights written (``kd.weights_uri``)."""
+    return (run.info.status == "FINISHED" and "kd.weights_uri" in run.data.tags
+            and int(run.data.metrics.get("epoch", 0)) >= epochs)
+
+
+def finished_trial(exp: Experiment, ray_run_name: str) -> dict[str, float] | None:
+    """The last metrics of the trial run named ``ray_run_name`` if it already completed
+    (`completed`), else None. Tune marks a trial TERMINATED only after the trial's
+    function returns, a moment after its MLflow run ended FINISHED; a sweep interrupted
+    in between saves the trial as RUNNING, and ``--resume`` starts it again: it then
+    reports these metrics instead of opening the run once more."""
+    c = tracking.client(tracking.tracking_uri(exp))
+    e = c.get_experiment_by_name(exp.tracking.experiment)
+    if e is None:
+        return None
+    runs = c.search_runs([e.experiment_id],
+                         filter_string=f"tags.`kd.ray_run_name` = '{ray_run_name}'",
+                         order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs or not completed(runs[0], exp.trainer.epochs):
+        return None
+    return dict(runs[0].data.metrics)
+
+
 def saved_statuses(results: Any) -> dict[str, str]:
     """Trial id -> status as Tune saved it in the experiment state. After Ctrl-C Tune
     saves the state and then terminates the running trials, so in memory an interrupted
@@ -139,6 +164,12 @@ def finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str,
             continue
         if run is None:
             continue
+        if row["status"] == "INTERRUPTED" and completed(run, exp.trainer.epochs):
+            # interrupted between the run's end and Tune's: the trial is done (`finished_trial`)
+            row["status"], row["epochs"] = "DONE", row["epochs_trained"]
+            for k in ("metric", "val/accuracy", "val/teacher_agreement"):
+                key = exp.tune.metric if k == "metric" else k
+                row[k] = float(run.data.metrics.get(key, row[k]))
         row["run_id"] = run.info.run_id
         row["weights"] = run.data.tags.get("kd.weights_uri", "")  # set once weights are saved
         if row["status"] == "PRUNED" and run.info.status != "KILLED":

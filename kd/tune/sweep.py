@@ -31,7 +31,7 @@ from kd.config import Experiment, experiment_from_dict
 from kd.data import DATA_TASK_CPUS_ENV
 from kd.errors import InputError
 from kd.tune.report import NoEligibleTrial, choose, ineligible_reason, rank, table
-from kd.tune.runs import clear_tag, collect, finish_children, log_parent, mark_interrupted
+from kd.tune.runs import clear_tag, collect, finish_children, finished_trial, log_parent, mark_interrupted
 from kd.tune.space import Dist, parse_space, probe_students, trial_doc
 
 STATE_SUFFIX = ".latest.json"
@@ -82,7 +82,14 @@ def trial(config: dict[str, Any], base: dict[str, Any], parent_run_id: str, swee
     exp = experiment_from_dict(trial_doc(base, config, trial_id), f"trial {trial_id}")
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    train_run(exp, "student", run_name=f"{sweep}-{trial_id}", parent_run_id=parent_run_id,
+    name = f"{sweep}-{trial_id}"
+    done = finished_trial(exp, name)
+    if done is not None:  # a resumed sweep: this trial had ended before the interrupt
+        print(f"[kd] trial {trial_id}: its run {name} already finished; not run again",
+              flush=True)
+        tune.report(done)
+        return
+    train_run(exp, "student", run_name=name, parent_run_id=parent_run_id,
               extra_tags={"kd.trial_id": trial_id, "kd.sweep": sweep},
               callbacks=[TuneReportCallback()])
 
