@@ -8,6 +8,10 @@ as a fresh process each time, with a digits teacher trained once first:
 - cold: no ``RAY_ADDRESS``, `kd` starts (and stops) its own local Ray;
 - running head: ``ray start --head`` once, then ``RAY_ADDRESS=127.0.0.1:PORT kd distill``.
 
+``--timeline`` adds one running-head run that samples ``/proc`` for Ray's processes
+(`bench/_timeline.py`): when the Train controller, its helper actors, the worker and
+the dataset manager started, and when each first ran its task; printed, not in the medians.
+
 Each child process times its phases (the functions `kd.train.run.train_run` calls,
 wrapped) and prints them as JSON: imports, data, preflight, Ray start / connect, MLflow
 run, ``fit`` (the TorchTrainer: controller + worker group start, epochs, shutdown),
@@ -34,6 +38,7 @@ from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MARK = "FIXED_COST "
+TIMELINE_ENV = "KD_BENCH_TIMELINE"  # set: the child samples its Ray processes (_timeline.py)
 PHASES = ["imports", "data", "preflight", "ray", "mlflow run", "fit", "  worker start",
           "  loop setup", "  of which epochs", "  reports, checkpoint, shutdown",
           "weights", "holdout eval", "mlflow logging", "other", "total"]
@@ -84,19 +89,29 @@ def child(argv: list[str]) -> None:
     for attr in ("log_artifact", "log_metrics", "set_tags", "end_run"):
         timed(tracking, attr, "mlflow logging")
     fit = run.fit
+    timeline, rows = None, []
+    if os.environ.get(TIMELINE_ENV):
+        sys.path.insert(0, str(REPO / "bench"))
+        from _timeline import RayProcessTimeline
+
+        timeline = RayProcessTimeline().start()
 
     def fit_and_epochs(*a, **k):  # noqa: ANN002, ANN003, ANN202
         start = time.time()
         out = fit(*a, **k)
         end = time.time()
         times.update(fit_phases(a[4], a[3], start, end))
+        if timeline is not None:
+            timeline.stop()
+            rows.extend(timeline.rows(start))
         return out
     run.fit = fit_and_epochs
     code = cli.run(argv)
     times["total"] = time.perf_counter() - T0
     times["other"] = times["total"] - sum(v for k, v in times.items()
                                           if k != "total" and not k.startswith("  "))
-    print(MARK + json.dumps({"rc": code, **times}), flush=True)
+    print(MARK + json.dumps({"rc": code, **times, **({"timeline": rows} if rows else {})}),
+          flush=True)
     from kd.runtime import end_process
 
     end_process(code)  # as `kd` itself ends (kd.cli.main)
@@ -121,6 +136,19 @@ def fit_phases(uri: str, run_id: str, start: float, end: float) -> dict[str, flo
     setup_s = setup[0] if setup else float("nan")
     return {"  worker start": start_s, "  loop setup": setup_s, "  of which epochs": epochs,
             "  reports, checkpoint, shutdown": (end - start) - start_s - setup_s - epochs}
+
+
+def _timeline_table(traced: dict) -> str:
+    """The Ray processes of one running-head run, in order: when each process started and
+    when it first showed each task title, in seconds after ``fit`` began."""
+    lines = [f"Timeline of one more running-head run (`--timeline`, not in the medians; "
+             f"process wall {traced['process wall']:.1f} s): seconds after `fit` began.",
+             "", "| Ray process: task title | process started | title first seen |",
+             "|---|---|---|"]
+    lines += [f"| {title} | {born:.2f} | {seen:.2f} |" for title, born, seen in traced["timeline"]
+              if seen >= -1.0]  # the head's own long-lived processes are left out
+    lines.append(f"| (the loop entered, kdflow's own mark) | | {traced['  worker start']:.2f} |")
+    return "\n".join(lines)
 
 
 def _port() -> int:
@@ -175,6 +203,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--work", default=None)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--timeline", action="store_true",
+                    help="one more running-head run that records when each Ray process started")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO / "bench"))
     from _common import enter_work_dir, teacher_weights
@@ -197,6 +227,8 @@ def main() -> None:
             runs["running head"].append(_distill(work, teacher, args.epochs, joined))
             runs["in-process"].append(_distill(work, teacher, args.epochs, joined,
                                                ("scaling.num_workers=0",)))
+        traced = (_distill(work, teacher, args.epochs, {**joined, TIMELINE_ENV: "1"})
+                  if args.timeline else None)
     finally:  # stop exactly this head: its process group
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -212,11 +244,13 @@ def main() -> None:
               f"{med['cold'][k]:.2f} | {med['running head'][k]:.2f} | {med['in-process'][k]:.2f} |"
               for k in keys]
     table = "\n".join(lines)
+    if traced is not None:
+        table += "\n\n" + _timeline_table(traced)
     print(table)
     load = os.getloadavg()
     facts = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "epochs": args.epochs,
              "repeats": args.repeats, "cpus": os.cpu_count(), "load_avg_1_5_15_at_end": load,
-             "median": med, "runs": runs}
+             "median": med, "runs": runs, "timeline_run": traced}
     if args.no_write:
         return
     (REPO / "bench" / "results").mkdir(exist_ok=True)

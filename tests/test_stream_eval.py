@@ -60,3 +60,33 @@ def test_split_batches_give_every_row_of_the_split_once(where: str, ray_session:
     assert np.concatenate([b["x"] for b in got]).shape[1:] == splits.input_shape
     others = {int(i) for s in (splits.train, splits.val) for b in s.batches(512) for i in b["idx"]}
     assert not others & set(idx.tolist())
+
+
+@pytest.mark.parametrize("where", ["read here", "ray data"])
+def test_a_small_split_is_held_for_the_epochs_with_the_same_rows(
+        where: str, ray_session: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`held_for_epochs` puts a small split in the object store: read in this process
+    (``ray.data.from_blocks``, no read task to start) when `read_here`, else materialised
+    by Ray Data's read tasks; either way the same rows, columns and types."""
+    from ray.data.dataset import MaterializedDataset
+
+    from kd.data.splits import held_for_epochs
+
+    if where == "ray data":
+        monkeypatch.setattr(kd.data.splits, "LOCAL_READ_BYTES", 0)
+    splits = load_splits(DataConfig(source="digits"))
+    held = held_for_epochs(splits.train, len(splits.train), row_bytes=1)
+    # how it was filled: blocks put from here, or the read tasks' output
+    assert ("FromBlocks" in str(held._logical_plan.dag)) == (where == "read here")
+    assert held.schema().names == ["x", "y", "idx"]
+    got = {k: np.concatenate([b[k] for b in held.iter_batches(batch_format="numpy")])
+           for k in ("x", "y", "idx")}
+    want = splits.train.sample(len(splits.train))
+    order = np.argsort(got["idx"])
+    assert np.array_equal(got["idx"][order], np.sort(want.idx))
+    ref = np.argsort(want.idx)
+    assert np.array_equal(got["x"][order], want.x[ref]) and got["x"].dtype == want.x.dtype
+    assert np.array_equal(got["y"][order], want.y[ref])
+    assert isinstance(held, MaterializedDataset)
+    too_big = held_for_epochs(splits.train, len(splits.train), row_bytes=1 << 40)
+    assert not isinstance(too_big, MaterializedDataset)  # read from its files every epoch

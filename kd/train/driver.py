@@ -101,9 +101,9 @@ def _epoch_datasets(splits: Splits, train_dataset: Any | None) -> dict[str, Any]
     """train (the cache's rows when given) and val, each held in the object store for
     the epochs when small (`kd.data.splits.held_for_epochs`)."""
     row = 4 * math.prod(splits.input_shape) + 8 * (2 + splits.num_classes)  # x, y, idx, logits
-    train = train_dataset if train_dataset is not None else splits.train.dataset()
+    train = train_dataset if train_dataset is not None else splits.train
     return {"train": held_for_epochs(train, len(splits.train), row),
-            "val": held_for_epochs(splits.val.dataset(), len(splits.val), row)}
+            "val": held_for_epochs(splits.val, len(splits.val), row)}
 
 
 def datasets_to_split(exp: Experiment) -> list[str]:
