@@ -164,7 +164,8 @@ def test_one_worker_uses_the_cores_it_is_given(ray_session: None, workdir: Path)
 @pytest.mark.slow
 def test_a_normal_run_prints_no_preemption_watcher_error(tmp_path: Path) -> None:
     """A fresh local Ray started by `kd` (as `kd demo` does): Ray's PreemptionWatcher
-    constructor-argument ERROR line is not printed."""
+    constructor-argument ERROR line is not printed, nor Ray Data's and Ray Train's lines
+    for every dataset execution and report."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
     env["PYTHONPATH"] = str(REPO)
@@ -178,3 +179,7 @@ def test_a_normal_run_prints_no_preemption_watcher_error(tmp_path: Path) -> None
     assert proc.returncode == 0, text[-3000:]
     assert "[kd] epoch 1/1" in text
     assert "PreemptionWatcher" not in text, text[-3000:]
+    # nor Ray Data's or Ray Train's per-epoch chatter (kd.runtime.quiet_logs)
+    for line in ("Starting execution of Dataset", "execution finished in", "Progress bars disabled",
+                 "Reporting training result"):
+        assert line not in text, text[-3000:]
