@@ -269,3 +269,28 @@ def test_the_profile_is_counted_once_per_data_hash(tmp_path: Path,
     np.savez(tmp_path / "d.npz", x=x[:-3], y=y[:-3])
     changed = load_splits(cfg)
     assert calls == [1] and changed.data_hash != first.data_hash
+
+
+def test_a_built_in_set_is_found_again_by_its_args_without_generating_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """digits is written once; later runs find its file by name and args and do not
+    import scikit-learn or build the arrays again; other args, or a file removed from the
+    cache, generate it again; the rows are the same either way."""
+    import sklearn.datasets
+
+    from kd.data import builtin
+
+    monkeypatch.setenv("KD_DATA_CACHE", str(tmp_path / "cache"))
+    first = builtin.materialise("digits", {})
+    calls: list[str] = []
+    real = sklearn.datasets.load_digits
+    monkeypatch.setattr(sklearn.datasets, "load_digits",
+                        lambda *a, **k: calls.append("digits") or real(*a, **k))
+    assert builtin.materialise("digits", {}) == first and calls == []
+    splits = load_splits(DataConfig(source="digits"))
+    assert calls == [] and len(splits.train) + len(splits.val) + len(splits.holdout) == 1797
+    Path(first).unlink()
+    assert builtin.materialise("digits", {}) == first and calls == ["digits"]
+    a = builtin.materialise("synthetic", {"n": 64, "seed": 1})
+    b = builtin.materialise("synthetic", {"n": 64, "seed": 2})
+    assert a != b and builtin.materialise("synthetic", {"n": 64, "seed": 1}) == a
