@@ -116,22 +116,29 @@ def end_run(uri: str, run_id: str, ok: bool) -> None:
     client(uri).set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
 
-def resume_run(exp: Experiment, ray_run_name: str) -> str | None:
-    """The id of the MLflow run an earlier submission with this Ray run name
-    created (tag ``kd.ray_run_name``), set RUNNING again, with the params and config.yaml
-    it lacks (`log_config`); None if there is none. Re-submitting a job therefore
-    continues one MLflow run instead of opening a second."""
-    uri = tracking_uri(exp)
-    c = client(uri)
+def run_by_name(exp: Experiment, ray_run_name: str) -> Any | None:
+    """The latest MLflow run (an `mlflow.entities.Run`) of the config's experiment tagged
+    ``kd.ray_run_name`` = ``ray_run_name``; None if there is none."""
+    c = client(tracking_uri(exp))
     e = c.get_experiment_by_name(exp.tracking.experiment)
     if e is None:
         return None
     runs = c.search_runs([e.experiment_id],
                          filter_string=f"tags.`kd.ray_run_name` = '{ray_run_name}'",
                          order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
+    return runs[0] if runs else None
+
+
+def resume_run(exp: Experiment, ray_run_name: str) -> str | None:
+    """The id of the MLflow run an earlier submission with this Ray run name
+    created (tag ``kd.ray_run_name``), set RUNNING again, with the params and config.yaml
+    it lacks (`log_config`); None if there is none. Re-submitting a job therefore
+    continues one MLflow run instead of opening a second."""
+    run = run_by_name(exp, ray_run_name)
+    if run is None:
         return None
-    run_id = runs[0].info.run_id
+    c = client(tracking_uri(exp))
+    run_id = run.info.run_id
     c.update_run(run_id, status="RUNNING")
     log_config(c, run_id, exp)  # the first attempt may have died before logging them
     return run_id

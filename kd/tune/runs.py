@@ -63,16 +63,10 @@ def finished_trial(exp: Experiment, ray_run_name: str) -> dict[str, float] | Non
     function returns, a moment after its MLflow run ended FINISHED; a sweep interrupted
     in between saves the trial as RUNNING, and ``--resume`` starts it again: it then
     reports these metrics instead of opening the run once more."""
-    c = tracking.client(tracking.tracking_uri(exp))
-    e = c.get_experiment_by_name(exp.tracking.experiment)
-    if e is None:
+    run = tracking.run_by_name(exp, ray_run_name)
+    if run is None or not completed(run, exp.trainer.epochs):
         return None
-    runs = c.search_runs([e.experiment_id],
-                         filter_string=f"tags.`kd.ray_run_name` = '{ray_run_name}'",
-                         order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs or not completed(runs[0], exp.trainer.epochs):
-        return None
-    return dict(runs[0].data.metrics)
+    return dict(run.data.metrics)
 
 
 def saved_statuses(results: Any) -> dict[str, str]:
