@@ -73,11 +73,16 @@ class StreamSplit:
         if not self.read_here:
             yield from self.dataset().iter_batches(batch_size=batch_size, batch_format="numpy")
             return
+        for block in self.local_blocks():
+            cols = block_arrays(block)
+            for i in range(0, block.num_rows, batch_size):
+                yield {k: v[i:i + batch_size] for k, v in cols.items()}
+
+    def local_blocks(self) -> Iterator[Any]:
+        """The split's non-empty arrow blocks, read in this process source by source
+        (`kd.data.stream.read_blocks`): the blocks Ray Data's read tasks would make."""
         for src in self.sources:
-            for block in read_blocks(src):
-                cols = block_arrays(block)
-                for i in range(0, block.num_rows, batch_size):
-                    yield {k: v[i:i + batch_size] for k, v in cols.items()}
+            yield from read_blocks(src)
 
     def sample(self, n: int) -> ArraySplit:
         """The first ``n`` rows (fewer if the split is smaller): read in this process
@@ -117,16 +122,15 @@ def held_for_epochs(data: StreamSplit | Any, rows: int, row_bytes: int) -> Any:
     import ray
     import ray.data
 
-    ds = data.dataset() if isinstance(data, StreamSplit) else data
+    split = data if isinstance(data, StreamSplit) else None
     budget = min(STORE_SHARE * float(ray.cluster_resources().get("object_store_memory", 0)),
                  STORE_CAP)
-    if rows * row_bytes > budget:
-        return ds
-    if isinstance(data, StreamSplit) and data.read_here:
-        blocks = [b for src in data.sources for b in read_blocks(src)]
+    if rows * row_bytes <= budget and split is not None and split.read_here:
+        blocks = list(split.local_blocks())
         if blocks:
             return ray.data.from_blocks(blocks)
-    return ds.materialize()
+    ds = data if split is None else split.dataset()
+    return ds.materialize() if rows * row_bytes <= budget else ds
 
 
 @dataclass
