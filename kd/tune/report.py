@@ -167,15 +167,17 @@ def plots(rows: list[dict[str, Any]], metric: str, mode: str, folder: Path) -> l
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    curves = 0
     for r in rows:
         hist = r.get("history") or []
         xs = [h.get("epoch") for h in hist if metric in h]
         ys = [h.get(metric) for h in hist if metric in h]
         if xs:
             ax.plot(xs, ys, marker=".", label=str(r["trial_id"])[-5:])
+            curves += 1
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
-    if len(rows) <= 12:
+    if 0 < curves <= 12:  # no legend without a curve (every trial failed before an epoch)
         ax.legend(fontsize=7)
     fig.tight_layout()
     out.append(folder / "learning_curves.png")
