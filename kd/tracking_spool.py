@@ -1,6 +1,7 @@
 """Per-epoch metrics that survive an MLflow server outage.
 
-The training loop (rank 0) logs each epoch's metrics through `log_metrics`:
+The epoch relay (`kd.train.epoch_log`, a thread of the process that runs ``fit``) logs
+each epoch's metrics through `log_metrics`:
 
 - a batch is sent with bounded retries and exponential backoff (``ATTEMPTS`` tries,
   ``BACKOFF_S`` doubling); MLflow's own HTTP retries are switched off for that call
@@ -97,10 +98,12 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 
 def log_metrics(uri: str, run_id: str, metrics: dict[str, float], step: int,
-                attempts: int = ATTEMPTS, backoff: float = BACKOFF_S) -> bool:
-    """Log numeric ``metrics`` at ``step``, uploading any spooled batches first. Returns
-    True when MLflow has them all; False when they were spooled (see the module)."""
-    batch = {"step": int(step), "ts": int(time.time() * 1000),
+                attempts: int = ATTEMPTS, backoff: float = BACKOFF_S,
+                ts: int | None = None) -> bool:
+    """Log numeric ``metrics`` at ``step`` with timestamp ``ts`` (ms since the epoch;
+    default now), uploading any spooled batches first. Returns True when MLflow has them
+    all; False when they were spooled (see the module)."""
+    batch = {"step": int(step), "ts": int(time.time() * 1000) if ts is None else int(ts),
              "metrics": {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
     path = spool_path(run_id)
     pending = _read(path) if path.exists() else []

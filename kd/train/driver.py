@@ -131,13 +131,13 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
     from ray.train.torch import TorchTrainer
 
     from kd import sse, storage
+    from kd.train.epoch_log import EpochRelay
     from kd.train.failures import FailureNotice
 
     fs, storage_path = storage.arrow_fs(exp.storage.path, exp.storage.endpoint_url,
                                         sse.of(exp.storage))
     spec = {
-        "exp": exp.model_dump(mode="json"), "role": role, "run_id": run_id,
-        "tracking_uri": tracking_uri, "input_shape": list(splits.input_shape),
+        "exp": exp.model_dump(mode="json"), "role": role, "input_shape": list(splits.input_shape),
         "num_classes": splits.num_classes, "sample": sample_batch(splits).tolist(),
         "input_integer": splits.integer_inputs,
         "pad_id": pad_id(exp) if exp.task == "embed" else None,
@@ -164,7 +164,8 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
         datasets=_epoch_datasets(splits, train_dataset),
         dataset_config=ray.train.DataConfig(datasets_to_split=datasets_to_split(exp)),
     )
-    result = trainer.fit()
+    with EpochRelay(fs, f"{storage_path}/{run_name}", tracking_uri, run_id):
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     if result.checkpoint is None:

@@ -5,7 +5,8 @@ default all run `train_loop_per_worker`; ``scaling.num_workers: 0`` runs it in t
 driver process, N > 0 on N Ray workers with DDP. Per epoch each worker trains on
 its shard of ``train``, all workers evaluate their slice of ``val`` (rows with
 ``idx % world == rank``) and the sums are all-reduced, so metrics cover the whole
-validation set. Rank 0 logs to MLflow and writes the checkpoint.
+validation set. Rank 0 publishes each epoch's metrics into the run's folder (the process
+that runs ``fit`` logs them to MLflow: `kd.train.epoch_log`) and writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd import tracking_spool
 from kd.config import Experiment
 from kd.data.transforms import build_transforms
 from kd.errors import TrainingDiverged
@@ -36,6 +36,7 @@ from kd.train.checkpoint import (
     save_checkpoint,
 )
 from kd.train.consistency import broadcast_state, check_ranks_agree, decide_restore, replicated
+from kd.train.epoch_log import publish
 from kd.train.optim import make_optimizer, per_step, set_lr
 from kd.train.parallel import all_reduce, grad_sync, place_teacher, prepare, rng_states, world_info
 from kd.train.progress import EpochProgress
@@ -100,8 +101,6 @@ def run_loop(spec: dict[str, Any]) -> Worker:
         metrics = {**_epoch_metrics(w, sums, val_ds, epoch), **started}
         started = {}
         _report(w, metrics, epoch)
-    if w.rank == 0:  # epochs spooled while MLflow was down are uploaded before the run ends
-        tracking_spool.flush(spec["tracking_uri"], spec["run_id"])
     return w
 
 
@@ -249,13 +248,14 @@ def _epoch_metrics(w: Worker, acc: EpochSums, val_ds: Any, epoch: int) -> dict[s
 
 
 def _report(w: Worker, metrics: dict[str, float], epoch: int) -> None:
-    """Log (rank 0), stop on a non-finite loss, checkpoint when due, ``ray.train.report``."""
+    """Publish for MLflow and print (rank 0), stop on a non-finite loss, checkpoint when
+    due, ``ray.train.report``."""
     import ray.train
 
     exp = w.exp
     save = epoch + 1 == exp.trainer.epochs or (epoch + 1) % exp.checkpoint.every_epochs == 0
     if w.rank == 0:
-        tracking_spool.log_metrics(w.spec["tracking_uri"], w.spec["run_id"], metrics, step=epoch + 1)
+        publish(w.spec["storage_fs"], w.spec["run_path"], metrics, step=epoch + 1)
         shown = "  ".join(f"{k} {metrics[k]:.4f}" for k in
                           ("train/loss", "val/accuracy", "val/teacher_agreement", "val/cosine") if k in metrics)
         print(f"[kd] epoch {epoch + 1}/{exp.trainer.epochs}  {shown}  "
