@@ -108,5 +108,5 @@ class EpochRelay:
             tracking_spool.log_metrics(self.uri, self.run_id, doc["metrics"], doc["step"],
                                        ts=doc["ts"])
             self.fs.delete_file(path)
-        self.logged += len(names)
+            self.logged += 1
         return len(names)
