@@ -37,11 +37,14 @@ class FitResult:
 def preflight(exp: Experiment, role: Role, splits: Splits) -> None:
     """Everything that can be checked before a worker starts: names, weights that
     fit, feature paths, class counts, strategy and precision on this hardware."""
-    if exp.scaling.strategy == "fsdp" and not exp.scaling.use_gpu:
-        raise InputError("scaling.strategy: fsdp shards students across GPUs; set "
-                         "scaling.use_gpu: true (on CPU use ddp)")
+    if exp.scaling.strategy == "fsdp" and exp.scaling.num_workers == 0:
+        raise InputError("scaling.strategy: fsdp shards the student across Ray Train workers; "
+                         "set scaling.num_workers >= 1 (0 runs in this process, unsharded)")
     if exp.trainer.precision == "fp16" and not exp.scaling.use_gpu:
         raise InputError("trainer.precision: fp16 needs a GPU; use bf16 or fp32 on CPU")
+    if exp.trainer.precision == "fp16" and exp.scaling.strategy == "fsdp":
+        raise InputError("trainer.precision: fp16 is not supported with scaling.strategy: "
+                         "fsdp (each rank would check only its own shard for inf/nan); use bf16")
     if exp.scaling.use_gpu and not torch.cuda.is_available() and exp.scaling.num_workers == 0:
         raise InputError("scaling.use_gpu: true but no GPU is visible to the driver")
     if exp.teacher is not None and exp.teacher.shard and exp.scaling.strategy != "fsdp":

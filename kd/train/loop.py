@@ -142,8 +142,9 @@ def _setup(spec: dict[str, Any]) -> Worker:
     np.random.seed(exp.seed + rank)
     # The optimizer is built after wrapping: FSDP2 replaces parameters with DTensors.
     trainee = prepare(asm.trainee, exp, device)
-    params = [p for p in trainee.parameters() if p.requires_grad] + list(asm.loss.parameters())
-    opt = make_optimizer(exp, params)  # student.freeze: frozen parameters are not in it
+    own = [p for p in trainee.parameters() if p.requires_grad]  # student.freeze: not in it
+    params = own + list(asm.loss.parameters())
+    opt = make_optimizer(exp, own, list(asm.loss.parameters()))
     updater = Updater(opt, params,
                       list(asm.loss.parameters()), exp.trainer.precision, exp.trainer.grad_clip,
                       world, device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,13 +27,21 @@ def lr_factor(unit: int, units: int, units_per_epoch: int, name: str, warmup: in
     return 1.0
 
 
-def make_optimizer(exp: Experiment, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD (momentum, weight decay), Adam or AdamW from ``optim``."""
+def make_optimizer(exp: Experiment, params: list[nn.Parameter],
+                   adapters: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay), Adam or AdamW from ``optim`` over the trainee's
+    ``params`` and the loss's ``adapters``. FSDP2's parameters are DTensors and the
+    adapters plain tensors: a foreach update (the default on CUDA) cannot take both in
+    one list, so then each is its own param group (same settings); else one group."""
+    adapters = adapters or []
+    sharded = any(hasattr(p, "to_local") for p in params)
+    groups: list[Any] = ([{"params": params}, {"params": adapters}] if sharded and adapters
+                         else [*params, *adapters])
     o = exp.optim
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+    return cls(groups, lr=o.lr, weight_decay=o.weight_decay)
 
 
 def per_step(exp: Experiment) -> bool:

@@ -95,6 +95,35 @@ def average_grads(params: list[nn.Parameter], world: int) -> None:
         offset += n
 
 
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float, world: int) -> torch.Tensor:
+    """Scale the gradients of ``params`` by ``min(1, max_norm / (‖g‖ + 1e-6))``, where
+    ``‖g‖ = sqrt(Σ ‖g_p‖²)`` is the L2 norm of all of them together; returns ``‖g‖``.
+
+    Under FSDP2 the trainee's grads are DTensors sharded across the ranks, the adapters'
+    plain tensors (equal on every rank after `average_grads`): the shards' squared norms
+    are summed over the ranks by one all-reduce, which every rank issues whenever a
+    parameter is a DTensor (the same on every rank), grads or not. Without DTensors it
+    is ``torch.nn.utils.clip_grad_norm_``."""
+    if not any(hasattr(p, "to_local") for p in params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    shards = [g.to_local() for g in grads if hasattr(g, "to_local")]
+    plain = [g for g in grads if not hasattr(g, "to_local")]
+    device = next(p.to_local().device for p in params if hasattr(p, "to_local"))
+    sq = torch.zeros((), device=device)
+    for g in shards:
+        sq += g.float().pow(2).sum()
+    if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sq)  # the shards partition each parameter
+    for g in plain:
+        sq += g.float().pow(2).sum().to(device)
+    total = sq.sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in shards + plain:
+        g.mul_(coef.to(g.device, g.dtype))
+    return total
+
+
 def _fsdp_api() -> tuple[Any, Any]:
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -105,13 +134,23 @@ def _fsdp_api() -> tuple[Any, Any]:
 
 def _shard(model: nn.Module, exp: Experiment, device: torch.device) -> nn.Module:
     """FSDP2: each child with parameters is a shard unit, then the root; with
-    ``precision: bf16`` parameters are cast to bf16 for compute, reductions in fp32."""
+    ``precision: bf16`` parameters are cast to bf16 for compute, reductions in fp32.
+    Batch norms stay in fp32 under bf16 (FSDP1's default too): each is its own unit
+    with fp32 parameters that leaves its input bf16, so ``batch_norm`` gets bf16 input
+    with fp32 weight and fp32 running statistics, a mix its kernels take (bf16 weights
+    beside fp32 running statistics are refused: "expected scalar type BFloat16")."""
     policy_cls, fully_shard = _fsdp_api()
     model.to(device)
     mp = (policy_cls(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if exp.trainer.precision == "bf16" else policy_cls())
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and any(True for _ in m.parameters())] if exp.trainer.precision == "bf16" else []
+    fp32 = policy_cls(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                      cast_forward_inputs=False)
+    for norm in norms:
+        fully_shard(norm, mp_policy=fp32)
     for child in model.children():
-        if any(True for _ in child.parameters()):
+        if child not in norms and any(True for _ in child.parameters()):
             fully_shard(child, mp_policy=mp)
     return fully_shard(model, mp_policy=mp)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd.train.parallel import average_grads
+from kd.train.parallel import average_grads, clip_grad_norm
 
 
 class Updater:
@@ -38,7 +38,7 @@ class Updater:
         average_grads(self.loss_params, self.world)
         self.scaler.unscale_(self.opt)
         if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            clip_grad_norm(self.params, self.grad_clip, self.world)
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
