@@ -5,7 +5,8 @@ trains a wide ResNet student (``wrn``, depth 16, widen 4) on synthetic 3x32x32
 data through THE loop (`kd.train.run.train_run`) on N workers, once per row:
 DDP fp32, DDP bf16, FSDP fp32, FSDP bf16 (grad_accum 2, grad_clip 1.0), and
 records the loop's ``samples_per_s`` (epochs 2..E) and ``gpu/max_mem_gb`` (peak
-``torch.cuda.max_memory_allocated`` of rank 0) into bench/RESULTS.md.
+``torch.cuda.max_memory_allocated`` of rank 0) into bench/RESULTS.md and
+bench/results/gpu_fsdp.json (after every row, so a run cut short keeps what it measured).
 
     PYTHONPATH=$PWD python bench/gpu_fsdp.py --epochs 3
 """
@@ -13,6 +14,7 @@ records the loop's ``samples_per_s`` (epochs 2..E) and ``gpu/max_mem_gb`` (peak
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -25,6 +27,26 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 
+def _write(rows: list[tuple[str, str, float, float, float]], args: argparse.Namespace,
+           gpus: int) -> None:
+    """The rows so far: a table on stdout, bench/results/gpu_fsdp.json, a RESULTS.md section."""
+    from _results import write_section
+
+    lines = ["| strategy | precision | samples/s | peak GPU memory GB (rank 0) | val/accuracy |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {s} | {pr} | {r:.0f} | {m:.2f} | {a:.4f} |" for s, pr, r, m, a in rows]
+    table = "\n".join(lines)
+    print(table)
+    facts = {"device": torch.cuda.get_device_name(0), "gpus": gpus, "torch": torch.__version__,
+             "epochs": args.epochs, "rows": args.rows, "batch_size": args.batch_size,
+             "runs": [{"strategy": s, "precision": pr, "samples_per_s": r, "peak_gpu_mem_gb": m,
+                       "val_accuracy": a} for s, pr, r, m, a in rows]}
+    (REPO / "bench" / "results" / "gpu_fsdp.json").write_text(json.dumps(facts, indent=2) + "\n")
+    write_section("FSDP + bf16 on GPU", f"`python bench/gpu_fsdp.py --epochs {args.epochs}` on "
+                  f"{gpus} x {torch.cuda.get_device_name(0)}, wrn-16-4, synthetic 3x32x32, "
+                  f"global batch {args.batch_size}, grad_accum 2, grad_clip 1.0.\n\n" + table)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--epochs", type=int, default=3)
@@ -35,7 +57,6 @@ def main() -> int:
         print("[bench] no GPU: torch.cuda.is_available() is False; FSDP + bf16 bench skipped")
         return 0
     from _common import enter_work_dir
-    from _results import write_section
 
     from kd.config import experiment_from_dict, resolve_paths
     from kd.runtime import ensure_ray
@@ -65,14 +86,7 @@ def main() -> int:
             rows.append((strategy, precision, rate, mem, out.metrics["val/accuracy"]))
             print(f"[bench] {strategy} {precision}: {rate:.0f} samples/s, "
                   f"{mem:.2f} GB peak", flush=True)
-    lines = ["| strategy | precision | samples/s | peak GPU memory GB (rank 0) | val/accuracy |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {s} | {pr} | {r:.0f} | {m:.2f} | {a:.4f} |" for s, pr, r, m, a in rows]
-    table = "\n".join(lines)
-    print(table)
-    write_section("FSDP + bf16 on GPU", f"`python bench/gpu_fsdp.py --epochs {args.epochs}` on "
-                  f"{gpus} x {torch.cuda.get_device_name(0)}, wrn-16-4, synthetic 3x32x32, "
-                  f"global batch {args.batch_size}, grad_accum 2, grad_clip 1.0.\n\n" + table)
+            _write(rows, args, gpus)  # after every row: a run cut short keeps its rows
     return 0
 
 
