@@ -143,8 +143,8 @@ def _shard(model: nn.Module, exp: Experiment, device: torch.device) -> nn.Module
     model.to(device)
     mp = (policy_cls(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if exp.trainer.precision == "bf16" else policy_cls())
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-             and any(True for _ in m.parameters())] if exp.trainer.precision == "bf16" else []
+    norms = [m for m in model.modules() if m is not model and any(True for _ in m.parameters())
+             and isinstance(m, nn.modules.batchnorm._BatchNorm)] if exp.trainer.precision == "bf16" else []
     fp32 = policy_cls(param_dtype=torch.float32, reduce_dtype=torch.float32,
                       cast_forward_inputs=False)
     for norm in norms:
