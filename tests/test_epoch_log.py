@@ -80,3 +80,19 @@ def test_a_failed_fit_still_logs_what_arrived(tmp_path: Path) -> None:
             publish(fs, run_path, {"val/accuracy": 0.9}, step=1)
             raise RuntimeError("worker died")
     assert [(s, v) for s, v, _ in _history(uri, run_id, "val/accuracy")] == [(1, 0.9)]
+
+
+def test_a_killed_trials_last_epoch_is_logged_by_the_sweep_driver(tmp_path: Path) -> None:
+    """A Tune trial killed right after its last report leaves that epoch's file unlogged;
+    `log_left` (run by the sweep's driver before it reads a trial's epochs back) logs it
+    once and leaves the folder empty."""
+    from kd.train.epoch_log import log_left
+
+    uri, run_id = _run(tmp_path)
+    fs, run_path = pafs.LocalFileSystem(), str(tmp_path / "runs" / "trial")
+    publish(fs, run_path, {"epoch": 1, "val/accuracy": 0.8}, step=1)
+    assert log_left(fs, run_path, uri, run_id) == 1
+    assert log_left(fs, run_path, uri, run_id) == 0
+    assert [(s, v) for s, v, _ in _history(uri, run_id, "epoch")] == [(1, 1.0)]
+    assert _pending(run_path) == []
+    assert log_left(fs, str(tmp_path / "runs" / "never"), uri, run_id) == 0  # no folder at all

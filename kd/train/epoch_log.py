@@ -17,7 +17,9 @@ trial; and workers now need neither MLflow's address nor its credentials.
 Restarts: a restarted worker repeats the epochs after its checkpoint and publishes them
 again; they are logged at the same steps (MLflow keeps both values), as when the worker
 logged them itself. A driver killed mid-run leaves the files it had not logged; the next
-`fit` of the same run name (a resume) logs them first.
+`fit` of the same run name (a resume) logs them first. A Tune trial is stopped by killing
+its process, often before its relay took the last epoch's file: the sweep's driver logs
+what such a run left (`log_left`) before it reads the run's epochs back.
 """
 
 from __future__ import annotations
@@ -110,3 +112,13 @@ class EpochRelay:
             self.fs.delete_file(path)
             self.logged += 1
         return len(names)
+
+
+def log_left(fs: Any, run_path: str, uri: str, run_id: str) -> int:
+    """Log the epoch files a run whose process is gone left in ``run_path`` (e.g. a Tune
+    trial stopped before its relay took its last epoch) and wait for the spool; returns
+    how many were logged. Nothing to log costs one listing of the folder."""
+    taken = EpochRelay(fs, run_path, uri, run_id).collect()
+    if taken:
+        tracking_spool.flush(uri, run_id)
+    return taken

@@ -126,6 +126,18 @@ def collect(results: Any, exp: Experiment, space: dict[str, Dist], base: dict[st
     return rows
 
 
+def _log_left_epochs(exp: Experiment, uri: str, run: Any) -> None:
+    """A stopped trial's process was killed, often before its epoch relay logged the last
+    epoch's metrics: log what its run folder still holds (`kd.train.epoch_log.log_left`)."""
+    from kd import sse, storage
+    from kd.train.epoch_log import log_left
+
+    name = run.data.tags.get("kd.ray_run_name")
+    if name:
+        fs, root = storage.arrow_fs(exp.storage.path, exp.storage.endpoint_url, sse.of(exp.storage))
+        log_left(fs, f"{root}/{name}", uri, run.info.run_id)
+
+
 def finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str, Any]],
                      base: dict[str, Any], sweep: str) -> None:
     """Child runs left RUNNING (ASHA-stopped or interrupted) end KILLED; a failed trial
@@ -134,7 +146,8 @@ def finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str,
     run wrote none), which `kd.tune.report.choose` requires of the chosen trial.
 
     ``row["epochs"]`` is what Tune saw when it decided; ``row["epochs_trained"]`` is read
-    back from the child run's ``epoch`` metric, because a stop reaches the workers
+    back from the child run's ``epoch`` metric (after logging the epochs a killed trial
+    left unlogged, `_log_left_epochs`), because a stop reaches the workers
     asynchronously (Ray Train's controller drains one report per poll from a one-slot queue,
     and Tune then kills the trial), so on short epochs workers train past the decision."""
     children = child_runs(uri, exp, parent)
@@ -142,6 +155,7 @@ def finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str,
     for row in rows:
         run = children.get(row["trial_id"])
         if run is not None:
+            _log_left_epochs(exp, uri, run)
             logged = [m.value for m in c.get_metric_history(run.info.run_id, "epoch")]
             row["epochs_trained"] = int(max(logged, default=row["epochs"]))
         if run is None and row["status"] == "ERROR":
