@@ -17,12 +17,19 @@ touched) that is not detached, not removed, and whose creator is an actor that i
 is removed. A group made by the driver (Tune's own per-trial groups) has no creator actor and
 is never touched.
 
+A stopped trial's controller should die with the trial (its owner), but in CI a sweep
+twice ended with one controller alive, its owner dead, holding its worker group's 0.25-CPU
+placement group (cause in Ray not found; not reproduced outside the full test session).
+The same pass ends such a controller like a cleaner (below), and its group is then an
+orphan.
+
 Each stopped run's ``PlacementGroupCleaner`` is detached, so it outlives the job too, and
 it polls the absent state API once a second forever: on this 2-core machine each took
 1.3-2.6% of a core and holds a Python process, on a long-lived cluster for good. The
-same pass stops it: a ``PlacementGroupCleaner`` of this job whose owner (the Train
-controller) is dead and which runs on the driver's node is sent SIGKILL by its pid, after
-the pid's command line is checked to still be that actor's (``ray::PlacementGroupCleaner``).
+same pass stops it: a ``PlacementGroupCleaner`` (or ``TrainController``) of this job whose
+owner (the Train controller; the trial) is dead and which runs on the driver's node is sent
+SIGKILL by its pid, after the pid's command line is checked to still be that actor's
+(``ray::PlacementGroupCleaner``, ``ray::TrainController``).
 The driver holds no handle to it, and Ray 2.60 has no kill by actor id without one (asking
 the core worker for a handle by id aborted the process). A cleaner on another node (the
 driver not on the head) is left running.
@@ -70,35 +77,45 @@ def orphan_groups() -> list[str]:
 
 
 CLEANER = "PlacementGroupCleaner"
+CONTROLLER = "TrainController"
+ORPHAN_CLASSES = (CLEANER, CONTROLLER)
 
 
-def orphan_cleaners() -> list[tuple[int, bool]]:
-    """``(pid, on this node)`` of this job's live ``PlacementGroupCleaner`` actors whose
-    owner (the run's Train controller) is dead."""
+def _actor_rows() -> list[Any]:
+    """This job's rows of the GCS actor table (``ActorTableData``)."""
     import ray
     from ray._private.state import state
     from ray.core.generated import gcs_pb2
 
-    ctx = ray.get_runtime_context()
-    job = ray.JobID(bytes.fromhex(ctx.get_job_id()))
-    rows = [gcs_pb2.ActorTableData.FromString(raw)
+    job = ray.JobID(bytes.fromhex(ray.get_runtime_context().get_job_id()))
+    return [gcs_pb2.ActorTableData.FromString(raw)
             for raw in state._global_state_accessor.get_actor_table(job, None)]
+
+
+def orphan_actors() -> list[tuple[int, bool]]:
+    """``(pid, on this node)`` of this job's live ``PlacementGroupCleaner`` actors whose
+    owner (the run's Train controller) is dead, and of live Train controllers whose owner
+    (the stopped trial) is dead."""
+    import ray
+    from ray.core.generated import gcs_pb2
+
+    rows = _actor_rows()
     dead = {r.address.worker_id for r in rows if r.state == gcs_pb2.ActorTableData.DEAD}
-    node = bytes.fromhex(ctx.get_node_id())
+    node = bytes.fromhex(ray.get_runtime_context().get_node_id())
     return [(r.pid, r.address.node_id == node) for r in rows
-            if r.class_name.rsplit(".", 1)[-1] == CLEANER and r.state == gcs_pb2.ActorTableData.ALIVE
-            and r.owner_address.worker_id in dead]
+            if r.class_name.rsplit(".", 1)[-1] in ORPHAN_CLASSES
+            and r.state == gcs_pb2.ActorTableData.ALIVE and r.owner_address.worker_id in dead]
 
 
-def _kill_cleaner(pid: int) -> bool:
-    """SIGKILL ``pid`` if it is still a ``ray::...PlacementGroupCleaner`` actor process."""
+def _kill_orphan(pid: int) -> bool:
+    """SIGKILL ``pid`` if it is still a ``ray::`` process of one of `ORPHAN_CLASSES`."""
     import os
     import signal
     from pathlib import Path
 
     try:
         title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].split(b" ")[0]
-        if not (title.startswith(b"ray::") and CLEANER.encode() in title):
+        if not (title.startswith(b"ray::") and any(c.encode() in title for c in ORPHAN_CLASSES)):
             return False
         os.kill(pid, signal.SIGKILL)
     except OSError:  # gone already, or not ours to signal
@@ -106,18 +123,30 @@ def _kill_cleaner(pid: int) -> bool:
     return True
 
 
+def _until_dead(pids: set[int], seconds: float = 5.0) -> None:
+    """Wait (at most ``seconds``) until the GCS lists none of ``pids`` as a live actor."""
+    from ray.core.generated import gcs_pb2
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(
+            r.pid in pids and r.state == gcs_pb2.ActorTableData.ALIVE for r in _actor_rows()):
+        time.sleep(0.1)
+
+
 def reap() -> int:
-    """Remove the orphaned placement groups and stop the orphaned cleaners on this node;
-    how many groups were removed."""
+    """Stop the orphaned cleaners and controllers on this node, then remove the orphaned
+    placement groups (a killed controller's among them); how many groups were removed."""
     import ray
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+    for _ in range(3):  # a killed controller's cleaner is an orphan on the next round
+        killed = {pid for pid, here in orphan_actors() if here and _kill_orphan(pid)}
+        if not killed:
+            break
+        _until_dead(killed)  # their groups and cleaners are orphans once the GCS saw them die
     groups = orphan_groups()
     for pg_hex in groups:
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex))))
-    for pid, here in orphan_cleaners():
-        if here:
-            _kill_cleaner(pid)
     return len(groups)
 
 

@@ -126,9 +126,10 @@ def collect(results: Any, exp: Experiment, space: dict[str, Dist], base: dict[st
     return rows
 
 
-def _log_left_epochs(exp: Experiment, uri: str, run: Any) -> None:
-    """A stopped trial's process was killed, often before its epoch relay logged the last
-    epoch's metrics: log what its run folder still holds (`kd.train.epoch_log.log_left`)."""
+def _epochs_trained(exp: Experiment, uri: str, run: Any, default: int) -> int:
+    """The last ``epoch`` a trial's child run logged (``default`` when none). A stopped
+    trial's process was killed, often before its epoch relay logged the last epoch's
+    metrics: what its run folder still holds is logged first (`kd.train.epoch_log.log_left`)."""
     from kd import sse, storage
     from kd.train.epoch_log import log_left
 
@@ -136,6 +137,8 @@ def _log_left_epochs(exp: Experiment, uri: str, run: Any) -> None:
     if name:
         fs, root = storage.arrow_fs(exp.storage.path, exp.storage.endpoint_url, sse.of(exp.storage))
         log_left(fs, f"{root}/{name}", uri, run.info.run_id)
+    logged = [m.value for m in tracking.client(uri).get_metric_history(run.info.run_id, "epoch")]
+    return int(max(logged, default=default))
 
 
 def finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str, Any]],
@@ -146,8 +149,7 @@ def finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str,
     run wrote none), which `kd.tune.report.choose` requires of the chosen trial.
 
     ``row["epochs"]`` is what Tune saw when it decided; ``row["epochs_trained"]`` is read
-    back from the child run's ``epoch`` metric (after logging the epochs a killed trial
-    left unlogged, `_log_left_epochs`), because a stop reaches the workers
+    back from the child run's ``epoch`` metric (`_epochs_trained`), because a stop reaches the workers
     asynchronously (Ray Train's controller drains one report per poll from a one-slot queue,
     and Tune then kills the trial), so on short epochs workers train past the decision."""
     children = child_runs(uri, exp, parent)
@@ -155,9 +157,7 @@ def finish_children(uri: str, exp: Experiment, parent: str, rows: list[dict[str,
     for row in rows:
         run = children.get(row["trial_id"])
         if run is not None:
-            _log_left_epochs(exp, uri, run)
-            logged = [m.value for m in c.get_metric_history(run.info.run_id, "epoch")]
-            row["epochs_trained"] = int(max(logged, default=row["epochs"]))
+            row["epochs_trained"] = _epochs_trained(exp, uri, run, row["epochs"])
         if run is None and row["status"] == "ERROR":
             values = {p: row[p] for p in exp.tune.space}
             try:
