@@ -3,10 +3,12 @@
 Needs CUDA: without a GPU it prints one 'no GPU' line and exits 0. With N GPUs it
 trains a wide ResNet student (``wrn``, depth 16, widen 4) on synthetic 3x32x32
 data through THE loop (`kd.train.run.train_run`) on N workers, once per row:
-DDP fp32, DDP bf16, FSDP fp32, FSDP bf16 (grad_accum 2, grad_clip 1.0), and
-records the loop's ``samples_per_s`` (epochs 2..E) and ``gpu/max_mem_gb`` (peak
-``torch.cuda.max_memory_allocated`` of rank 0) into bench/RESULTS.md and
-bench/results/gpu_fsdp.json (after every row, so a run cut short keeps what it measured).
+FSDP bf16, FSDP fp32, DDP bf16, DDP fp32 (grad_accum 2, grad_clip 1.0; FSDP first: it
+is the path a CPU cannot show), and records the loop's ``samples_per_s`` (epochs 2..E),
+``gpu/max_mem_gb`` (peak ``torch.cuda.max_memory_allocated`` of rank 0) and where each
+row's wall time went (the whole `train_run`, the loop's setup, its train and eval time
+summed over epochs) into bench/RESULTS.md and bench/results/gpu_fsdp.json (after every
+row, so a run cut short keeps what it measured).
 
     PYTHONPATH=$PWD python bench/gpu_fsdp.py --epochs 3
 """
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,24 +31,40 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 
-def _write(rows: list[tuple[str, str, float, float, float]], args: argparse.Namespace,
-           gpus: int) -> None:
+def _write(rows: list[dict], args: argparse.Namespace, gpus: int) -> None:
     """The rows so far: a table on stdout, bench/results/gpu_fsdp.json, a RESULTS.md section."""
     from _results import write_section
 
-    lines = ["| strategy | precision | samples/s | peak GPU memory GB (rank 0) | val/accuracy |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {s} | {pr} | {r:.0f} | {m:.2f} | {a:.4f} |" for s, pr, r, m, a in rows]
+    lines = ["| strategy | precision | samples/s | peak GPU memory GB (rank 0) | val/accuracy "
+             "| row wall s | loop setup s | train s | eval s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['strategy']} | {r['precision']} | {r['samples_per_s']:.0f} "
+              f"| {r['peak_gpu_mem_gb']:.2f} | {r['val_accuracy']:.4f} | {r['wall_s']:.1f} "
+              f"| {r['setup_s']:.1f} | {r['train_s']:.1f} | {r['eval_s']:.1f} |" for r in rows]
     table = "\n".join(lines)
     print(table)
     facts = {"device": torch.cuda.get_device_name(0), "gpus": gpus, "torch": torch.__version__,
              "epochs": args.epochs, "rows": args.rows, "batch_size": args.batch_size,
-             "runs": [{"strategy": s, "precision": pr, "samples_per_s": r, "peak_gpu_mem_gb": m,
-                       "val_accuracy": a} for s, pr, r, m, a in rows]}
+             "runs": rows}
     (REPO / "bench" / "results" / "gpu_fsdp.json").write_text(json.dumps(facts, indent=2) + "\n")
     write_section("FSDP + bf16 on GPU", f"`python bench/gpu_fsdp.py --epochs {args.epochs}` on "
                   f"{gpus} x {torch.cuda.get_device_name(0)}, wrn-16-4, synthetic 3x32x32, "
                   f"global batch {args.batch_size}, grad_accum 2, grad_clip 1.0.\n\n" + table)
+
+
+def _row(strategy: str, precision: str, history: list[dict], metrics: dict,
+         wall_s: float) -> dict:
+    """One row: the mean samples/s of epochs 2..E, rank 0's peak GPU memory, and the
+    row's wall time next to the loop's setup and its train / eval time over all epochs."""
+    def values(key: str) -> list[float]:  # a key missing from a report is NaN in Ray's frame
+        return [v for h in history if (v := h.get(key)) is not None and not math.isnan(v)]
+
+    return {"strategy": strategy, "precision": precision,
+            "samples_per_s": statistics.mean(h["samples_per_s"] for h in history
+                                             if h["epoch"] >= 2),
+            "peak_gpu_mem_gb": max(h.get("gpu/max_mem_gb", float("nan")) for h in history),
+            "val_accuracy": metrics["val/accuracy"], "wall_s": wall_s,
+            "setup_s": sum(values("time/setup_s")), "train_s": sum(values("time/train_s")),
+            "eval_s": sum(values("time/eval_s"))}
 
 
 def main() -> int:
@@ -67,8 +87,8 @@ def main() -> int:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     ensure_ray()
     rows = []
-    for strategy in ("ddp", "fsdp"):
-        for precision in ("fp32", "bf16"):
+    for strategy in ("fsdp", "ddp"):
+        for precision in ("bf16", "fp32"):
             doc = {
                 "name": f"fsdp-{strategy}-{precision}",
                 "data": {"source": "synthetic", "args": {"n": args.rows, "num_classes": 10,
@@ -80,12 +100,12 @@ def main() -> int:
                 "scaling": {"num_workers": gpus, "use_gpu": True, "strategy": strategy},
                 "storage": {"path": str(work / "runs")},
             }
+            t0 = time.perf_counter()
             out = train_run(resolve_paths(experiment_from_dict(doc)), "teacher")
-            rate = statistics.mean(h["samples_per_s"] for h in out.history if h["epoch"] >= 2)
-            mem = max(h.get("gpu/max_mem_gb", float("nan")) for h in out.history)
-            rows.append((strategy, precision, rate, mem, out.metrics["val/accuracy"]))
-            print(f"[bench] {strategy} {precision}: {rate:.0f} samples/s, "
-                  f"{mem:.2f} GB peak", flush=True)
+            row = _row(strategy, precision, out.history, out.metrics, time.perf_counter() - t0)
+            rows.append(row)
+            print(f"[bench] {strategy} {precision}: {row['samples_per_s']:.0f} samples/s, "
+                  f"{row['peak_gpu_mem_gb']:.2f} GB peak, {row['wall_s']:.0f} s", flush=True)
             _write(rows, args, gpus)  # after every row: a run cut short keeps its rows
     return 0
 
