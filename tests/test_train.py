@@ -199,3 +199,38 @@ def test_a_diverging_run_stops_with_the_reason(digits_teacher: str, workdir: Pat
     assert run.info.status == "FAILED" and "training diverged" in run.data.tags["kd.error"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] == [1]
     assert not list(workdir.glob("kdflow-runs/**/epoch_*"))
+
+
+def _alive_train_controllers() -> int:
+    """TrainController actors alive in this Ray (the GCS actor table; see tests.rank_probe)."""
+    from ray._private import state
+
+    return sum(a["ActorClassName"] == "TrainController" and a["State"] == "ALIVE"
+               for a in state.actors().values())
+
+
+def test_ctrl_c_after_a_run_interrupts_and_its_controller_exits(ray_session: None,
+                                                                workdir: Path) -> None:
+    """Ray Train's fit() installs a SIGINT handler holding the run's controller and
+    leaves it: Ctrl-C after training (holdout scoring, registration, a workflow's next
+    stage) was swallowed, and the controller and its DatasetManager lived on until the
+    next fit. `kd.train.driver.caller_sigint` puts the caller's handler back: a SIGINT
+    after `train_run` reaches it, and no Train controller is left alive."""
+    import signal
+    import time
+
+    got: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        exp = load_experiment(CONFIGS / "digits-teacher.yaml", [
+            "trainer.epochs=1", "scaling.num_workers=1", "teacher.model=mlp",
+            "teacher.args={hidden: [32]}"])
+        train_run(exp, "teacher")
+        signal.raise_signal(signal.SIGINT)
+        assert got == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    deadline = time.monotonic() + 30
+    while _alive_train_controllers() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _alive_train_controllers() == 0

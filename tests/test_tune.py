@@ -5,6 +5,7 @@ checked through its MLflow run tree."""
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -114,7 +115,10 @@ def test_sweep_mlflow_tree_asha_and_one_teacher_pass(workdir: Path, digits_teach
         "tune.scheduler={name: asha, grace_period: 1, reduction_factor: 2}",
         "tune.space={optim.lr: 'choice([0.0005, 0.1])', distill.temperature: 'uniform(2, 6)'}",
         "tune.constraints={}", "tune.resources.cpus_per_worker=0.25"])
+    before = signal.getsignal(signal.SIGINT)
     out = run_sweep(exp)
+    # Tune's SIGINT handler is not left behind to swallow a Ctrl-C after the sweep
+    assert signal.getsignal(signal.SIGINT) is before
     seen = [{k: r.get(k) for k in ("trial_id", "status", "epochs", "epochs_trained", "optim.lr")}
             for r in out.rows]
     assert len(out.rows) == 4 and out.chosen is not None, seen

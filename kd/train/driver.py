@@ -4,6 +4,10 @@ which runs `kd.train.loop.train_loop_per_worker` under a Ray ``TorchTrainer``.""
 from __future__ import annotations
 
 import math
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +125,23 @@ def datasets_to_split(exp: Experiment) -> list[str]:
     return ["train"] if exp.scaling.num_workers > 1 else []
 
 
+@contextmanager
+def caller_sigint() -> Iterator[None]:
+    """Put the caller's SIGINT handler back when the block ends. Ray Train's ``fit()``
+    installs its own in the main thread (a first Ctrl-C aborts the run gracefully) and
+    leaves it there, holding the finished run's controller: that controller and its
+    DatasetManager stayed alive until the next ``fit``, and a Ctrl-C after training
+    (holdout scoring, registration, a workflow's next stage) was swallowed (it asked the
+    finished controller to abort; a third Ctrl-C exited with status 0)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: not set from Python, nothing to put back
+            signal.signal(signal.SIGINT, previous)
+
+
 def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: str,
         run_name: str, train_dataset: Any | None = None,
         callbacks: list[Any] | None = None) -> FitResult:
@@ -167,7 +188,7 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
         datasets=_epoch_datasets(splits, train_dataset),
         dataset_config=ray.train.DataConfig(datasets_to_split=datasets_to_split(exp)),
     )
-    with EpochRelay(fs, f"{storage_path}/{run_name}", tracking_uri, run_id):
+    with caller_sigint(), EpochRelay(fs, f"{storage_path}/{run_name}", tracking_uri, run_id):
         result = trainer.fit()
     if result.error is not None:
         raise result.error
