@@ -93,3 +93,41 @@ def test_a_small_split_is_held_for_the_epochs_with_the_same_rows(
     assert isinstance(held, MaterializedDataset)
     too_big = held_for_epochs(splits.train, len(splits.train), row_bytes=1 << 40)
     assert not isinstance(too_big, MaterializedDataset)  # read from its files every epoch
+
+
+class _Probe(torch.nn.Module):
+    """Records torch's thread count at every forward; sleeps ``pause`` s in each."""
+
+    def __init__(self, pause: float = 0.0) -> None:
+        super().__init__()
+        self.pause, self.threads = pause, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        self.threads.append(torch.get_num_threads())
+        time.sleep(self.pause)
+        return x
+
+
+def test_latency_is_timed_on_one_thread_and_bounded() -> None:
+    """`latency_ms` times every forward on one torch thread (a busy neighbour process
+    cannot stall a pool thread: bench/latency.py) and gives the caller's thread count
+    back, also when the forward fails; a slow model is timed at least 5 times, then
+    only until ``budget_s`` has passed; the result is the median, in ms."""
+    from kd.train.evaluate import latency_ms
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        probe = _Probe()
+        latency_ms(probe, torch.zeros(4, 3), repeats=30)
+        assert probe.threads == [1] * 33 and torch.get_num_threads() == 2  # 3 warm-ups + 30
+        slow = _Probe(pause=0.05)
+        ms = latency_ms(slow, torch.zeros(4, 3), repeats=30, budget_s=0.1)
+        assert len(slow.threads) == 3 + 5 and 50 <= ms < 1000
+        with pytest.raises(RuntimeError):
+            latency_ms(torch.nn.Linear(2, 2), torch.zeros(4, 3))  # wrong input width
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
