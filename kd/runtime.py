@@ -67,8 +67,12 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     # Train V2 patches print() into its logger, which doubles every line that Ray
     # already forwards from the worker; the epoch lines are plain prints.
+    # Ray Data hands a worker its batches as read-only numpy views of the object store,
+    # and torch.as_tensor warns about that once per worker; kdflow's transforms copy
+    # (kd.data.transforms states the rule for plugins), so the line is noise.
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-           "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+           "PYTHONWARNINGS": "ignore::DeprecationWarning,"
+                             "ignore:The given NumPy array is not writable:UserWarning"}
     env[DATA_LOG_ENV] = os.environ.setdefault(DATA_LOG_ENV, "WARNING")
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     env[POLL_ENV] = os.environ.setdefault(POLL_ENV, POLL_INTERVAL_S)

@@ -183,3 +183,27 @@ def test_a_normal_run_prints_no_preemption_watcher_error(tmp_path: Path) -> None
     for line in ("Starting execution of Dataset", "execution finished in", "Progress bars disabled",
                  "Reporting training result"):
         assert line not in text, text[-3000:]
+
+
+def test_read_only_batch_warning_is_silenced_in_workers(ray_session: None) -> None:
+    """Ray Data's batches are read-only numpy views of the object store; Ray hides
+    torch.as_tensor's warning about that with ``warnings.catch_warnings``, which is not
+    thread-safe, so under its prefetch threads the warning reached `kd demo`'s output now
+    and then. kdflow's workers ignore that one warning (``PYTHONWARNINGS`` in
+    `kd.runtime.ensure_ray`); other warnings still show."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def convert() -> list[str]:
+        import warnings
+
+        import numpy as np
+        import torch
+
+        read_only = np.frombuffer(b"\x00" * 16, dtype=np.float32)
+        with warnings.catch_warnings(record=True) as seen:
+            torch.as_tensor(read_only)
+            warnings.warn("another warning", UserWarning, stacklevel=1)
+        return [str(w.message) for w in seen]
+
+    assert ray.get(convert.remote()) == ["another warning"]

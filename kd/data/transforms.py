@@ -17,6 +17,8 @@ from kd.errors import InputError
 from kd.plugins import Registry
 
 TRANSFORMS = Registry("transform")
+# A transform returns a new tensor and never writes into ``x``: a batch can be a
+# read-only view of Ray's shared object store, read again by the next epoch.
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
