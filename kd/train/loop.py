@@ -143,10 +143,9 @@ def _setup(spec: dict[str, Any]) -> Worker:
     # The optimizer is built after wrapping: FSDP2 replaces parameters with DTensors.
     trainee = prepare(asm.trainee, exp, device)
     own = [p for p in trainee.parameters() if p.requires_grad]  # student.freeze: not in it
-    params = own + list(asm.loss.parameters())
-    opt = make_optimizer(exp, own, list(asm.loss.parameters()))
-    updater = Updater(opt, params,
-                      list(asm.loss.parameters()), exp.trainer.precision, exp.trainer.grad_clip,
+    adapters = list(asm.loss.parameters())
+    opt = make_optimizer(exp, own, adapters)
+    updater = Updater(opt, own + adapters, adapters, exp.trainer.precision, exp.trainer.grad_clip,
                       world, device)
     step = Step(asm, trainee, device, input_dtype(spec),
                 build_transforms(exp.data.transforms, tuple(spec["input_shape"]), spec["input_integer"]),

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from kd.config import Experiment
+from kd.train.parallel import is_sharded
 
 
 def lr_factor(unit: int, units: int, units_per_epoch: int, name: str, warmup: int,
@@ -34,7 +35,7 @@ def make_optimizer(exp: Experiment, params: list[nn.Parameter],
     adapters plain tensors: a foreach update (the default on CUDA) cannot take both in
     one list, so then each is its own param group (same settings); else one group."""
     adapters = adapters or []
-    sharded = any(hasattr(p, "to_local") for p in params)
+    sharded = any(is_sharded(p) for p in params)
     groups: list[Any] = ([{"params": params}, {"params": adapters}] if sharded and adapters
                          else [*params, *adapters])
     o = exp.optim

@@ -95,6 +95,11 @@ def average_grads(params: list[nn.Parameter], world: int) -> None:
         offset += n
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """True for an FSDP2 DTensor: a parameter (or its grad) split across the ranks."""
+    return hasattr(t, "to_local")
+
+
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, world: int) -> torch.Tensor:
     """Scale the gradients of ``params`` by ``min(1, max_norm / (‖g‖ + 1e-6))``, where
     ``‖g‖ = sqrt(Σ ‖g_p‖²)`` is the L2 norm of all of them together; returns ``‖g‖``.
@@ -104,12 +109,12 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, world: int) -> t
     are summed over the ranks by one all-reduce, which every rank issues whenever a
     parameter is a DTensor (the same on every rank), grads or not. Without DTensors it
     is ``torch.nn.utils.clip_grad_norm_``."""
-    if not any(hasattr(p, "to_local") for p in params):
+    if not any(is_sharded(p) for p in params):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     grads = [p.grad for p in params if p.grad is not None]
-    shards = [g.to_local() for g in grads if hasattr(g, "to_local")]
-    plain = [g for g in grads if not hasattr(g, "to_local")]
-    device = next(p.to_local().device for p in params if hasattr(p, "to_local"))
+    shards = [g.to_local() for g in grads if is_sharded(g)]
+    plain = [g for g in grads if not is_sharded(g)]
+    device = next(p.to_local().device for p in params if is_sharded(p))
     sq = torch.zeros((), device=device)
     for g in shards:
         sq += g.float().pow(2).sum()
