@@ -60,29 +60,39 @@ def sidecar(path: str | Path) -> Path:
     return p.with_name(p.name + SIDECAR)
 
 
-def record(path: str | Path, sha: str | None = None) -> str:
-    """Write the sidecar of ``path`` (atomically: temp file + rename); return the hash."""
+def record(path: str | Path, sha: str | None = None, also: tuple[str, ...] = ()) -> str:
+    """Write the sidecar of ``path`` (atomically: temp file + rename); return the hash.
+    ``also``: more hashes the file may have for now, one line each after the first (the
+    content a `kd.storage.put` is about to replace; see `accepted`)."""
     sha = sha or sha256_file(path)
     dest = sidecar(path)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    tmp.write_text(f"{sha}  {Path(path).name}\n")
+    tmp.write_text("".join(f"{h}  {Path(path).name}\n" for h in (sha, *also)))
     os.replace(tmp, dest)
     return sha
 
 
-def recorded(path: str | Path) -> str | None:
-    """The hash in ``path``'s sidecar, or None when it has none. A sidecar that is not
-    a sha256 is an `InputError` naming it."""
+def accepted(path: str | Path) -> list[str] | None:
+    """The hashes in ``path``'s sidecar (the recorded one first), or None when it has
+    none. Two lines only while a replacement is under way: a process killed between
+    swapping the file and rewriting its sidecar leaves a file with either hash, both
+    sound. A sidecar line that is not a sha256 is an `InputError` naming it."""
     side = sidecar(path)
     if not side.is_file():
         return None
     try:
-        sha = side.read_text().split()[0].lower()
-    except (OSError, UnicodeDecodeError, IndexError):
-        sha = ""
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        shas = [line.split()[0].lower() for line in side.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError):
+        shas = []
+    if not shas or any(len(h) != 64 or any(c not in "0123456789abcdef" for c in h) for h in shas):
         raise InputError(f"{side}: not a sha256 sidecar (corrupt)")
-    return sha
+    return shas
+
+
+def recorded(path: str | Path) -> str | None:
+    """The hash in ``path``'s sidecar (its first line), or None when it has none."""
+    shas = accepted(path)
+    return None if shas is None else shas[0]
 
 
 def verify_file(path: str | Path, expected: str | None, name: str | None = None) -> None:
@@ -96,8 +106,14 @@ def verify_file(path: str | Path, expected: str | None, name: str | None = None)
 
 
 def verify_sidecar(path: str | Path, name: str | None = None) -> None:
-    """Check a local file against its sidecar, when it has one (`record`)."""
-    verify_file(path, recorded(path), name)
+    """Check a local file against its sidecar, when it has one (`record`): its sha256
+    must be one of the sidecar's hashes (`accepted`)."""
+    shas = accepted(path)
+    if shas is None:
+        return
+    found = sha256_file(path)
+    if found not in shas:
+        raise IntegrityError(str(name or path), shas[0], found)
 
 
 def hash_tree(fs: Any, root: str) -> dict[str, dict[str, Any]]:

@@ -169,6 +169,12 @@ def put(local: str | Path, uri: str, endpoint: str | None = None,
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     tmp.write_bytes(Path(local).read_bytes())
+    # The file and its sidecar cannot be swapped together: while the file is replaced the
+    # sidecar accepts the old content's hashes too, so a process killed in between leaves
+    # a pair that verifies (a retrain state.json once did not: its resume was refused).
+    old = integrity.accepted(dest) if dest.is_file() else None
+    if old and sha not in old:
+        integrity.record(dest, sha, also=tuple(old))
     os.replace(tmp, dest)
     return integrity.record(dest, sha)
 
