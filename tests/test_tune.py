@@ -116,9 +116,12 @@ def test_sweep_mlflow_tree_asha_and_one_teacher_pass(workdir: Path, digits_teach
         "tune.space={optim.lr: 'choice([0.0005, 0.1])', distill.temperature: 'uniform(2, 6)'}",
         "tune.constraints={}", "tune.resources.cpus_per_worker=0.25"])
     before = signal.getsignal(signal.SIGINT)
+    before_usr1 = signal.getsignal(signal.SIGUSR1)
     out = run_sweep(exp)
-    # Tune's SIGINT handler is not left behind to swallow a Ctrl-C after the sweep
+    # Tune's SIGINT handler is not left behind to swallow a Ctrl-C after the sweep,
+    # nor its SIGUSR1 handler (SIGUSR1's default action ends the process)
     assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGUSR1) is before_usr1
     seen = [{k: r.get(k) for k in ("trial_id", "status", "epochs", "epochs_trained", "optim.lr")}
             for r in out.rows]
     assert len(out.rows) == 4 and out.chosen is not None, seen

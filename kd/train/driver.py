@@ -127,19 +127,23 @@ def datasets_to_split(exp: Experiment) -> list[str]:
 
 @contextmanager
 def caller_sigint() -> Iterator[None]:
-    """Put the caller's SIGINT handler back when the block ends. Ray Train's ``fit()``
-    installs its own in the main thread (a first Ctrl-C aborts the run gracefully) and
-    leaves it there, holding the finished run's controller: that controller and its
-    DatasetManager stayed alive until the next ``fit``, and a Ctrl-C after training
-    (holdout scoring, registration, a workflow's next stage) was swallowed (it asked the
-    finished controller to abort; a third Ctrl-C exited with status 0)."""
+    """Put the caller's SIGINT and SIGUSR1 handlers back when the block ends. Ray Train's
+    ``fit()`` installs its own SIGINT handler in the main thread (a first Ctrl-C aborts the
+    run gracefully) and leaves it there, holding the finished run's controller: that
+    controller and its DatasetManager stayed alive until the next ``fit``, and a Ctrl-C
+    after training (holdout scoring, registration, a workflow's next stage) was swallowed
+    (it asked the finished controller to abort; a third Ctrl-C exited with status 0).
+    Tune's ``fit()`` leaves its handler on SIGINT and on SIGUSR1, whose default action
+    (ending the process) it replaced with setting a finished sweep's stop flag."""
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGINT) if main else None
+    names = [s for s in ("SIGINT", "SIGUSR1") if hasattr(signal, s)] if main else []
+    previous = {getattr(signal, s): signal.getsignal(getattr(signal, s)) for s in names}
     try:
         yield
     finally:
-        if previous is not None:  # None: not set from Python, nothing to put back
-            signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: not set from Python, nothing to put back
+                signal.signal(signum, handler)
 
 
 def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: str,
