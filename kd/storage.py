@@ -172,11 +172,23 @@ def put(local: str | Path, uri: str, endpoint: str | None = None,
     # The file and its sidecar cannot be swapped together: while the file is replaced the
     # sidecar accepts the old content's hashes too, so a process killed in between leaves
     # a pair that verifies (a retrain state.json once did not: its resume was refused).
-    old = integrity.accepted(dest) if dest.is_file() else None
+    # A damaged sidecar is not kept: the file it described is refused anyway.
+    old = _old_hashes(dest)
     if old and sha not in old:
         integrity.record(dest, sha, also=tuple(old))
     os.replace(tmp, dest)
     return integrity.record(dest, sha)
+
+
+def _old_hashes(dest: Path) -> list[str] | None:
+    """The hashes ``dest``'s sidecar accepts (`kd.integrity.accepted`); None when there is
+    no file, no sidecar or a damaged one (a put replaces both)."""
+    if not dest.is_file():
+        return None
+    try:
+        return integrity.accepted(dest)
+    except InputError:
+        return None
 
 
 def join(base: str, *parts: str) -> str:

@@ -300,3 +300,18 @@ def test_cache_shard_and_manifest_damage_named(workdir: Path, digits_teacher: st
                       f"storage.path={workdir / 'runs'}"], capfd)
     assert code == 2, err
     assert err.startswith(f"kd: error: {marker}: teacher cache manifest unreadable"), err
+
+
+def test_a_put_replaces_a_file_whose_sidecar_is_damaged(tmp_path: Path) -> None:
+    """A damaged sidecar makes `fetch` refuse the file (it names the sidecar); a new `put`
+    over it writes the file and a sound sidecar again instead of failing on the old one."""
+    dest = tmp_path / "store" / "state.json"
+    src = tmp_path / "state.json"
+    src.write_text('{"stage": 1}')
+    storage.put(src, str(dest))
+    sidecar(dest).write_text("not a hash\n")
+    with pytest.raises(InputError, match="not a sha256 sidecar"):
+        storage.fetch(str(dest))
+    src.write_text('{"stage": 2}')
+    storage.put(src, str(dest))
+    assert storage.fetch(str(dest)).read_text() == '{"stage": 2}'
