@@ -214,7 +214,7 @@ def test_ctrl_c_after_a_run_interrupts_and_its_controller_exits(ray_session: Non
     """Ray Train's fit() installs a SIGINT handler holding the run's controller and
     leaves it: Ctrl-C after training (holdout scoring, registration, a workflow's next
     stage) was swallowed, and the controller and its DatasetManager lived on until the
-    next fit. `kd.train.driver.caller_sigint` puts the caller's handler back: a SIGINT
+    next fit. `kd.train.driver.caller_signals` puts the caller's handler back: a SIGINT
     after `train_run` reaches it, and no Train controller is left alive."""
     import signal
     import time

@@ -126,7 +126,7 @@ def datasets_to_split(exp: Experiment) -> list[str]:
 
 
 @contextmanager
-def caller_sigint() -> Iterator[None]:
+def caller_signals() -> Iterator[None]:
     """Put the caller's SIGINT and SIGUSR1 handlers back when the block ends. Ray Train's
     ``fit()`` installs its own SIGINT handler in the main thread (a first Ctrl-C aborts the
     run gracefully) and leaves it there, holding the finished run's controller: that
@@ -192,7 +192,7 @@ def fit(exp: Experiment, role: Role, splits: Splits, run_id: str, tracking_uri: 
         datasets=_epoch_datasets(splits, train_dataset),
         dataset_config=ray.train.DataConfig(datasets_to_split=datasets_to_split(exp)),
     )
-    with caller_sigint(), EpochRelay(fs, f"{storage_path}/{run_name}", tracking_uri, run_id):
+    with caller_signals(), EpochRelay(fs, f"{storage_path}/{run_name}", tracking_uri, run_id):
         result = trainer.fit()
     if result.error is not None:
         raise result.error

@@ -242,7 +242,7 @@ def owner_sweep(exp: Experiment) -> tuple[str | None, bool]:
 def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> SweepOutcome:
     """`kd tune` (see the module docstring); prints the top trials and the choice."""
     from kd.runtime import ensure_ray
-    from kd.train.driver import caller_sigint, preflight, sample_batch
+    from kd.train.driver import caller_signals, preflight, sample_batch
     from kd.train.text import run_splits
 
     if exp.student is None:
@@ -261,7 +261,7 @@ def run_sweep(exp: Experiment, resume: bool = False, quiet: bool = False) -> Swe
     ok = interrupted = False
     try:
         tuner = _tuner(exp, space, base, parent, sweep, root, path if resume else None)
-        with caller_sigint():  # Tune's handler, left installed, swallowed the next Ctrl-C
+        with caller_signals():  # Tune leaves its SIGINT and SIGUSR1 handlers installed
             results = tuner.fit()  # Ctrl-C: Tune saves its state and returns early
         rows = collect(results, exp, space, base, splits)
         finish_children(uri, exp, parent, rows, base, sweep)
