@@ -42,6 +42,8 @@ POLL_INTERVAL_S = "0.25"
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 NICENESS_ENV = "RAY_worker_niceness"  # read by the raylet kdflow starts (Ray's default 15)
+# Ray 2.60 turns token auth on for a new local Ray and logs so at WARNING on every start
+AUTH_LOG = "ray._private.authentication.authentication_token_setup"
 PROGRESS_ENV = "KD_PROGRESS_S"  # kd.train.progress: seconds between step lines, 0 = off
 OWNER_ENV = "OWNER_NAME"  # KubeRay sets it in every Ray container: the RayJob's name
 
@@ -80,6 +82,10 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     if address is None:  # a local one-node Ray is never drained: no preemption watcher
         env[PREEMPTION_ENV] = os.environ.setdefault(PREEMPTION_ENV, "0")
         os.environ.setdefault(NICENESS_ENV, "0")  # the raylet's workers: the driver's niceness
+        # Ray's default (token auth on) is kept on purpose, without its line saying so.
+        # (Setting RAY_AUTH_MODE=token here would not do: the driver's Ray config is read
+        # when Ray is imported, so its GCS client then stays without the token.)
+        logging.getLogger(AUTH_LOG).setLevel(logging.ERROR)
     for name in (PREEMPTION_ENV, PROGRESS_ENV):  # the user's choice reaches every worker
         if name in os.environ:
             env[name] = os.environ[name]

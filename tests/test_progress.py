@@ -161,14 +161,36 @@ def test_one_worker_uses_the_cores_it_is_given(ray_session: None, workdir: Path)
     assert _metrics_of_run(["scaling.resources_per_worker={CPU: 1}"], workdir)["worker/torch_threads"] == 1
 
 
+def _fresh_shell_env() -> dict[str, str]:
+    """The environment of a user's new shell: no Ray variables that this test session's
+    own ``ray.init`` put into ``os.environ`` (Ray sets ``RAY_AUTH_MODE`` there)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def test_a_local_ray_keeps_token_auth_without_rays_warning(tmp_path: Path) -> None:
+    """Ray 2.60 turns token authentication on for a new local Ray and says so at WARNING
+    on every start unless ``RAY_AUTH_MODE`` is set; kdflow sets it to Ray's own default,
+    so the local Ray still requires the token and the line is gone."""
+    code = ("from kd.runtime import ensure_ray; ensure_ray(1); "
+            "from ray._raylet import AuthenticationMode as A, get_authentication_mode as m; "
+            "print('token auth', m() == A.TOKEN)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_fresh_shell_env(),
+                          capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    assert "token auth True" in proc.stdout, text[-3000:]
+    assert "Token authentication is" not in text, text[-3000:]
+
+
 @pytest.mark.slow
 def test_a_normal_run_prints_no_preemption_watcher_error(tmp_path: Path) -> None:
     """A fresh local Ray started by `kd` (as `kd demo` does): Ray's PreemptionWatcher
     constructor-argument ERROR line is not printed, nor Ray Data's and Ray Train's lines
     for every dataset execution and report."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
-    env["PYTHONPATH"] = str(REPO)
+    env = _fresh_shell_env()
     proc = subprocess.run(
         [sys.executable, "-c", "from kd.cli import main; main()", "teacher",
          str(REPO / "configs" / "digits-teacher.yaml"), "trainer.epochs=1",
@@ -179,6 +201,7 @@ def test_a_normal_run_prints_no_preemption_watcher_error(tmp_path: Path) -> None
     assert proc.returncode == 0, text[-3000:]
     assert "[kd] epoch 1/1" in text
     assert "PreemptionWatcher" not in text, text[-3000:]
+    assert "Token authentication is" not in text, text[-3000:]  # kd.runtime.AUTH_ENV
     # nor Ray Data's or Ray Train's per-epoch chatter (kd.runtime.quiet_logs)
     for line in ("Starting execution of Dataset", "execution finished in", "Progress bars disabled",
                  "Reporting training result"):
