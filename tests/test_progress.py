@@ -172,8 +172,9 @@ def _fresh_shell_env() -> dict[str, str]:
 
 def test_a_local_ray_keeps_token_auth_without_rays_warning(tmp_path: Path) -> None:
     """Ray 2.60 turns token authentication on for a new local Ray and says so at WARNING
-    on every start unless ``RAY_AUTH_MODE`` is set; kdflow sets it to Ray's own default,
-    so the local Ray still requires the token and the line is gone."""
+    on every start unless ``RAY_AUTH_MODE`` is set; kdflow keeps Ray's choice and lowers
+    that one logger (``kd.runtime.AUTH_LOG``): the local Ray still requires the token, and
+    the line is gone."""
     code = ("from kd.runtime import ensure_ray; ensure_ray(1); "
             "from ray._raylet import AuthenticationMode as A, get_authentication_mode as m; "
             "print('token auth', m() == A.TOKEN)")
@@ -201,7 +202,7 @@ def test_a_normal_run_prints_no_preemption_watcher_error(tmp_path: Path) -> None
     assert proc.returncode == 0, text[-3000:]
     assert "[kd] epoch 1/1" in text
     assert "PreemptionWatcher" not in text, text[-3000:]
-    assert "Token authentication is" not in text, text[-3000:]  # kd.runtime.AUTH_ENV
+    assert "Token authentication is" not in text, text[-3000:]  # kd.runtime.AUTH_LOG
     # nor Ray Data's or Ray Train's per-epoch chatter (kd.runtime.quiet_logs)
     for line in ("Starting execution of Dataset", "execution finished in", "Progress bars disabled",
                  "Reporting training result"):
