@@ -84,9 +84,9 @@ def experiment(work: Path, teacher: str, rows: int, epochs: int, workers: int, e
     return experiment_from_dict(apply_overrides(doc, extra))
 
 
-def plain_loop(mode: str, x: torch.Tensor, y: torch.Tensor, teacher: torch.nn.Module,
+def plain_loop(mode: str, x: torch.Tensor, y: torch.Tensor, teacher: torch.nn.Module | None,
                epochs: int) -> list[float]:
-    """The plain PyTorch loop; samples/s of each epoch."""
+    """The plain PyTorch loop; samples/s of each epoch (``teacher`` unused for CE only)."""
     from kd.models import build_model
 
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ about ``--work-us`` microseconds, beside the plain resnet20 SGD loop of
 - torch on one thread less than the cores (a spare core), without and with wakers at
   nice 0.
 
-Conditions are interleaved over ``--rounds``; each is the median of its ~1 s windows.
+Conditions are interleaved over ``--rounds``; each is the median of its ~1 s epochs.
 The wakers' own CPU share comes from ``/proc/<pid>/stat``. Prints a table, writes
 bench/results/wakers.json and a RESULTS.md section.
 """
@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from _results import write_section  # noqa: E402
+from overhead import CLASSES, SHAPE, _median_after_warmup, plain_loop  # noqa: E402
 
 WAKER = ("import sys, time\nn = int(sys.argv[1])\nwhile True:\n"
          "    time.sleep(0.01)\n    sum(range(n))\n")
@@ -77,24 +77,12 @@ def cpu_ticks(pids: list[int]) -> int:
 
 
 def loop(seconds: float, threads: int) -> float:
-    """The plain resnet20 SGD loop on ``threads`` torch threads: median img/s of its windows."""
-    from kd.models import build_model
-
+    """`bench/overhead.py`'s plain loop (CE only) on ``threads`` torch threads over 512
+    in-memory images, about one epoch per second for ``seconds``: median img/s of its
+    epochs after the first."""
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = build_model("resnet20", {}, (3, 32, 32), 10)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    x, y = torch.randn(1024, 3, 32, 32), torch.randint(0, 10, (1024,))
-    rates, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        for i in range(0, 1024, 128):
-            loss = F.cross_entropy(model(x[i:i + 128]), y[i:i + 128])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        rates.append(1024 / (time.perf_counter() - t))
-    return statistics.median(rates[1:])
+    x, y = torch.randn(512, *SHAPE), torch.randint(0, CLASSES, (512,))
+    return _median_after_warmup(plain_loop("CE only", x, y, None, max(3, round(seconds))))
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
